@@ -1,0 +1,19 @@
+# One-command setup and tests. TORCH pins the CPU build that this kind of machine has on local disk;
+# a bare `torch` could pull a multi-GB CUDA wheel. On a GPU box: make setup TORCH="torch==2.13.0 --index-url <your CUDA index>".
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: setup test lint
+
+setup:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev]"
+
+test:
+	$(PY) -m pytest -q
+
+lint:
+	$(VENV)/bin/ruff check .

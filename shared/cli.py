@@ -1,0 +1,68 @@
+"""Click plumbing shared by the three console scripts. Only CLI code reads the environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from shared.errors import UserError
+
+#: Options that take several space-separated values (`--layers 5 12 19`). Click has no such option
+#: type, so the group rewrites them to click's repeated form (`--layers 5 --layers 12 ...`).
+VARIADIC_OPTIONS = ("--layers", "--set")
+
+
+def expand_variadic(args: Sequence[str]) -> list[str]:
+    """`--layers 5 12 19 --x` -> `--layers 5 --layers 12 --layers 19 --x`."""
+    out: list[str] = []
+    current: str | None = None
+    for arg in args:
+        if arg.startswith("-") and not _is_number(arg):
+            name, eq, value = arg.partition("=")
+            current = name if name in VARIADIC_OPTIONS else None
+            if current and eq:
+                out += [current, value]
+                continue
+            if current:
+                continue  # the values that follow are emitted with the name repeated
+            out.append(arg)
+        elif current is not None:
+            out += [current, arg]
+        else:
+            out.append(arg)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class Group(click.Group):
+    """A click group with variadic options and one-line errors for `UserError`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, expand_variadic(args))
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: $CSAE_CACHE_DIR, else $XDG_CACHE_HOME/csae, else ~/.cache/csae."""
+    if os.environ.get("CSAE_CACHE_DIR"):
+        return Path(os.environ["CSAE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "csae"

@@ -1,0 +1,1 @@
+"""Frozen dataclass configs, one module per stage, and the machinery they share."""

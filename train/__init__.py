@@ -1,0 +1,1 @@
+"""Stage 2: train one Contrastive Sparse Autoencoder per layer on a harvested store."""
