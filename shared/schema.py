@@ -175,6 +175,23 @@ class ActivationStore:
     def docs(self, name: str) -> np.ndarray:
         return np.asarray(self.group[f"docs/{name}"][:])
 
+    def heldout_start(self, fraction: float) -> int:
+        """First row of the held-out tail, which training never reads.
+
+        The tail is the last `fraction` of rows, starting at a chunk boundary moved forward to the next
+        sequence start, so no sequence is split between the parts. Equal to n_rows when the store is
+        too small to hold out anything.
+        """
+        n = self.n_rows
+        boundary = n - int(round(n * fraction / self.chunk_rows)) * self.chunk_rows
+        if fraction <= 0 or boundary >= n or boundary <= 0:
+            return n
+        seq = self.group["tokens/seq"]
+        prev = int(seq[boundary - 1])
+        window = np.asarray(seq[boundary: min(n, boundary + 4 * self.chunk_rows)])
+        later = np.flatnonzero(window != prev)
+        return boundary + int(later[0]) if len(later) else n
+
     def mean_norm(self, layer: int) -> float:
         return float(self.attrs["mean_norm"][str(layer)])
 
