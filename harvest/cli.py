@@ -72,3 +72,7 @@ def _model_version(model: dict) -> str:
         if model.get(key):
             return f"{key}={model[key]}"
     return ""
+
+
+if __name__ == "__main__":
+    main()

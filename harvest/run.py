@@ -59,7 +59,7 @@ def _prepare_store(path: Path, cfg: HarvestConfig, lm: LoadedModel, overwrite: b
             raise UserError(f"{path} was made with other settings (differing: {', '.join(diff)}); pass "
                             f"--overwrite to replace it or choose another --store")
         shutil.rmtree(path)
-    return schema.create(path, layers=cfg.layers, d_model=lm.d_model, capacity=cfg.tokens,
+    return schema.create(path, layers=cfg.layers, d_model=lm.d_model, capacity=min(cfg.tokens, 64 * cfg.chunk_rows),
                          chunk_rows=cfg.chunk_rows, attrs=store_attrs(cfg, lm))
 
 
@@ -124,9 +124,11 @@ def harvest(cfg: HarvestConfig, store: str | Path, *, cache_dir: Path, overwrite
     try:
         for batch in iter_batches(all_seqs, cfg.batch_size, cfg.sort_window, pad_id, skip_windows=first_window):
             rows = batch.rows
-            if skip_rows:
-                rows = {k: v[skip_rows:] for k, v in rows.items()}
-                skip_rows = 0
+            if skip_rows:  # resuming: drop the rows of this window that are already on disk
+                drop = min(skip_rows, len(rows["seq"]))
+                rows, skip_rows = {k: v[drop:] for k, v in rows.items()}, skip_rows - drop
+                if not len(rows["seq"]):
+                    continue
             take = min(len(rows["seq"]), cfg.tokens - written - buffered)
             hidden = resid_post(lm.model, batch.input_ids_BT.to(device), cfg.layers)
             b, t = torch.from_numpy(rows["b"][:take]), torch.from_numpy(rows["t"][:take])

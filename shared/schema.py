@@ -63,7 +63,7 @@ def bits_to_bf16(bits: np.ndarray) -> torch.Tensor:
 
 def create(path: str | Path, *, layers: Sequence[int], d_model: int, capacity: int, chunk_rows: int,
            attrs: dict[str, Any]) -> zarr.Group:
-    """A new, empty, incomplete store with room for `capacity` rows (trimmed when finished)."""
+    """A new, empty, incomplete store with room for `capacity` rows (grown as needed, trimmed when finished)."""
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     for layer in layers:
         arr = group.create_array(acts_name(layer), shape=(capacity, d_model), chunks=(chunk_rows, d_model),
@@ -82,10 +82,20 @@ def create(path: str | Path, *, layers: Sequence[int], d_model: int, capacity: i
 def write_rows_(group: zarr.Group, start: int, acts: dict[int, torch.Tensor], tokens: dict[str, np.ndarray]) -> None:
     """Write rows [start, start + n) of every layer and token field (chunk-aligned for resumability)."""
     n = len(tokens["token_id"])
+    _grow_(group, start + n)
     for layer, x in acts.items():
         group[acts_name(layer)][start:start + n] = bf16_to_bits(x)
     for name in TOKEN_FIELDS:
         group[f"tokens/{name}"][start:start + n] = tokens[name].astype(np.int32)
+
+
+def _grow_(group: zarr.Group, rows: int) -> None:
+    """Make room for `rows` rows, doubling: growing is a metadata write, while shrinking a large
+    over-allocation at the end would visit every chunk key beyond the data."""
+    arrays = [group[acts_name(x)] for x in group.attrs["layers"]] + [group[f"tokens/{n}"] for n in TOKEN_FIELDS]
+    for arr in arrays:
+        if arr.shape[0] < rows:
+            arr.resize((max(rows, 2 * arr.shape[0]), *arr.shape[1:]))
 
 
 def write_docs_(group: zarr.Group, source_index: Sequence[int], topic: Sequence[int], title: Sequence[str]) -> None:

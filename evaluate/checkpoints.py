@@ -1,0 +1,116 @@
+"""Find and check the trained layers of a checkpoint directory (what `train fit --out DIR` wrote)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.errors import UserError
+from shared.schema import ActivationStore
+from train.checkpoint import TRAIN_CONFIG_FILE, load_layer
+from train.head import HEAD_FILE
+from train.sae import SAE, WEIGHTS_FILE
+
+_LAYER_DIR = re.compile(r"layer_(\d+)$")
+#: Identity fields that must agree between the checkpoint's store and the evaluated store.
+_IDENTITY_KEYS = ("name", "revision", "version", "sha256", "gguf_sha256")
+
+
+@dataclass
+class LayerCheckpoint:
+    run: str
+    """The run's name: its checkpoint directory's name (e.g. csae, baseline)."""
+    layer: int
+    path: Path
+    sae: SAE
+    head: torch.nn.Module | None
+    """The contrastive head, or None when the directory has none."""
+    info: dict[str, Any]
+    """train_config.json: the training config plus store, layer, scale."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.run}/layer_{self.layer}"
+
+
+def layer_dirs(directory: Path) -> list[tuple[int, Path]]:
+    """(layer, dir) of each `layer_<L>` subdirectory holding an SAE, or of `directory` itself if it is one."""
+    if not directory.is_dir():
+        raise UserError(f"checkpoint directory {directory} does not exist; train with `train fit --out {directory}`")
+    match = _LAYER_DIR.search(directory.name)
+    if match and (directory / WEIGHTS_FILE).exists():
+        return [(int(match.group(1)), directory)]
+    found = sorted((int(m.group(1)), p) for p in directory.iterdir()
+                   if p.is_dir() and (m := _LAYER_DIR.search(p.name)) and (p / WEIGHTS_FILE).exists())
+    if not found:
+        raise UserError(f"{directory} holds no trained layers (no layer_<L>/{WEIGHTS_FILE}); pass the directory "
+                        f"`train fit --out` wrote")
+    return found
+
+
+def run_name(directory: Path) -> str:
+    """A run is named by its directory (for a single layer_<L> directory, by its parent)."""
+    return directory.parent.name if _LAYER_DIR.search(directory.name) else directory.name
+
+
+def _model_mismatch(want: dict[str, Any], got: dict[str, Any]) -> str | None:
+    for key in _IDENTITY_KEYS:
+        if want.get(key) is not None and got.get(key) is not None and want[key] != got[key]:
+            return f"{key} {got[key]!r} vs {want[key]!r}"
+    return None
+
+
+def check_model(info: dict[str, Any], store: ActivationStore, store_path: Path, where: Path) -> None:
+    """The checkpoint must come from activations of the store's model (identity recorded by harvest)."""
+    want = store.attrs.get("model") or {}
+    theirs = info.get("model")
+    if theirs is None and info.get("store"):
+        trained_on = Path(info["store"])
+        if trained_on.exists() and trained_on.resolve() != Path(store_path).resolve():
+            try:
+                theirs = ActivationStore.open(trained_on, require_complete=False).attrs.get("model")
+            except UserError:
+                theirs = None
+    if isinstance(theirs, str):
+        theirs = {"name": theirs}
+    if isinstance(theirs, dict):
+        diff = _model_mismatch(want, theirs)
+        if diff:
+            raise UserError(f"{where} was trained on activations of model {theirs.get('name')!r}, but store "
+                            f"{store_path} holds model {want.get('name')!r} ({diff}); evaluate it on a store of "
+                            f"its own model")
+
+
+def load_run(directory: Path, store: ActivationStore, store_path: Path) -> list[LayerCheckpoint]:
+    """Every trained layer of a run, checked against the store (layer, d_in, model, held-out fraction)."""
+    out = []
+    name = run_name(directory)
+    for layer, path in layer_dirs(directory):
+        if not (path / TRAIN_CONFIG_FILE).exists():
+            raise UserError(f"{path} has no {TRAIN_CONFIG_FILE}: its training did not finish; resume it with "
+                            f"`train fit --resume`")
+        if (path / HEAD_FILE).exists():
+            sae, head, info = load_layer(path)
+        else:
+            sae, head, info = SAE.load(path), None, json.loads((path / TRAIN_CONFIG_FILE).read_text())
+        sae.eval().requires_grad_(False)
+        if head is not None:
+            head.eval().requires_grad_(False)
+        if layer not in store.layers:
+            raise UserError(f"{path} is an SAE for layer {layer}, but store {store_path} has layers {store.layers}")
+        if sae.d_in != store.d_model:
+            raise UserError(f"{path} takes inputs of width d_in={sae.d_in}, but store {store_path} has "
+                            f"d_model={store.d_model}: the checkpoint is for another model")
+        if info.get("layer") is not None and int(info["layer"]) != layer:
+            raise UserError(f"{path} says it was trained on layer {info['layer']}, not {layer}")
+        if "heldout_fraction" not in info:
+            raise UserError(f"{path}/{TRAIN_CONFIG_FILE} has no heldout_fraction, so the held-out rows are "
+                            f"unknown; re-train with the current `train fit`")
+        check_model(info, store, store_path, path)
+        out.append(LayerCheckpoint(name, layer, path, sae, head, info))
+    return out

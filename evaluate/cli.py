@@ -1,0 +1,71 @@
+"""`evaluate run`. Thin: parse options, build the config, call evaluate.run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from shared.cli import Group, cache_dir
+from shared.config.base import click_options, given
+from shared.config.evaluate import EvalConfig
+
+#: EvalConfig options taking several values (`--cs 1 2 5`), rewritten to click's repeated form.
+MULTI = ("--dense-thresholds", "--retain-topics", "--taus", "--ns", "--cs", "--checkpoints")
+
+
+def expand_multi(args: list[str]) -> list[str]:
+    """`--cs 1 2 --out x` -> `--cs 1 --cs 2 --out x` for the options in MULTI."""
+    out: list[str] = []
+    current: str | None = None
+    for arg in args:
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            current = name if name in MULTI else None
+            if current and eq:
+                out += [current, value]
+            elif not current:
+                out.append(arg)
+        elif current is not None:
+            out += [current, arg]
+        else:
+            out.append(arg)
+    return out
+
+
+class EvalGroup(Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, expand_multi(args))
+
+
+@click.group(cls=EvalGroup)
+def main() -> None:
+    """Measure trained (C)SAEs on held-out data: reconstruction, sparsity, contrastive, unlearning."""
+
+
+@main.command()
+@click_options(EvalConfig)
+@click.option("--store", type=click.Path(path_type=Path), default=Path("acts.zarr"), show_default=True,
+              help="The activation store the checkpoints were trained on (its held-out tail is evaluated).")
+@click.option("--checkpoints", "checkpoints", type=click.Path(path_type=Path), multiple=True,
+              help="A `train fit --out` directory (layer_<L>/ inside). Repeat to compare runs side by side; each "
+                   "run is named by its directory name.  [default: checkpoints]")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("eval"), show_default=True,
+              help="Output directory: metrics.json, unlearning.json, PNG plots, report.md.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def run(store: Path, checkpoints: tuple[Path, ...], out: Path, no_progress: bool, **options: object) -> None:
+    """Evaluate every trained layer of each checkpoint directory and write metrics, plots and a report."""
+    from evaluate.run import evaluate
+
+    cfg = EvalConfig(**given(EvalConfig, options))
+    metrics = evaluate(cfg, store, list(checkpoints) or [Path("checkpoints")], out, cache_dir=cache_dir(),
+                       progress=not no_progress)
+    for key, m in metrics.items():
+        shown = ", ".join(f"{k} {m[k]:.3f}" for k in ("explained_variance", "ce_score", "l0", "unlearn_U",
+                                                     "unlearn_U_minus_random") if k in m)
+        click.echo(f"{key}: {shown}")
+    click.echo(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Language-model passes for downstream metrics: a clean pass that caches the residual stream, forwards
+that restart from a (modified) residual at layer L, and next-token statistics with the vocabulary
+log-softmax computed in chunks of positions.
+
+Restarting at layer L: blocks 0..L are temporarily replaced by stubs that return the given residual, so
+only the blocks after L, the final norm and the LM head run (the embedding lookup and mask/rotary set-up
+still run; they are cheap). `Restart.verify` checks, on real data, that this reproduces the clean model
+exactly enough; if it does not (an architecture whose blocks do more than map hidden states), `mode`
+falls back to full forwards with a hook that replaces block L's output.
+
+Shape suffixes: B sequences, T positions, D model width, N selected positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from evaluate.text import TextBatch
+from shared.models import base_model, blocks
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@dataclass
+class CleanPass:
+    resid: dict[int, torch.Tensor]
+    """{layer: residual after block L, (B, T, D) float32}."""
+    final_BTD: torch.Tensor
+    """The final hidden state (after the final norm), float32."""
+    tuple_out: bool
+    """Whether blocks return tuples (the stubs must mimic it)."""
+
+
+@torch.inference_mode()
+def clean_pass(model: Any, batch: TextBatch, layers: list[int], *, final: bool = True) -> CleanPass:
+    """One forward of the unmodified model, capturing block outputs at `layers`. With final=False the
+    forward stops after the deepest layer (no final hidden state)."""
+    stack = blocks(model)
+    out: dict[int, torch.Tensor] = {}
+    kinds: list[bool] = []
+    deepest = max(layers) if layers else -1
+
+    class _Stop(Exception):
+        pass
+
+    def capture(layer: int) -> Any:
+        def hook(_m: Any, _i: Any, output: Any) -> None:
+            kinds.append(isinstance(output, tuple))
+            out[layer] = _hidden(output).float()
+            if not final and layer == deepest:
+                raise _Stop
+
+        return hook
+
+    handles = [stack[layer].register_forward_hook(capture(layer)) for layer in layers]
+    device = next(model.parameters()).device
+    try:
+        hidden = base_model(model)(input_ids=batch.ids_BT.to(device), use_cache=False).last_hidden_state.float()
+    except _Stop:
+        hidden = torch.empty(0)
+    finally:
+        for h in handles:
+            h.remove()
+    return CleanPass({k: v.cpu() for k, v in out.items()}, hidden.cpu(), bool(kinds and kinds[0]))
+
+
+class Restart:
+    """Final hidden states of the model when block L's output is replaced by a given residual."""
+
+    def __init__(self, model: Any, tuple_out: bool) -> None:
+        self.model = model
+        self.tuple_out = tuple_out
+        self.mode = "skip"
+
+    @contextmanager
+    def _stubs(self, layer: int, resid_BTD: torch.Tensor) -> Any:
+        stack = blocks(self.model)
+        value = (resid_BTD,) if self.tuple_out else resid_BTD
+
+        def stub(*_args: Any, **_kwargs: Any) -> Any:
+            return value
+
+        for i in range(layer + 1):
+            stack[i].forward = stub
+        try:
+            yield
+        finally:
+            for i in range(layer + 1):
+                del stack[i].forward
+
+    @contextmanager
+    def _hook(self, layer: int, resid_BTD: torch.Tensor) -> Any:
+        def replace(_m: Any, _i: Any, output: Any) -> Any:
+            return (resid_BTD, *output[1:]) if isinstance(output, tuple) else resid_BTD
+
+        handle = blocks(self.model)[layer].register_forward_hook(replace)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @torch.inference_mode()
+    def __call__(self, ids_BT: torch.Tensor, layer: int, resid_BTD: torch.Tensor) -> torch.Tensor:
+        """Final hidden state (B, T, D) float32 with block `layer` outputting `resid_BTD`."""
+        param = next(self.model.parameters())
+        resid = resid_BTD.to(param.device, param.dtype)
+        patch = self._stubs if self.mode == "skip" else self._hook
+        with patch(layer, resid):
+            out = base_model(self.model)(input_ids=ids_BT.to(param.device), use_cache=False)
+        return out.last_hidden_state.float().cpu()
+
+    @torch.inference_mode()
+    def verify(self, batch: TextBatch, clean: CleanPass, layer: int) -> None:
+        """Restart from the clean residual must give the clean final state; else use full forwards."""
+        if self.mode != "skip":
+            return
+        got = self(batch.ids_BT, layer, clean.resid[layer])
+        mask = batch.text_BT
+        want = clean.final_BTD[mask]
+        err = float((got[mask] - want).abs().max()) / max(float(want.abs().max()), 1e-12)
+        if not err < 1e-3:
+            warnings.warn(f"restarting the forward at block {layer} does not reproduce the clean model "
+                          f"(relative error {err:.2g}); using full forwards instead (slower)", stacklevel=2)
+            self.mode = "hook"
+
+
+def head_logits(model: Any, h_ND: torch.Tensor) -> torch.Tensor:
+    """Logits (N, V) from final hidden states, as the model computes them (incl. Gemma's soft-capping)."""
+    head = model.get_output_embeddings()
+    param = next(head.parameters())
+    logits = head(h_ND.to(param.device, param.dtype)).float()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@dataclass
+class TokenStats:
+    logp_N: torch.Tensor
+    """log p(target) per position."""
+    correct_N: torch.Tensor
+    """Whether argmax of the logits is the target."""
+    kl_N: torch.Tensor | None = None
+    """KL(p_reference || p) per position (when a reference was given)."""
+
+
+@torch.inference_mode()
+def token_stats(model: Any, targets_N: torch.Tensor, hs: list[torch.Tensor], chunk: int,
+                reference: int | None = None) -> list[TokenStats]:
+    """Next-token statistics for several final-hidden-state sets (each (N, D), same positions and
+    targets), with the log-softmax over the vocabulary computed `chunk` positions at a time. When
+    `reference` is an index into `hs`, every set also gets its KL from that set's distribution."""
+    n = len(targets_N)
+    logp = [torch.empty(n) for _ in hs]
+    correct = [torch.empty(n, dtype=torch.bool) for _ in hs]
+    kl = [torch.empty(n) for _ in hs] if reference is not None else None
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        tgt = targets_N[start:stop].unsqueeze(1)
+        ref_lp = None
+        if reference is not None:
+            ref_lp = torch.log_softmax(head_logits(model, hs[reference][start:stop]), dim=-1).cpu()
+        for i, h in enumerate(hs):
+            if i == reference and ref_lp is not None:
+                lp = ref_lp
+            else:
+                lp = torch.log_softmax(head_logits(model, h[start:stop]), dim=-1).cpu()
+            logp[i][start:stop] = lp.gather(1, tgt).squeeze(1)
+            correct[i][start:stop] = lp.argmax(dim=1) == tgt.squeeze(1)
+            if kl is not None and ref_lp is not None:
+                kl[i][start:stop] = (ref_lp.exp() * (ref_lp - lp)).sum(dim=1).clamp_min(0)
+            del lp
+    return [TokenStats(logp[i], correct[i], kl[i] if kl is not None else None) for i in range(len(hs))]
+
+
+@torch.inference_mode()
+def check_head(model: Any, batch: TextBatch, clean: CleanPass) -> None:
+    """`head_logits` on the clean final state must equal the model's own logits (one sequence)."""
+    ids = batch.ids_BT[:1, : int(batch.lengths_B[0])]
+    device = next(model.parameters()).device
+    want = model(input_ids=ids.to(device), use_cache=False).logits[0].float().cpu()
+    got = head_logits(model, clean.final_BTD[0, : ids.shape[1]]).cpu()
+    err = float((got - want).abs().max()) / max(float(want.abs().max()), 1e-12)
+    if not err < 1e-3:
+        raise RuntimeError(f"computing logits from the final hidden state disagrees with the model's own "
+                           f"forward (relative error {err:.2g}); this architecture is not supported yet")

@@ -1,0 +1,160 @@
+"""What `train fit` does: the CSAE's size, loss weights, optimiser, schedule and data handling.
+
+Two presets: `default` (ours, sized to train a good SAE on the embedded 250k-token store in a couple
+of minutes per layer on a 2-core CPU) and `paper` (the reference Gemma-2-2B setup). See PRESETS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from shared.config.base import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    expansion: int = 4
+    """Dictionary size as a multiple of d_model (paper: 1, i.e. 2304 features for Gemma-2-2B)."""
+
+    batch_size: int = 512
+    """Activation rows per optimiser step, over all ranks. With contrastive pairs this is batch_size/2
+    anchor/positive pairs; every row is reconstructed."""
+
+    tokens: int = 1_000_000
+    """Training rows per layer; steps = tokens // batch_size. More than the store holds means several epochs."""
+
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+
+    warmup_steps: int = 50
+    """Linear warmup from 0 to lr over this many steps."""
+
+    decay_fraction: float = 0.2
+    """Linear decay to 0 over this final fraction of the steps (0: constant after warmup)."""
+
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+
+    grad_clip: float = 1.0
+    """Clip the total gradient norm to this (0: no clipping)."""
+
+    l1: float = 1.0
+    """lambda: weight of the L1 sparsity term sum_i |f_i| (inputs scaled to mean norm sqrt(d_model))."""
+
+    alpha: float = 2.0
+    """Weight of the InfoNCE contrastive term (0 with beta 0: a plain ReLU SAE)."""
+
+    beta: float = 10.0
+    """Weight of the decoder diversity penalty: mean squared cosine of distinct decoder rows."""
+
+    tau: float = 0.1
+    """InfoNCE temperature."""
+
+    head_dim: int = 128
+    """Output width c of the contrastive head h: R^d_sae -> R^c."""
+
+    head_hidden: int = 0
+    """Hidden width of the contrastive head (0: a single linear map)."""
+
+    positives: Literal["context", "augment"] = "context"
+    """InfoNCE positives: context = another token of the same sequence at a random offset; augment = two
+    stochastic views (dropout + Gaussian noise) of the same activation."""
+
+    augment_dropout: float = 0.1
+    """augment positives: probability of zeroing each input dimension in a view."""
+
+    augment_noise: float = 0.1
+    """augment positives: std of Gaussian noise added to a view (inputs have per-dimension rms about 1)."""
+
+    diversity_features: int = 256
+    """Decoder rows sampled per step for the diversity penalty (all rows when the dictionary is smaller)."""
+
+    resample_every: int = 250
+    """Every this many steps, features that did not fire in that window are resampled (0: never)."""
+
+    resample_scale: float = 0.2
+    """Encoder norm of a resampled feature, as a multiple of the mean living encoder norm."""
+
+    resample_until: float = 0.8
+    """No resampling after this fraction of the steps, so late-resampled features still get trained."""
+
+    heldout_fraction: float = 0.1
+    """Tail of the store (whole sequences) that training never reads; the evaluator uses it."""
+
+    in_memory_max_mb: int = 2048
+    """Load a layer's whole training part into RAM when it is at most this many MiB, else stream chunks."""
+
+    shuffle_rows: int = 65_536
+    """When streaming: rows of whole random chunks read and shuffled together (the shuffle buffer)."""
+
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Autocast dtype of the forward; auto: bfloat16 where the hardware has fast bfloat16 matmuls (GPUs,
+    CPUs with AVX512-BF16/AMX), else float32. Parameters and optimiser state are always float32."""
+
+    device: str = "auto"
+    """torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
+
+    seed: int = 0
+    """Seed for initialisation, data order, augmentations and resampling."""
+
+    checkpoint_every: int = 500
+    """Write a resumable checkpoint every this many steps (and at the end)."""
+
+    def __post_init__(self) -> None:
+        positive = ("expansion", "batch_size", "tokens", "head_dim", "diversity_features", "checkpoint_every",
+                    "shuffle_rows")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        nonneg = ("warmup_steps", "weight_decay", "grad_clip", "l1", "alpha", "beta", "head_hidden",
+                  "augment_noise", "resample_every", "resample_scale", "in_memory_max_mb")
+        for name in nonneg:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.lr <= 0 or self.tau <= 0:
+            raise ConfigError(f"lr and tau must be positive, got lr={self.lr} tau={self.tau}")
+        if self.alpha > 0 and (self.batch_size < 4 or self.batch_size % 2):
+            raise ConfigError(f"with alpha > 0 batch_size must be even and at least 4 (anchor/positive pairs), "
+                              f"got {self.batch_size}")
+        for name in ("decay_fraction", "resample_until", "augment_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.steps < 1:
+            raise ConfigError(f"tokens ({self.tokens}) must be at least batch_size ({self.batch_size})")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+    @property
+    def contrastive(self) -> bool:
+        return self.alpha > 0
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not what the user meant."""
+        out = []
+        if self.warmup_steps > self.steps:
+            out.append(f"warmup_steps ({self.warmup_steps}) exceeds the run's {self.steps} steps: the learning "
+                       f"rate never reaches lr={self.lr} (peak {self.lr * self.steps / self.warmup_steps:.2g})")
+        return out
+
+
+#: Presets: overrides of the TrainConfig defaults. `default` is ours; `paper` is the reference setup.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {
+        "expansion": 1, "batch_size": 512, "tokens": 100_000, "lr": 1e-4, "warmup_steps": 1000,
+        "decay_fraction": 0.0, "grad_clip": 1.0, "l1": 0.04, "alpha": 2.0, "tau": 0.1, "head_dim": 128,
+        "dtype": "bfloat16", "resample_every": 100, "resample_scale": 0.2, "resample_until": 1.0,
+    },
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """A preset with some fields overridden."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return TrainConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,41 @@
+"""The embedded default end to end: the real Gemma 3 270M from its GGUF package, on wiki-vital."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harvest.run import harvest
+from shared.cli import cache_dir
+from shared.config.harvest import HarvestConfig
+from shared.models import embedded_model_dir, load_model
+from shared.schema import ActivationStore
+
+pytestmark = pytest.mark.embedded
+
+
+def test_embedded_model_harvest_matches_transformers(tmp_path: Path) -> None:
+    cfg = HarvestConfig(tokens=300, batch_size=4, sort_window=1, dtype="float32", device="cpu")
+    lm = load_model(cfg.model, cache_dir=cache_dir(), dtype="float32", device="cpu")
+    assert (lm.n_layers, lm.d_model) == (18, 640)
+    assert (embedded_model_dir(cache_dir()) / "model.safetensors").is_file()  # converted once, cached
+    store = harvest(cfg, tmp_path / "acts.zarr", cache_dir=cache_dir(), progress=False, lm=lm)
+    assert store.layers == [3, 8, 13] and store.n_rows == 300 and store.d_model == 640
+    assert len(store.topics) > 1  # a fixed shuffle of documents: the file itself is grouped by topic
+
+    seq, ids = store.tokens("seq"), store.tokens("token_id")
+    for s in np.unique(seq)[:3]:
+        rows = np.flatnonzero(seq == s)
+        input_ids = torch.tensor([[lm.tokenizer.bos_token_id, *ids[rows]]])
+        with torch.no_grad():
+            hidden = lm.model(input_ids, output_hidden_states=True).hidden_states
+        for layer in store.layers:
+            want = hidden[layer + 1][0, 1:].to(torch.bfloat16).float()
+            got = store.read(layer, int(rows[0]), int(rows[-1]) + 1).float()
+            # bf16 tolerance: batched and single-sequence float32 forwards may round to neighbouring bf16 values.
+            torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-4)
+    reopened = ActivationStore.open(tmp_path / "acts.zarr")
+    assert reopened.attrs["model"]["gguf_sha256"] and reopened.attrs["corpus"]["name"] == "wiki-vital"

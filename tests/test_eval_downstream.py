@@ -1,0 +1,124 @@
+"""Downstream CE/KL against an independent computation: per-sequence full forwards of the transformers
+model with a hook replacing block L's output, full-vocabulary log-softmax, no chunking, no restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from eval_fixtures import identity_sae, random_sae, tiny_gemma3, topic_corpus  # noqa: F401
+from transformers import AutoModelForCausalLM
+
+from evaluate.downstream import downstream_losses, downstream_metrics, sae_splice, zero_splice
+from evaluate.lm import Restart, clean_pass
+from evaluate.text import TextBatch, batches, build_sequences
+from shared.models import blocks
+from train.sae import SAE
+
+
+def _reference(model: Any, seqs: list[list[int]], layer: int | None, fn: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nll per prediction, log-probs per prediction) with block `layer`'s output at positions >= 1
+    replaced by fn(output); layer None: the clean model."""
+    nll, logps = [], []
+    for s in seqs:
+        handle = None
+        if layer is not None:
+            def hook(_m: Any, _i: Any, out: Any) -> Any:
+                h = out[0] if isinstance(out, tuple) else out
+                new = h.clone()
+                new[:, 1:] = fn(h[:, 1:])
+                return (new, *out[1:]) if isinstance(out, tuple) else new
+
+            handle = blocks(model)[layer].register_forward_hook(hook)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([s])).logits[0].double()
+        if handle:
+            handle.remove()
+        lp = torch.log_softmax(logits, dim=-1)[1:-1]  # predictions from text positions, but the last
+        targets = torch.tensor(s[2:])
+        nll.append(-lp.gather(1, targets.unsqueeze(1)).squeeze(1))
+        logps.append(lp)
+    return torch.cat(nll), torch.cat(logps)
+
+
+def _seqs(vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [17, 9, 12, 5, 17, 3]
+    return [[2, *torch.randint(4, vocab, (n,), generator=gen).tolist()] for n in lengths]
+
+
+def _zero_dec(d: int) -> SAE:
+    sae = random_sae(d, 32)
+    with torch.no_grad():
+        sae.W_dec.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gemma3", "tiny_gemma2"])
+def test_downstream_losses_equal_independent_forwards(fixture: str, request: pytest.FixtureRequest) -> None:
+    model_dir: Path = request.getfixturevalue(fixture)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    d, vocab = model.config.hidden_size, model.config.vocab_size
+    seqs = _seqs(vocab)
+    text = batches(seqs, 4, pad_id=0, has_bos=True)
+    layer = 1
+    perfect, zero_dec, noisy = identity_sae(d), _zero_dec(d), random_sae(d, 4 * d, seed=3, bias=-0.05)
+    splices = {"perfect": (layer, sae_splice(perfect)), "zero": (layer, zero_splice),
+               "zero_sae": (layer, sae_splice(zero_dec)), "noisy": (layer, sae_splice(noisy)),
+               "noisy2": (2, sae_splice(noisy)), "zero2": (2, zero_splice)}
+    res = downstream_losses(model, text, splices, chunk=7, progress=False)
+    assert res.n_predictions == sum(len(s) - 2 for s in seqs)
+
+    clean_nll, clean_lp = _reference(model, seqs, None, None)
+    assert res.ce_clean == pytest.approx(float(clean_nll.mean()), rel=1e-5)
+    for key, lay, fn in (("zero", layer, torch.zeros_like), ("noisy", layer, lambda h: noisy(h)[0]),
+                         ("noisy2", 2, lambda h: noisy(h)[0]), ("zero2", 2, torch.zeros_like)):
+        nll, lp = _reference(model, seqs, lay, fn)
+        kl = (clean_lp.exp() * (clean_lp - lp)).sum(dim=1)
+        assert res.ce[key] == pytest.approx(float(nll.mean()), rel=1e-4), key
+        assert res.kl[key] == pytest.approx(float(kl.mean()), rel=1e-3, abs=1e-6), key
+    assert abs(res.ce["zero"] - res.ce_clean) > 0.01 and res.kl["zero"] > 0.01  # the test is not vacuous
+
+    perfect_m = downstream_metrics(res, "perfect", "zero")
+    assert perfect_m["ce_score"] == pytest.approx(1.0, abs=1e-4)
+    assert perfect_m["kl_score"] == pytest.approx(1.0, abs=1e-4)
+    zero_m = downstream_metrics(res, "zero_sae", "zero")
+    assert zero_m["ce_score"] == pytest.approx(0.0, abs=1e-6)
+    assert zero_m["kl_score"] == pytest.approx(0.0, abs=1e-6)
+    noisy_m = downstream_metrics(res, "noisy", "zero")
+    want = (res.ce["zero"] - res.ce["noisy"]) / (res.ce["zero"] - res.ce_clean)
+    assert noisy_m["ce_score"] == pytest.approx(want)
+
+
+def test_restart_from_the_clean_residual_reproduces_the_model(tiny_gemma3: Path) -> None:  # noqa: F811
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=torch.float32).eval()
+    (batch,) = batches(_seqs(model.config.vocab_size), 8, pad_id=0, has_bos=True)
+    clean = clean_pass(model, batch, [0, 2])
+    restart = Restart(model, clean.tuple_out)
+    for layer in (0, 2):
+        restart.verify(batch, clean, layer)
+        assert restart.mode == "skip"
+        got = restart(batch.ids_BT, layer, clean.resid[layer])
+        torch.testing.assert_close(got[batch.text_BT], clean.final_BTD[batch.text_BT], rtol=1e-5, atol=1e-5)
+    # The stubs are gone afterwards: a normal forward still works and matches.
+    again = clean_pass(model, batch, [2])
+    torch.testing.assert_close(again.final_BTD, clean.final_BTD)
+
+
+def test_build_sequences_counts_predictions_exactly(tiny_gemma3: Path, topic_corpus: Path) -> None:  # noqa: F811
+    from transformers import AutoTokenizer
+
+    from shared.corpora import iter_documents
+
+    tok = AutoTokenizer.from_pretrained(tiny_gemma3)
+    docs = list(iter_documents(str(topic_corpus), "heldout", 0.5))
+    seqs = build_sequences(docs, tok, context=10, budget=100)
+    assert all(s[0] == tok.bos_token_id and 3 <= len(s) <= 10 for s in seqs)
+    assert sum(len(s) - 2 for s in seqs) == 100
+    (b, *_) = batches(seqs, 64, 0, True)
+    assert isinstance(b, TextBatch) and b.n_predictions == 100
+    seqs_t = build_sequences(docs, tok, context=10, budget=55, unit="tokens")
+    assert sum(len(s) - 1 for s in seqs_t) == 55

@@ -1,0 +1,129 @@
+"""Loss terms against formulas written out here; decoder norm and gradient projection; the plain-SAE step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shared.config.base import ConfigError
+from shared.config.train import TrainConfig, preset
+from train import losses
+from train.trainer import CSAETrainer, Runtime
+
+CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None)
+
+
+def test_mse_and_l1_match_hand_computation() -> None:
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    x_hat = torch.tensor([[0.0, 2.0], [1.0, 1.0]])
+    # row 0: 1^2 + 0 = 1; row 1: 2^2 + 2^2 = 8; mean = 4.5
+    assert losses.mse(x, x_hat).item() == pytest.approx(4.5)
+    f = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+    # row sums 4 and 2, mean 3
+    assert losses.l1(f).item() == pytest.approx(3.0)
+    assert losses.l0(f).item() == pytest.approx(1.5)
+
+
+def test_fvu_matches_hand_computation() -> None:
+    x = torch.tensor([[1.0, 0.0], [3.0, 2.0]])  # mean (2, 1): total variance 1+1+1+1 = 4
+    x_hat = torch.tensor([[1.0, 1.0], [3.0, 2.0]])  # residual 1
+    assert losses.fvu(x, x_hat).item() == pytest.approx(0.25)
+
+
+def test_info_nce_matches_formula() -> None:
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    p = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, -1.0]])
+    tau = 0.5
+    cos = [[(a[i] @ p[j] / (a[i].norm() * p[j].norm())).item() for j in range(3)] for i in range(3)]
+    row = [-(cos[i][i] / tau - math.log(sum(math.exp(cos[i][j] / tau) for j in range(3)))) for i in range(3)]
+    col = [-(cos[j][j] / tau - math.log(sum(math.exp(cos[i][j] / tau) for i in range(3)))) for j in range(3)]
+    expected = 0.5 * (sum(row) / 3 + sum(col) / 3)
+    assert losses.info_nce(a, p, tau).item() == pytest.approx(expected, rel=1e-5)
+    # identical, well separated pairs give a loss near 0; swapping the positives makes it large
+    e = torch.eye(3) * 10
+    assert losses.info_nce(e, e, 0.05).item() < 1e-6
+    assert losses.info_nce(e, e.roll(1, 0), 0.05).item() > 10
+
+
+def test_diversity_matches_formula_and_subset() -> None:
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.0, 0.0]])
+    # cosines: (0,1)=0, (0,2)=1/sqrt2, (1,2)=1/sqrt2; squared: 0, 1/2, 1/2; ordered pairs: 2*(1) / (3*2)
+    assert losses.diversity(w).item() == pytest.approx(1.0 / 3.0)
+    assert losses.diversity(w, torch.tensor([0, 1])).item() == pytest.approx(0.0)
+    assert losses.diversity(w, torch.tensor([0, 2])).item() == pytest.approx(0.5)
+
+
+def test_decoder_norm_and_gradient_projection() -> None:
+    trainer = CSAETrainer(TrainConfig(expansion=2, tokens=64, batch_size=8), 4, CPU)
+    sae = trainer.sae
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.arange(1, 9, dtype=torch.float32)[:, None])
+    sae.set_decoder_norm_to_unit_norm_()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(8), atol=1e-6)
+    g = torch.randn(8, 4)
+    sae.W_dec.grad = g.clone()
+    sae.remove_gradient_parallel_to_decoder_directions_()
+    w = sae.W_dec.detach()
+    expected = g - (g * w).sum(1, keepdim=True) * w  # rows of w are unit
+    assert torch.allclose(sae.W_dec.grad, expected, atol=1e-6)
+    assert torch.allclose((sae.W_dec.grad * w).sum(1), torch.zeros(8), atol=1e-6)
+
+
+def test_plain_step_equals_hand_written_sae_step() -> None:
+    """alpha = beta = 0: the trainer's step is exactly a plain ReLU SAE step (written out here)."""
+    cfg = TrainConfig(expansion=2, tokens=512, batch_size=16, alpha=0.0, beta=0.0, l1=0.3, lr=1e-2,
+                      warmup_steps=0, decay_fraction=0.0, grad_clip=0.5, resample_every=0)
+    trainer = CSAETrainer(cfg, 6, CPU)
+    W_enc, b_enc = trainer.sae.W_enc.detach().clone(), torch.full((12,), 0.1)
+    W_dec, b_dec = trainer.sae.W_dec.detach().clone(), torch.linspace(-1, 1, 6)
+    with torch.no_grad():
+        trainer.sae.b_enc.copy_(b_enc)
+        trainer.sae.b_dec.copy_(b_dec)
+    params = [p.clone().requires_grad_(True) for p in (W_enc, b_enc, W_dec, b_dec)]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(3):
+        x = torch.randn(16, 6, generator=gen) * 3
+        trainer.step(x, step)
+        we, be, wd, bd = params
+        f = torch.relu((x - bd) @ we + be)
+        x_hat = f @ wd + bd
+        loss = ((x - x_hat) ** 2).sum(1).mean() + 0.3 * f.abs().sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            u = wd / wd.norm(dim=1, keepdim=True)
+            wd.grad -= (wd.grad * u).sum(1, keepdim=True) * u
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        opt.step()
+        with torch.no_grad():
+            wd /= wd.norm(dim=1, keepdim=True)
+    sae = trainer.sae
+    for ours, theirs in zip((sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), params, strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-6), (ours - theirs).abs().max()
+    assert trainer.head.first.weight.grad is None  # the head is untouched in a plain SAE
+
+
+def test_lr_schedule_warmup_and_decay() -> None:
+    cfg = TrainConfig(tokens=100 * 8, batch_size=8, lr=1.0, warmup_steps=10, decay_fraction=0.2)
+    trainer = CSAETrainer(cfg, 4, CPU)
+    assert trainer.lr_at(0) == pytest.approx(0.1)
+    assert trainer.lr_at(9) == pytest.approx(1.0)
+    assert trainer.lr_at(50) == pytest.approx(1.0)
+    assert trainer.lr_at(80) == pytest.approx(20 / 21)
+    assert trainer.lr_at(99) == pytest.approx(1 / 21)
+
+
+def test_config_validation_and_presets() -> None:
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(batch_size=7)
+    with pytest.raises(ConfigError, match="tokens"):
+        TrainConfig(tokens=10, batch_size=512)
+    paper = preset("paper")
+    assert (paper.expansion, paper.l1, paper.alpha, paper.lr, paper.resample_every) == (1, 0.04, 2.0, 1e-4, 100)
+    assert any("warmup_steps (1000) exceeds" in w for w in paper.warnings())
+    assert TrainConfig().warnings() == []
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("nope")

@@ -1,0 +1,76 @@
+"""`train fit`. Thin: parse options, build the config (preset < options < --set), call train.run.fit.
+
+Under `torchrun --nproc_per_node N train fit ...` the process group is set up here (gloo on CPU, NCCL
+on GPU) from torchrun's environment; this is the only place that reads it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from shared.cli import Group
+from shared.config.base import click_options, given, parse_assignment
+from shared.config.train import PRESETS, TrainConfig, preset
+
+
+@click.group(cls=Group)
+def main() -> None:
+    """Train Contrastive Sparse Autoencoders on a harvested activation store."""
+
+
+@main.command()
+@click.option("--store", type=click.Path(path_type=Path), default=Path("acts.zarr"), show_default=True,
+              help="Activation store written by `harvest run`.")
+@click.option("--layers", type=int, multiple=True, help="Layers to train (several: --layers 5 12 19). "
+              "Default: every layer in the store.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("checkpoints"), show_default=True,
+              help="Output directory; layer L goes to OUT/layer_L/.")
+@click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
+              help="Starting settings: default (ours, minutes on a CPU) or paper (the reference setup).")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Override any setting (several: --set l1=2 alpha=0).")
+@click.option("--resume", is_flag=True, help="Continue interrupted layers from their last checkpoint; "
+              "finished layers are skipped.")
+@click.option("--overwrite", is_flag=True, help="Replace existing runs in --out.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click_options(TrainConfig)
+def fit(store: Path, layers: tuple[int, ...], out: Path, preset_name: str, assignments: tuple[str, ...],
+        resume: bool, overwrite: bool, no_progress: bool, **options: object) -> None:
+    """Train one CSAE per layer of STORE."""
+    from train.run import fit as run_fit
+    from train.run import resolve
+
+    overrides = given(TrainConfig, options)
+    overrides.update(dict(parse_assignment(TrainConfig, a) for a in assignments))
+    cfg = resolve(preset(preset_name, **overrides))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    if rank == 0:
+        for warning in cfg.warnings():
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(f"training {cfg.steps} steps/layer, dtype {cfg.dtype}, device {cfg.device}, {world} rank(s)",
+                   err=True)
+    try:
+        results = run_fit(cfg, store, out, layers=sorted(set(layers)), resume=resume, overwrite=overwrite,
+                          rank=rank, world=world, progress=not no_progress)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank == 0:
+        for layer, m in results.items():
+            if m:
+                click.echo(f"layer {layer}: fvu {m['fvu']:.4f}  L0 {m['l0']:.1f}  dead {m['dead_frac']:.3f}  "
+                           f"info_nce {m['info_nce']:.3f}  -> {out / f'layer_{layer}'}")
+
+
+if __name__ == "__main__":
+    main()

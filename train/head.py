@@ -1,0 +1,56 @@
+"""The contrastive head h: R^d_sae -> R^c that InfoNCE is computed on (saved beside the SAE)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from train.sae import _atomic
+
+HEAD_FILE = "head.safetensors"
+
+
+class ContrastiveHead(nn.Module):
+    """z = W2 ReLU(W1 f + b1) + b2 with a hidden layer, or z = W1 f + b1 without (hidden = 0)."""
+
+    def __init__(self, d_sae: int, d_out: int, hidden: int = 0) -> None:
+        super().__init__()
+        self.d_sae, self.d_out, self.hidden = d_sae, d_out, hidden
+        self.first = nn.Linear(d_sae, hidden or d_out)
+        self.second = nn.Linear(hidden, d_out) if hidden else None
+
+    def forward(self, f_BF: torch.Tensor) -> torch.Tensor:
+        z = self.first(f_BF)
+        return self.second(torch.relu(z)) if self.second is not None else z
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> ContrastiveHead:
+        """A copy taking raw-unit features f / scale (what the folded SAE outputs): h'(f) = h(scale f)."""
+        out = ContrastiveHead(self.d_sae, self.d_out, self.hidden)
+        out.load_state_dict({k: v.detach().float().cpu() for k, v in self.state_dict().items()})
+        out.first.weight.mul_(scale)
+        return out
+
+    def save(self, directory: str | Path) -> None:
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        meta = {"d_sae": str(self.d_sae), "d_out": str(self.d_out), "hidden": str(self.hidden)}
+        _atomic(Path(directory) / HEAD_FILE, lambda p: save_file(tensors, p, metadata=meta))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ContrastiveHead:
+        path = Path(directory) / HEAD_FILE
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+        head = cls(int(meta["d_sae"]), int(meta["d_out"]), int(meta["hidden"]))
+        head.load_state_dict(tensors)
+        return head
+
+    def describe(self) -> str:
+        return json.dumps({"d_sae": self.d_sae, "d_out": self.d_out, "hidden": self.hidden})

@@ -1,0 +1,62 @@
+"""The CSAE loss terms as pure functions (no module state, no randomness of their own).
+
+Shape suffixes: B batch rows, D d_model, F dictionary features, C head width, P pairs, S sampled features.
+Every term returns a scalar averaged over rows, so its weight does not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def mse(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
+    """Reconstruction error: mean over rows b of sum_d (x_bd - x_hat_bd)^2. Shapes (B, D), (B, D) -> ()."""
+    return (x_BD.float() - x_hat_BD.float()).pow(2).sum(dim=1).mean()
+
+
+def l1(f_BF: torch.Tensor) -> torch.Tensor:
+    """Sparsity: mean over rows b of sum_i |f_bi|. With unit-norm decoder rows this equals the
+    decoder-norm-weighted L1 of Anthropic's formulation. Shape (B, F) -> ()."""
+    return f_BF.float().abs().sum(dim=1).mean()
+
+
+def info_nce(z_a_PC: torch.Tensor, z_p_PC: torch.Tensor, tau: float) -> torch.Tensor:
+    """Symmetric InfoNCE over in-batch negatives. Shapes (P, C), (P, C) -> ().
+
+    s_ij = cos(z_a_i, z_p_j) / tau; loss = (CE(s, diag) + CE(s^T, diag)) / 2, i.e. for each anchor the
+    positive must beat the other P-1 pairs' positives, and for each positive the other anchors.
+    """
+    a_PC = F.normalize(z_a_PC.float(), dim=1)
+    p_PC = F.normalize(z_p_PC.float(), dim=1)
+    s_PP = a_PC @ p_PC.T / tau
+    target_P = torch.arange(s_PP.shape[0], device=s_PP.device)
+    return 0.5 * (F.cross_entropy(s_PP, target_P) + F.cross_entropy(s_PP.T, target_P))
+
+
+def diversity(W_dec_FD: torch.Tensor, idx_S: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared cosine similarity over ordered pairs of distinct decoder rows. (F, D), (S,) -> ().
+
+    idx_S picks a subset of rows (the Gram matrix of all F rows costs F^2 D per step); None uses all.
+    sum_{i != j} cos(w_i, w_j)^2 / (S (S - 1)).
+    """
+    w_SD = F.normalize((W_dec_FD if idx_S is None else W_dec_FD[idx_S]).float(), dim=1)
+    n = w_SD.shape[0]
+    if n < 2:
+        return w_SD.new_zeros(())
+    gram_SS = w_SD @ w_SD.T
+    # cos(w_i, w_i) = 1 exactly for unit rows; subtract the diagonal rather than mask to keep it cheap.
+    return (gram_SS.pow(2).sum() - gram_SS.diagonal().pow(2).sum()) / (n * (n - 1))
+
+
+def fvu(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean_b x||^2. (B, D), (B, D) -> ()."""
+    x_BD = x_BD.float()
+    resid = (x_BD - x_hat_BD.float()).pow(2).sum()
+    total = (x_BD - x_BD.mean(dim=0, keepdim=True)).pow(2).sum()
+    return resid / total.clamp_min(1e-12)
+
+
+def l0(f_BF: torch.Tensor) -> torch.Tensor:
+    """Mean number of active features per row. (B, F) -> ()."""
+    return (f_BF > 0).float().sum(dim=1).mean()
