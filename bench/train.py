@@ -84,7 +84,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dims", type=int, nargs="+", default=[640, 2304])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     native = resolve_dtype("auto", "cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, auto dtype here: {native}")
     headline = None

@@ -9,7 +9,7 @@ import click
 
 from shared import schema
 from shared.cli import Group, cache_dir
-from shared.config.base import click_options, given
+from shared.config.base import click_options, from_dict, given, load_params
 from shared.config.harvest import HarvestConfig
 
 
@@ -24,14 +24,17 @@ def main() -> None:
               help="Output Zarr store. Re-running the same command resumes an interrupted harvest.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store made with other settings.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def run(store: Path, overwrite: bool, no_progress: bool, **options: object) -> None:
+@click.option("--params", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Read the config from the `harvest` section of this YAML file (DVC's params.yaml); "
+                   "options given on the command line override it.")
+def run(store: Path, overwrite: bool, no_progress: bool, params: str | None, **options: object) -> None:
     """Harvest residual-stream activations (layer L = output of block L, 0-based)."""
     from harvest.run import harvest
 
-    opts = given(HarvestConfig, options)
-    if "layers" in opts:
-        opts["layers"] = tuple(sorted(set(opts["layers"])))
-    cfg = HarvestConfig(**opts)
+    opts = {**(load_params(params, "harvest") if params else {}), **given(HarvestConfig, options)}
+    if opts.get("layers"):
+        opts["layers"] = sorted(set(opts["layers"]))
+    cfg = from_dict(HarvestConfig, opts)
     done = harvest(cfg, store, cache_dir=cache_dir(), overwrite=overwrite, progress=not no_progress)
     click.echo(summary(done, store))
 

@@ -193,7 +193,7 @@ class ActivationStore:
         too small to hold out anything.
         """
         n = self.n_rows
-        boundary = n - int(round(n * fraction / self.chunk_rows)) * self.chunk_rows
+        boundary = n - round(n * fraction / self.chunk_rows) * self.chunk_rows
         if fraction <= 0 or boundary >= n or boundary <= 0:
             return n
         seq = self.group["tokens/seq"]

@@ -226,3 +226,14 @@ def test_nan_activations_stop_with_step_and_layer(tmp_path: Path) -> None:
     code, out = run("--store", str(path), "--layers", "3", "--out", str(ck), *ARGS)
     assert code == 2 and "layer 3, step 0" in out and "row 40" in out
     assert not (ck / "layer_3" / "state.pt").exists() and not (ck / "layer_3" / "sae_weights.safetensors").exists()
+
+
+def test_augment_positives_and_paper_preset_warning(store_path: Path, tmp_path: Path) -> None:
+    cfg = resolve(TrainConfig(positives="augment", tokens=128 * 20, batch_size=128, expansion=2, warmup_steps=2))
+    last = fit(cfg, store_path, tmp_path / "aug", layers=[1], progress=False)[1]
+    assert 0 < last["info_nce"] < 10 and last["diversity"] > 0
+    code, out = run("--store", str(store_path), "--layers", "0", "--out", str(tmp_path / "paper"), "--preset",
+                    "paper", "--set", "tokens=1280", "--no-progress")
+    assert code == 0 and "warning: warmup_steps (1000) exceeds the run's 2 steps" in out
+    info = json.loads((tmp_path / "paper" / "layer_0" / "train_config.json").read_text())
+    assert (info["expansion"], info["l1"], info["dtype"], info["lr"]) == (1, 0.04, "bfloat16", 1e-4)

@@ -83,7 +83,7 @@ class MetricsLog:
                     if line.strip() and json.loads(line)["step"] < start_step]
         text = "".join(line + "\n" for line in kept)
         _atomic(self.path, lambda p: Path(p).write_text(text))
-        self._fh = open(self.path, "a")  # noqa: SIM115 - lives as long as the run
+        self._fh = open(self.path, "a")  # kept open for the whole run
 
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is not None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -44,13 +44,8 @@ class ContrastiveHead(nn.Module):
     def load(cls, directory: str | Path) -> ContrastiveHead:
         path = Path(directory) / HEAD_FILE
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as fh:
             meta = fh.metadata() or {}
         head = cls(int(meta["d_sae"]), int(meta["d_out"]), int(meta["hidden"]))
         head.load_state_dict(tensors)
         return head
-
-    def describe(self) -> str:
-        return json.dumps({"d_sae": self.d_sae, "d_out": self.d_out, "hidden": self.hidden})

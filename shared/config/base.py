@@ -18,6 +18,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import click
@@ -151,6 +152,23 @@ def click_options(cls: type, *, skip: tuple[str, ...] = ()) -> Callable[[Callabl
         return fn
 
     return decorate
+
+
+def load_params(path: str | Path, section: str) -> dict[str, Any]:
+    """One section of a params file (DVC's params.yaml): the values a pipeline stage runs with."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read params file {path}: {err}; pass a readable YAML file") from None
+    for key in section.split("."):
+        if not isinstance(data, dict) or key not in data:
+            raise ConfigError(f"params file {path} has no section {section!r}; add it or pass another --params")
+        data = data[key]
+    if not isinstance(data, dict):
+        raise ConfigError(f"section {section!r} of {path} must be a mapping of config keys to values")
+    return dict(data)
 
 
 def given(cls: type, options: Mapping[str, Any]) -> dict[str, Any]:
