@@ -12,25 +12,23 @@ import click
 
 from shared.errors import UserError
 
-#: Options that take several space-separated values (`--layers 5 12 19`). Click has no such option
-#: type, so the group rewrites them to click's repeated form (`--layers 5 --layers 12 ...`).
-VARIADIC_OPTIONS = ("--layers", "--set")
 
+def expand_variadic(args: Sequence[str], variadic: Sequence[str]) -> list[str]:
+    """`--layers 5 12 19 --x` -> `--layers 5 --layers 12 --layers 19 --x` for the options in `variadic`.
 
-def expand_variadic(args: Sequence[str]) -> list[str]:
-    """`--layers 5 12 19 --x` -> `--layers 5 --layers 12 --layers 19 --x`."""
+    Click has no option that takes a variable number of values, but a repeated (`multiple=True`)
+    option collects them, so the values after a variadic option are given its name again.
+    """
     out: list[str] = []
     current: str | None = None
     for arg in args:
         if arg.startswith("-") and not _is_number(arg):
             name, eq, value = arg.partition("=")
-            current = name if name in VARIADIC_OPTIONS else None
+            current = name if name in variadic else None
             if current and eq:
                 out += [current, value]
-                continue
-            if current:
-                continue  # the values that follow are emitted with the name repeated
-            out.append(arg)
+            elif not current:
+                out.append(arg)
         elif current is not None:
             out += [current, arg]
         else:
@@ -50,7 +48,10 @@ class Group(click.Group):
     """A click group with variadic options and one-line errors for `UserError`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, expand_variadic(args))
+        # Every repeatable option of every subcommand takes several space-separated values.
+        variadic = {name for cmd in self.commands.values() for p in cmd.params
+                    if isinstance(p, click.Option) and p.multiple for name in p.opts}
+        return super().parse_args(ctx, expand_variadic(args, sorted(variadic)))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

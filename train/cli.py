@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from shared.cli import Group
-from shared.config.base import click_options, given, parse_assignment
+from shared.config.base import click_options, given, load_params, parse_assignment
 from shared.config.train import PRESETS, TrainConfig, preset
 
 
@@ -28,24 +28,37 @@ def main() -> None:
               "Default: every layer in the store.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("checkpoints"), show_default=True,
               help="Output directory; layer L goes to OUT/layer_L/.")
-@click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
-              help="Starting settings: default (ours, minutes on a CPU) or paper (the reference setup).")
+@click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default=None,
+              help="Starting settings: default (ours, minutes on a CPU) or paper (the reference setup). "
+              "[default: default]")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Override any setting (several: --set l1=2 alpha=0).")
 @click.option("--resume", is_flag=True, help="Continue interrupted layers from their last checkpoint; "
               "finished layers are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace existing runs in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--params", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Read settings from the `train` section of this YAML file (DVC's params.yaml), then from "
+                   "`runs.<--run>`; the preset is under the key `preset`. Command-line options override both.")
+@click.option("--run", "run_name", default=None, help="With --params: the run whose section `runs.<RUN>` "
+              "overrides `train` (e.g. csae, baseline).")
 @click_options(TrainConfig)
-def fit(store: Path, layers: tuple[int, ...], out: Path, preset_name: str, assignments: tuple[str, ...],
-        resume: bool, overwrite: bool, no_progress: bool, **options: object) -> None:
+def fit(store: Path, layers: tuple[int, ...], out: Path, preset_name: str | None, assignments: tuple[str, ...],
+        resume: bool, overwrite: bool, no_progress: bool, params: str | None, run_name: str | None,
+        **options: object) -> None:
     """Train one CSAE per layer of STORE."""
     from train.run import fit as run_fit
     from train.run import resolve
 
-    overrides = given(TrainConfig, options)
+    from_file: dict[str, object] = {}
+    if params:
+        from_file = load_params(params, "train")
+        if run_name:
+            from_file.update(load_params(params, f"runs.{run_name}"))
+    name = preset_name or str(from_file.pop("preset", "default"))
+    overrides = {**from_file, **given(TrainConfig, options)}
     overrides.update(dict(parse_assignment(TrainConfig, a) for a in assignments))
-    cfg = resolve(preset(preset_name, **overrides))
+    cfg = resolve(preset(name, **overrides))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:

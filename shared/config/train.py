@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from shared.config.base import ConfigError
+from shared.config.base import ConfigError, from_dict
 
 
 @dataclass(frozen=True)
@@ -164,4 +164,4 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     """A preset with some fields overridden."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return TrainConfig(**{**PRESETS[name], **overrides})
+    return from_dict(TrainConfig, {**PRESETS[name], **overrides})

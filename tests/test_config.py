@@ -1,0 +1,69 @@
+"""Config machinery: docstrings as help, dict round trips, --set parsing, params files, variadic options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from harvest.cli import main as harvest_main
+from shared.cli import expand_variadic
+from shared.config.base import ConfigError, field_docs, from_dict, load_params, parse_assignment, to_dict
+from shared.config.harvest import HarvestConfig
+from shared.config.train import TrainConfig
+from shared.models import preset_layers
+
+
+def test_every_field_has_a_docstring_and_it_is_the_help() -> None:
+    for cls in (HarvestConfig, TrainConfig):
+        docs = field_docs(cls)
+        assert set(docs) == set(cls.__dataclass_fields__), cls
+    text = CliRunner().invoke(harvest_main, ["run", "--help"], terminal_width=400).output
+    assert "Token rows to store (BOS and padding excluded)." in text and "[default: 250000]" in text
+
+
+def test_dict_round_trip_and_unknown_keys() -> None:
+    cfg = HarvestConfig(layers=(3, 8, 13), tokens=1000)
+    assert from_dict(HarvestConfig, to_dict(cfg)) == cfg
+    assert to_dict(cfg)["layers"] == [3, 8, 13]
+    with pytest.raises(ConfigError, match="tokenz"):
+        from_dict(HarvestConfig, {"tokenz": 5})
+
+
+def test_validation_rejects_bad_values() -> None:
+    with pytest.raises(ConfigError, match="tokens must be positive"):
+        HarvestConfig(tokens=0)
+    with pytest.raises(ConfigError, match="distinct and increasing"):
+        HarvestConfig(layers=(8, 3))
+
+
+def test_set_assignments_are_typed() -> None:
+    assert parse_assignment(TrainConfig, "l1=0.5") == ("l1", 0.5)
+    assert parse_assignment(TrainConfig, "expansion=8") == ("expansion", 8)
+    assert parse_assignment(HarvestConfig, "layers=1,2") == ("layers", (1, 2))
+    with pytest.raises(ConfigError, match="not a valid"):
+        parse_assignment(TrainConfig, "expansion=big")
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_assignment(TrainConfig, "nosuchkey=1")
+
+
+def test_params_sections(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("harvest:\n  tokens: 10\nruns:\n  baseline:\n    alpha: 0.0\n")
+    assert load_params(params, "harvest") == {"tokens": 10}
+    assert load_params(params, "runs.baseline") == {"alpha": 0.0}
+    with pytest.raises(ConfigError, match="no section 'train'"):
+        load_params(params, "train")
+
+
+def test_variadic_options_expand_to_repeated_form() -> None:
+    args = ["run", "--layers", "5", "12", "19", "--store", "a.zarr", "--set", "l1=2", "alpha=0"]
+    assert expand_variadic(args, ["--layers", "--set"]) == [
+        "run", "--layers", "5", "--layers", "12", "--layers", "19", "--store", "a.zarr",
+        "--set", "l1=2", "--set", "alpha=0"]
+
+
+def test_preset_layers_are_the_paper_depths() -> None:
+    assert preset_layers(26) == (5, 12, 19)  # Gemma-2-2B, as in the paper
+    assert preset_layers(18) == (3, 8, 13)  # Gemma 3 270M: the same relative depths
