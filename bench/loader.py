@@ -11,7 +11,6 @@ at the first d.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from shared.config.train import TrainConfig  # noqa: E402
 from shared.schema import ActivationStore, make_test_store  # noqa: E402
+from train.checkpoint import read_metrics  # noqa: E402
 from train.loader import ChunkLoader  # noqa: E402
 from train.run import fit, resolve  # noqa: E402
 
@@ -44,7 +44,7 @@ def loader_rows_per_s(store: ActivationStore, batches: int, *, in_memory: bool, 
 def trainer_rows_per_s(path: Path, out: Path, steps: int) -> float:
     cfg = resolve(TrainConfig(tokens=BATCH * steps, warmup_steps=5, checkpoint_every=10**9))
     fit(cfg, path, out, layers=[0], overwrite=True, progress=False)
-    log = [json.loads(line) for line in (out / "layer_0" / "metrics.jsonl").read_text().splitlines()]
+    log = read_metrics(out / "layer_0")
     return (len(log) - 6) * BATCH / (log[-1]["elapsed_s"] - log[5]["elapsed_s"])
 
 

@@ -15,7 +15,6 @@ dtype `auto` resolves to on this machine.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import torch  # noqa: E402
 from shared.config.train import TrainConfig  # noqa: E402
 from shared.models import resolve_dtype  # noqa: E402
 from shared.schema import ActivationStore, make_test_store  # noqa: E402
+from train.checkpoint import read_metrics  # noqa: E402
 from train.run import fit, resolve  # noqa: E402
 
 BATCH = 512
@@ -74,7 +74,7 @@ def trainer_run(store: Path, out: Path, steps: int, dtype: str, **overrides: obj
     cfg = resolve(TrainConfig(expansion=1, batch_size=BATCH, tokens=BATCH * steps, dtype=dtype,  # type: ignore[arg-type]
                               warmup_steps=10, checkpoint_every=10**9, **overrides))  # type: ignore[arg-type]
     fit(cfg, store, out, layers=[0], overwrite=True, progress=False)
-    log = [json.loads(line) for line in (out / "layer_0" / "metrics.jsonl").read_text().splitlines()]
+    log = read_metrics(out / "layer_0")
     return (len(log) - 1 - SKIP) / (log[-1]["elapsed_s"] - log[SKIP]["elapsed_s"])
 
 

@@ -52,7 +52,7 @@ def _prepare_store(path: Path, cfg: HarvestConfig, lm: LoadedModel, overwrite: b
         except UserError:
             raise UserError(f"{path} exists and is not a csae store; choose another --store path "
                             f"(it is not deleted, even with --overwrite)") from None
-        if old.attrs.get("config") == to_dict(cfg) and not overwrite:
+        if old.attrs.get("config") == to_dict(cfg):  # same settings: resume, or nothing to do
             return None if old.attrs.get("complete") else zarr.open_group(str(path), mode="r+")
         if not overwrite:
             diff = sorted(k for k, v in to_dict(cfg).items() if old.attrs.get("config", {}).get(k) != v)

@@ -200,8 +200,9 @@ def test_store_with_other_settings_is_left_untouched(tmp_path: Path, tiny_gemma2
     code, out = harvest(*base, *SMALL[:-3], "--dtype", "bfloat16", "--no-progress")
     assert code == 2 and "dtype" in out and "--overwrite" in out
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
-    code, out = harvest(*base, *SMALL)  # same settings again: complete, nothing to do
-    assert code == 0 and "nothing to do" in out
+    for extra in ([], ["--overwrite"]):  # same settings again: complete, nothing to do
+        code, out = harvest(*base, *SMALL, *extra)
+        assert code == 0 and "nothing to do" in out
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
     code, out = harvest(*base, *SMALL[:-3], "--dtype", "bfloat16", "--no-progress", "--overwrite")
     assert code == 0 and ActivationStore.open(store).attrs["config"]["dtype"] == "bfloat16"

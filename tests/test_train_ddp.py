@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from shared.config.train import TrainConfig
 from shared.schema import make_test_store
+from train.checkpoint import read_metrics
 from train.run import fit, resolve
 from train.trainer import CSAETrainer
 
@@ -47,5 +48,5 @@ def test_two_ranks_agree(tmp_path: Path) -> None:
     assert r0 == r1  # same features, same weights after every resampling
     out = tmp_path / "ck" / "layer_0"
     assert (out / "sae_weights.safetensors").exists() and (out / "train_config.json").exists()
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in read_metrics(out)]
     assert steps == list(range(60))  # only rank 0 wrote the log

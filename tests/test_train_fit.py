@@ -15,7 +15,7 @@ from shared import schema
 from shared.config.train import TrainConfig
 from shared.schema import ActivationStore, make_test_store
 from train import losses
-from train.checkpoint import load_layer
+from train.checkpoint import load_layer, read_metrics
 from train.cli import main
 from train.head import ContrastiveHead
 from train.loader import Buffer, ChunkLoader
@@ -43,10 +43,10 @@ def trained(store_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_fit_learns_and_writes_the_contract(store_path: Path, trained: Path) -> None:
     d = trained / "layer_0"
-    for name in ("cfg.json", "sae_weights.safetensors", "head.safetensors", "train_config.json", "metrics.jsonl",
+    for name in ("cfg.json", "sae_weights.safetensors", "head.safetensors", "train_config.json", "metrics.csv",
                  "state.pt"):
         assert (d / name).exists(), name
-    log = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    log = read_metrics(d)
     assert [r["step"] for r in log] == list(range(300))
     for key in ("loss", "mse", "l1", "info_nce", "diversity", "l0", "fvu", "dead_frac", "lr", "grad_norm",
                 "tokens_per_s"):
@@ -94,7 +94,7 @@ def test_resume_equals_uninterrupted(store_path: Path, trained: Path, tmp_path: 
     for a, b in zip(list(sae.parameters()) + list(head.parameters()),
                     list(ref_sae.parameters()) + list(ref_head.parameters()), strict=True):
         assert torch.equal(a, b)
-    steps = [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in read_metrics(d)]
     assert steps == list(range(300))  # the lost steps 100..129 were dropped, then re-logged once
 
 

@@ -3,7 +3,7 @@
     layer_<L>/cfg.json, sae_weights.safetensors   the SAE in SAELens' layout, taking RAW activations
     layer_<L>/head.safetensors                    the contrastive head, taking that SAE's (raw-unit) features
     layer_<L>/train_config.json                   the resolved TrainConfig + store, layer, scale; written last
-    layer_<L>/metrics.jsonl                       one JSON object per step
+    layer_<L>/metrics.csv                         one row per step (DVC plots it)
     layer_<L>/state.pt                            resumable training state (scaled units, optimiser, step)
 
 Every file is written through a temporary file and a rename, so a crash leaves the previous version.
@@ -11,8 +11,9 @@ Every file is written through a temporary file and a rename, so a crash leaves t
 
 from __future__ import annotations
 
+import csv
+import io
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from train.head import ContrastiveHead
 from train.sae import SAE, _atomic
 
 STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = "metrics.csv"
 TRAIN_CONFIG_FILE = "train_config.json"
 
 
@@ -68,27 +69,33 @@ def load_layer(directory: str | Path, *, device: str | torch.device = "cpu") -> 
 
 
 class MetricsLog:
-    """Append-only JSONL, one object per step. On resume, lines of steps not covered by the checkpoint
-    are dropped first, so the log matches the weights."""
+    """Append-only CSV, one row per step (DVC plots it directly). On resume, rows of steps not covered
+    by the checkpoint are dropped first, so the log matches the weights."""
 
     def __init__(self, directory: Path, *, start_step: int, enabled: bool) -> None:
         self.path = directory / METRICS_FILE
-        self.enabled = enabled
-        self._fh = None
+        self._fh: Any = None
+        self._writer: csv.DictWriter | None = None
         if not enabled:
             return
-        kept = []
-        if start_step > 0 and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] < start_step]
-        text = "".join(line + "\n" for line in kept)
-        _atomic(self.path, lambda p: Path(p).write_text(text))
-        self._fh = open(self.path, "a")  # kept open for the whole run
+        kept = [r for r in read_metrics(directory) if r["step"] < start_step] if start_step > 0 else []
+        buffer = io.StringIO()
+        if kept:
+            self._writer = csv.DictWriter(buffer, fieldnames=list(kept[0]))
+            self._writer.writeheader()
+            self._writer.writerows({k: _fmt(v) for k, v in r.items()} for r in kept)
+        _atomic(self.path, lambda p: Path(p).write_text(buffer.getvalue()))
+        self._fh = open(self.path, "a", newline="")  # kept open for the whole run
+        if self._writer is not None:
+            self._writer = csv.DictWriter(self._fh, fieldnames=list(kept[0]))
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._fh is not None:
-            clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in record.items()}
-            self._fh.write(json.dumps(clean) + "\n")
+        if self._fh is None:
+            return
+        if self._writer is None:  # a fresh log: the first record's keys are the columns
+            self._writer = csv.DictWriter(self._fh, fieldnames=list(record))
+            self._writer.writeheader()
+        self._writer.writerow({k: _fmt(v) for k, v in record.items()})
 
     def flush(self) -> None:
         if self._fh is not None:
@@ -98,3 +105,16 @@ class MetricsLog:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def _fmt(value: Any) -> Any:
+    return repr(value) if isinstance(value, float) else value  # repr: exact round trip
+
+
+def read_metrics(directory: Path) -> list[dict[str, float]]:
+    """The per-step metrics log of a layer directory, as numbers ('step' as int)."""
+    path = Path(directory) / METRICS_FILE
+    if not path.exists() or not path.stat().st_size:
+        return []
+    with open(path, newline="") as fh:
+        return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()} for row in csv.DictReader(fh)]
