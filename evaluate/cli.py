@@ -7,38 +7,11 @@ from pathlib import Path
 import click
 
 from shared.cli import Group, cache_dir
-from shared.config.base import click_options, given
+from shared.config.base import click_options, from_dict, given, load_params
 from shared.config.evaluate import EvalConfig
 
-#: EvalConfig options taking several values (`--cs 1 2 5`), rewritten to click's repeated form.
-MULTI = ("--dense-thresholds", "--retain-topics", "--taus", "--ns", "--cs", "--checkpoints")
 
-
-def expand_multi(args: list[str]) -> list[str]:
-    """`--cs 1 2 --out x` -> `--cs 1 --cs 2 --out x` for the options in MULTI."""
-    out: list[str] = []
-    current: str | None = None
-    for arg in args:
-        if arg.startswith("--"):
-            name, eq, value = arg.partition("=")
-            current = name if name in MULTI else None
-            if current and eq:
-                out += [current, value]
-            elif not current:
-                out.append(arg)
-        elif current is not None:
-            out += [current, arg]
-        else:
-            out.append(arg)
-    return out
-
-
-class EvalGroup(Group):
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, expand_multi(args))
-
-
-@click.group(cls=EvalGroup)
+@click.group(cls=Group)
 def main() -> None:
     """Measure trained (C)SAEs on held-out data: reconstruction, sparsity, contrastive, unlearning."""
 
@@ -53,11 +26,16 @@ def main() -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("eval"), show_default=True,
               help="Output directory: metrics.json, unlearning.json, PNG plots, report.md.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def run(store: Path, checkpoints: tuple[Path, ...], out: Path, no_progress: bool, **options: object) -> None:
+@click.option("--params", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Read the config from the `evaluate` section of this YAML file (DVC's params.yaml); "
+                   "options given on the command line override it.")
+def run(store: Path, checkpoints: tuple[Path, ...], out: Path, no_progress: bool, params: str | None,
+        **options: object) -> None:
     """Evaluate every trained layer of each checkpoint directory and write metrics, plots and a report."""
     from evaluate.run import evaluate
 
-    cfg = EvalConfig(**given(EvalConfig, options))
+    cfg = from_dict(EvalConfig, {**(load_params(params, "evaluate") if params else {}),
+                                 **given(EvalConfig, options)})
     metrics = evaluate(cfg, store, list(checkpoints) or [Path("checkpoints")], out, cache_dir=cache_dir(),
                        progress=not no_progress)
     for key, m in metrics.items():

@@ -169,13 +169,16 @@ def token_stats(model: Any, targets_N: torch.Tensor, hs: list[torch.Tensor], chu
         if reference is not None:
             ref_lp = torch.log_softmax(head_logits(model, hs[reference][start:stop]), dim=-1).cpu()
         for i, h in enumerate(hs):
-            if i == reference and ref_lp is not None:
-                lp = ref_lp
-            else:
-                lp = torch.log_softmax(head_logits(model, h[start:stop]), dim=-1).cpu()
+            if ref_lp is None:  # fast path: no full log-softmax tensor, just logsumexp, gather, argmax
+                logits = head_logits(model, h[start:stop]).cpu()
+                logp[i][start:stop] = (logits.gather(1, tgt) - torch.logsumexp(logits, dim=1, keepdim=True)).squeeze(1)
+                correct[i][start:stop] = logits.argmax(dim=1) == tgt.squeeze(1)
+                del logits
+                continue
+            lp = ref_lp if i == reference else torch.log_softmax(head_logits(model, h[start:stop]), dim=-1).cpu()
             logp[i][start:stop] = lp.gather(1, tgt).squeeze(1)
             correct[i][start:stop] = lp.argmax(dim=1) == tgt.squeeze(1)
-            if kl is not None and ref_lp is not None:
+            if kl is not None:
                 kl[i][start:stop] = (ref_lp.exp() * (ref_lp - lp)).sum(dim=1).clamp_min(0)
             del lp
     return [TokenStats(logp[i], correct[i], kl[i] if kl is not None else None) for i in range(len(hs))]

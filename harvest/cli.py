@@ -22,8 +22,9 @@ def main() -> None:
 @click_options(HarvestConfig)
 @click.option("--store", type=click.Path(path_type=Path), default=Path("acts.zarr"), show_default=True,
               help="Output Zarr store. Re-running the same command resumes an interrupted harvest.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store made with other settings (one made with the same settings "
-              "is resumed or kept).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing store made with other settings (one made with the same settings is resumed "
+                   "or kept).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--params", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Read the config from the `harvest` section of this YAML file (DVC's params.yaml); "

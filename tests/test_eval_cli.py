@@ -19,7 +19,7 @@ from eval_fixtures import (  # noqa: F401
     write_checkpoint,
 )
 
-from evaluate.cli import expand_multi, main
+from evaluate.cli import main
 from evaluate.reconstruction import fvu_pooled
 from shared.schema import ActivationStore
 from train.head import ContrastiveHead
@@ -40,9 +40,11 @@ def store(tmp_path_factory: pytest.TempPathFactory, tiny_gemma3: Path, topic_cor
     return path
 
 
-def test_expand_multi() -> None:
-    assert expand_multi(["run", "--cs", "1", "2", "--out", "x", "--ns=3"]) == \
-        ["run", "--cs", "1", "--cs", "2", "--out", "x", "--ns", "3"]
+def test_several_values_after_one_flag(tmp_path: Path) -> None:
+    # Parsed as --cs 1 --cs 2 --ns 3 5: without the expansion click stops at "unexpected extra argument (2)".
+    result = CliRunner().invoke(main, ["run", "--cs", "1", "2", "--ns", "3", "5", "--store",
+                                       str(tmp_path / "missing.zarr")])
+    assert result.exit_code == 2 and "does not exist" in result.output, result.output
 
 
 def test_run_compares_two_runs_end_to_end(store: Path, tmp_path: Path) -> None:

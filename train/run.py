@@ -114,7 +114,8 @@ def fit(cfg: TrainConfig, store_path: Path, out: Path, *, layers: Sequence[int] 
                 trainer.init_b_dec_(loader.sample(4096))
             except NonFiniteActivations as err:
                 raise UserError(f"layer {layer}, step 0: {err}; re-harvest the store") from None
-        info = {**to_dict(cfg), "store": str(store_path), "layer": layer, "scale": scale,
+        info = {**to_dict(cfg), "store": str(store_path), "model": store.attrs.get("model"), "layer": layer,
+                "scale": scale,
                 "d_in": store.d_model, "d_sae": trainer.sae.d_sae, "train_rows": loader.train_rows}
         results[layer] = train_layer(cfg, trainer, loader, d, layer=layer, scale=scale, info=info,
                                      start_step=start, stop_at=stop_at, progress=progress, on_resample=on_resample)

@@ -56,7 +56,7 @@ class EvalConfig:
     """Unlearning: tokens of forget and of retain text (each) used to select features (firing rates, mean
     activations). Only the residual at the layer is needed, so these are cheap."""
 
-    unlearn_tokens: int = 512
+    unlearn_tokens: int = 256
     """Unlearning: next-token predictions of forget and of retain text (each) the sweep is evaluated on.
     Every sweep point needs a forward from the layer on, so this sets the unlearning cost. 0: skip unlearning."""
 
