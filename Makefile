@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test lint
+.PHONY: setup test lint repro
 
 setup:
 	python3 -m venv $(VENV)
@@ -17,3 +17,7 @@ test:
 
 lint:
 	$(VENV)/bin/ruff check .
+
+# The stages call the console scripts (harvest, train, evaluate), so the venv's bin goes first on PATH.
+repro:
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro

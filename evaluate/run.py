@@ -2,7 +2,8 @@
 
     <out>/metrics.json      {"<run>/layer_<L>": {metric: number}}  (DVC metrics)
     <out>/unlearning.json   the unlearning sweep points per run/layer (selected and random features)
-    <out>/density_layer_<L>.png, <out>/unlearning_layer_<L>.png
+    <out>/density_layer_<L>.png, <out>/unlearning_layer_<L>.png, <out>/training_layer_<L>.png
+    <out>/plots/{training,unlearning}/<run>_layer_<L>.csv   plot data for DVC (see evaluate/curves.py)
     <out>/report.md         side-by-side tables of the main metrics
     <out>/eval_config.json  the EvalConfig used, the store and the checkpoint directories
 """
@@ -20,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from evaluate.checkpoints import LayerCheckpoint, load_run
+from evaluate.curves import write_curves
 from evaluate.lm_metrics import TextSource, ce_metrics, unlearning_metrics
 from evaluate.report import write_plots, write_report
 from evaluate.store_metrics import store_metrics
@@ -119,6 +121,6 @@ def evaluate(cfg: EvalConfig, store_path: Path, checkpoint_dirs: list[Path], out
     (out / "eval_config.json").write_text(json.dumps(
         {"config": to_dict(cfg), "store": str(store_path), "checkpoints": [str(d) for d in checkpoint_dirs],
          "timings": timings}, indent=2) + "\n")
-    plots = write_plots(out, densities, points)
+    plots = write_plots(out, densities, points) + write_curves(out, ckpts, points)
     write_report(out / "report.md", metrics, cfg, plots, timings, store_path)
     return metrics

@@ -1,0 +1,69 @@
+"""Plot data for DVC and PNGs for offline viewing: training curves and unlearning sweeps.
+
+DVC renders every file of a plots directory, so each kind of curve gets a directory of CSVs only:
+
+    <out>/plots/training/<run>_layer_<L>.csv     step, loss terms, fvu, l0, dead_frac, lr (from training)
+    <out>/plots/unlearning/<run>_layer_<L>.csv   one row per sweep point: kind, tau, n, c, A_forget, A_retain
+    <out>/training_layer_<L>.png                 loss and FVU against step, runs overlaid
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from evaluate.checkpoints import LayerCheckpoint
+from train.checkpoint import read_metrics
+
+TRAINING_COLUMNS = ("step", "loss", "mse", "l1", "info_nce", "diversity", "fvu", "l0", "dead_frac", "lr")
+SWEEP_COLUMNS = ("kind", "tau", "n", "c", "A_forget", "A_retain", "dCE_forget", "dCE_retain")
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_curves(out: Path, ckpts: list[LayerCheckpoint], points: dict[str, Any]) -> list[Path]:
+    """Write the CSV directories and one training-curve PNG per layer; returns the PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for kind in ("training", "unlearning"):  # declared DVC outputs: present even when a sweep was skipped
+        (out / "plots" / kind).mkdir(parents=True, exist_ok=True)
+    logs: dict[int, list[tuple[str, list[dict[str, float]]]]] = defaultdict(list)
+    for ckpt in ckpts:
+        name = f"{ckpt.run}_layer_{ckpt.layer}.csv"
+        log = read_metrics(ckpt.path)
+        _write_csv(out / "plots" / "training" / name, TRAINING_COLUMNS, log)
+        logs[ckpt.layer].append((ckpt.run, log))
+        sweep = points.get(ckpt.key) or {}
+        rows = [{"kind": kind, **p} for kind in ("selected", "random") for p in sweep.get(kind) or []]
+        if rows:
+            _write_csv(out / "plots" / "unlearning" / name, SWEEP_COLUMNS, rows)
+    written = []
+    for layer, runs in sorted(logs.items()):
+        fig, (ax_loss, ax_fvu) = plt.subplots(1, 2, figsize=(9, 3.5))
+        for run, log in runs:
+            steps = [r["step"] for r in log]
+            ax_loss.plot(steps, [r["loss"] for r in log], linewidth=0.8, label=run)
+            ax_fvu.plot(steps, [r["fvu"] for r in log], linewidth=0.8, label=run)
+        ax_loss.set_yscale("log")
+        ax_fvu.set_ylim(0, 1)
+        for ax, title in ((ax_loss, "training loss"), (ax_fvu, "FVU (training batch)")):
+            ax.set_xlabel("step")
+            ax.set_title(f"{title}, layer {layer}")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"training_layer_{layer}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
