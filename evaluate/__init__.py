@@ -1,1 +1,1 @@
-"""The evaluate stage: metrics of trained SAEs on held-out data (formulas in METRICS.md)."""
+"""The evaluate stage: metrics of trained SAEs on held-out data (formulas in the README, section Metrics)."""

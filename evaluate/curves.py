@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluate.checkpoints import LayerCheckpoint
+from evaluate.report import save_figure
 from train.checkpoint import read_metrics
 
 TRAINING_COLUMNS = ("step", "loss", "mse", "l1", "info_nce", "diversity", "fvu", "l0", "dead_frac", "lr")
@@ -61,9 +62,5 @@ def write_curves(out: Path, ckpts: list[LayerCheckpoint], points: dict[str, Any]
             ax.set_xlabel("step")
             ax.set_title(f"{title}, layer {layer}")
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"training_layer_{layer}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / f"training_layer_{layer}.png"))
     return written

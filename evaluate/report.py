@@ -31,6 +31,16 @@ def _layer_of(key: str) -> int:
     return int(match.group(1)) if match else -1
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write as PNG and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(out: Path, densities: dict[str, np.ndarray], points: dict[str, Any]) -> list[Path]:
     """One log-density histogram and one unlearning sweep plot per layer, runs overlaid."""
     import matplotlib
@@ -54,11 +64,7 @@ def write_plots(out: Path, densities: dict[str, np.ndarray], points: dict[str, A
         ax.set_ylabel("features")
         ax.set_title(f"Feature density, layer {layer}")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"density_layer_{layer}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / f"density_layer_{layer}.png"))
 
         sweeps = [(k, points[k]) for k in keys if k in points]
         if not sweeps:
@@ -76,11 +82,7 @@ def write_plots(out: Path, densities: dict[str, np.ndarray], points: dict[str, A
         ax.set_ylabel("A_forget (known forget tokens kept)")
         ax.set_title(f"Unlearning sweep, layer {layer}")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"unlearning_layer_{layer}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / f"unlearning_layer_{layer}.png"))
     return written
 
 
@@ -95,7 +97,7 @@ def write_report(path: Path, metrics: dict[str, dict[str, Any]], cfg: EvalConfig
     """A markdown report: main metrics side by side per layer, token counts, plots."""
     keys = sorted(metrics, key=lambda k: (_layer_of(k), k))
     cols = [c for c in COLUMNS if any(c[0] in metrics[k] for k in keys)]
-    lines = ["# Evaluation report", "", f"Store: `{store}`. Formulas: evaluate/METRICS.md.", ""]
+    lines = ["# Evaluation report", "", f"Store: `{store}`. Formulas: the Metrics section of the README.", ""]
     lines += ["| run/layer | " + " | ".join(c[1] for c in cols) + " |",
               "|---|" + "---|" * len(cols)]
     for k in keys:

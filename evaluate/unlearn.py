@@ -1,5 +1,5 @@
 """Offline unlearning protocol (SAEBench's feature selection and clamping, scored by next-token accuracy
-and CE on held-out text of a forget topic and of retain topics). Formulas in METRICS.md.
+and CE on held-out text of a forget topic and of retain topics). Formulas in the README, section Metrics.
 
 Only predictions at or after the first position where the intervention changes the residual are
 recomputed (causal attention leaves earlier ones exactly clean); sequences without a change are skipped.
