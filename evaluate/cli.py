@@ -24,7 +24,8 @@ def main() -> None:
               help="A `train fit --out` directory (layer_<L>/ inside). Repeat to compare runs side by side; each "
                    "run is named by its directory name.  [default: checkpoints]")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("eval"), show_default=True,
-              help="Output directory: metrics.json, unlearning.json, PNG plots, report.md.")
+              help="Output directory: metrics.json (headline), metrics_all.json, unlearning.json, PNG plots, "
+                   "report.md.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--params", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Read the config from the `evaluate` section of this YAML file (DVC's params.yaml); "

@@ -1,6 +1,7 @@
 """`evaluate run`: every metric for every trained layer of one or more runs, written to an output dir.
 
-    <out>/metrics.json      {"<run>/layer_<L>": {metric: number}}  (DVC metrics)
+    <out>/metrics.json      {"<run>/layer_<L>": {metric: number}}, the HEADLINE metrics (DVC metrics)
+    <out>/metrics_all.json  the same with every metric
     <out>/unlearning.json   the unlearning sweep points per run/layer (selected and random features)
     <out>/density_layer_<L>.png, <out>/unlearning_layer_<L>.png, <out>/training_layer_<L>.png
     <out>/plots/{training,unlearning}/<run>_layer_<L>.csv   plot data for DVC (see evaluate/curves.py)
@@ -30,6 +31,11 @@ from shared.config.evaluate import EvalConfig
 from shared.errors import UserError
 from shared.models import LoadedModel, load_model, resolve_dtype
 from shared.schema import ActivationStore
+
+#: What `dvc metrics show` prints (metrics_all.json and report.md have everything).
+HEADLINE = ("explained_variance", "ce_score", "kl_score", "l0", "dead_fraction", "dec_mean_abs_cos", "heldout_infonce",
+            "topic_entropy_ratio", "topic_specific_fraction", "unlearn_U", "unlearn_U_minus_random", "unlearn_U_CE",
+            "unlearn_U_CE_minus_random")
 
 
 def load_checkpoints(store: ActivationStore, store_path: Path, dirs: list[Path]) -> list[LayerCheckpoint]:
@@ -116,7 +122,9 @@ def evaluate(cfg: EvalConfig, store_path: Path, checkpoint_dirs: list[Path], out
             timings["unlearning_s"] = time.perf_counter() - t0
 
     metrics = {k: finite(v) for k, v in metrics.items()}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "metrics_all.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    headline = {k: {name: v[name] for name in HEADLINE if name in v} for k, v in metrics.items()}
+    (out / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
     (out / "unlearning.json").write_text(json.dumps(points, indent=1) + "\n")
     (out / "eval_config.json").write_text(json.dumps(
         {"config": to_dict(cfg), "store": str(store_path), "checkpoints": [str(d) for d in checkpoint_dirs],

@@ -55,7 +55,9 @@ def test_run_compares_two_runs_end_to_end(store: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     code, output = evaluate("--store", store, "--checkpoints", csae, base, "--out", out, *FAST)
     assert code == 0, output
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics_all.json").read_text())
+    headline = json.loads((out / "metrics.json").read_text())
+    assert set(headline["csae/layer_1"]) <= set(metrics["csae/layer_1"]) and "ce_score" in headline["csae/layer_1"]
     assert sorted(metrics) == ["baseline/layer_1", "baseline/layer_2", "csae/layer_1", "csae/layer_2"]
     for m in metrics.values():
         assert all(isinstance(v, (int, float)) for v in m.values())
@@ -129,5 +131,5 @@ def test_store_metrics_only_needs_no_model(store: Path, tmp_path: Path) -> None:
     code, output = evaluate("--store", store, "--checkpoints", tmp_path / "run", "--out", tmp_path / "e",
                             "--ce-tokens", "0", "--unlearn-tokens", "0", "--no-progress")
     assert code == 0, output
-    m = json.loads((tmp_path / "e" / "metrics.json").read_text())["run/layer_2"]
+    m = json.loads((tmp_path / "e" / "metrics_all.json").read_text())["run/layer_2"]
     assert "fvu" in m and "ce_score" not in m and "unlearn_U" not in m
