@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from shared.cli import Group, cache_dir
+from shared.cli import Group, cache_dir, params_option
 from shared.config.base import click_options, from_dict, given, load_params
 from shared.config.evaluate import EvalConfig
 
@@ -27,9 +27,7 @@ def main() -> None:
               help="Output directory: metrics.json (headline), metrics_all.json, unlearning.json, PNG plots, "
                    "report.md.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-@click.option("--params", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Read the config from the `evaluate` section of this YAML file (DVC's params.yaml); "
-                   "options given on the command line override it.")
+@params_option("evaluate")
 def run(store: Path, checkpoints: tuple[Path, ...], out: Path, no_progress: bool, params: str | None,
         **options: object) -> None:
     """Evaluate every trained layer of each checkpoint directory and write metrics, plots and a report."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from shared import schema
-from shared.cli import Group, cache_dir
+from shared.cli import Group, cache_dir, params_option
 from shared.config.base import click_options, from_dict, given, load_params
 from shared.config.harvest import HarvestConfig
 
@@ -26,9 +26,7 @@ def main() -> None:
               help="Replace an existing store made with other settings (one made with the same settings is resumed "
                    "or kept).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--params", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Read the config from the `harvest` section of this YAML file (DVC's params.yaml); "
-                   "options given on the command line override it.")
+@params_option("harvest")
 def run(store: Path, overwrite: bool, no_progress: bool, params: str | None, **options: object) -> None:
     """Harvest residual-stream activations (layer L = output of block L, 0-based)."""
     from harvest.run import harvest

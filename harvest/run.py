@@ -9,6 +9,7 @@ has, so the finished store equals an uninterrupted run's bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -99,7 +100,7 @@ def harvest(cfg: HarvestConfig, store: str | Path, *, cache_dir: Path, overwrite
     written, first_window, skip_rows = _resume_point(group, cfg.batch_size * cfg.sort_window)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     device = next(lm.model.parameters()).device
-    all_seqs = _chain(first, seqs)
+    all_seqs = itertools.chain([first], seqs)
 
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer")
     pending: list[Future[None]] = []
@@ -168,7 +169,3 @@ def _write_chunks(group: zarr.Group, start: int, rows: tuple[dict[int, torch.Ten
     # Progress moves only after the rows are on disk: a kill at any point leaves a resumable store.
     group.attrs.update({"rows_written": start + len(rows[1]["seq"])})
 
-
-def _chain(first: Any, rest: Any) -> Any:
-    yield first
-    yield from rest

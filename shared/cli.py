@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,13 @@ class Group(click.Group):
         except UserError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+
+
+def params_option(section: str, more: str = "") -> Callable[[Callable], Callable]:
+    """`--params FILE`: read a stage's settings from one section of a YAML file (DVC's params.yaml)."""
+    return click.option("--params", type=click.Path(exists=True, dir_okay=False), default=None,
+                        help=f"Read settings from the `{section}` section of this YAML file (DVC's params.yaml)"
+                             f"{more}; options given on the command line override it.")
 
 
 def cache_dir() -> Path:

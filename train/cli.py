@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from shared.cli import Group
+from shared.cli import Group, params_option
 from shared.config.base import click_options, given, load_params, parse_assignment
 from shared.config.train import PRESETS, TrainConfig, preset
 
@@ -37,9 +37,7 @@ def main() -> None:
               "finished layers are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace existing runs in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--params", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Read settings from the `train` section of this YAML file (DVC's params.yaml), then from "
-                   "`runs.<--run>`; the preset is under the key `preset`. Command-line options override both.")
+@params_option("train", ", then from `runs.<--run>` (the preset under the key `preset`)")
 @click.option("--run", "run_name", default=None, help="With --params: the run whose section `runs.<RUN>` "
               "overrides `train` (e.g. csae, baseline).")
 @click_options(TrainConfig)
