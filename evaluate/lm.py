@@ -22,10 +22,7 @@ import torch
 
 from evaluate.text import TextBatch
 from shared.models import base_model, blocks
-
-
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
+from shared.residual import block_output
 
 
 @dataclass
@@ -53,7 +50,7 @@ def clean_pass(model: Any, batch: TextBatch, layers: list[int], *, final: bool =
     def capture(layer: int) -> Any:
         def hook(_m: Any, _i: Any, output: Any) -> None:
             kinds.append(isinstance(output, tuple))
-            out[layer] = _hidden(output).float()
+            out[layer] = block_output(output).float()
             if not final and layer == deepest:
                 raise _Stop
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any, Literal
 
 import torch
 
+from harvest.sequences import DocTable, iter_sequences
 from shared.corpora import Document
 
 
@@ -53,28 +53,23 @@ class TextBatch:
 
 def build_sequences(docs: Iterable[Document], tokenizer: Any, context: int, budget: int,
                     unit: Literal["predictions", "tokens"] = "predictions") -> list[list[int]]:
-    """Sequences (BOS + up to context-1 text tokens) from `docs` until `budget` predictions (or text
-    tokens) are collected; the last sequence is cut so the count is exact when the text suffices."""
-    bos = tokenizer.bos_token_id
-    body = context - 1 if bos is not None else context
+    """Sequences cut exactly as harvest cuts them (harvest.sequences.iter_sequences) until `budget`
+    predictions (or text tokens) are collected; the last sequence is cut so the count is exact when the
+    text suffices."""
     out: list[list[int]] = []
     total = 0
-    doc_iter = iter(docs)
-    while total < budget and (batch := list(islice(doc_iter, 64))):
-        encoded = tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]
-        for ids in encoded:
-            for start in range(0, len(ids), body):
-                piece = ids[start:start + body]
-                count = len(piece) - 1 if unit == "predictions" else len(piece)
-                if count < 1:
-                    continue
-                if total + count > budget:
-                    piece = piece[: budget - total + (1 if unit == "predictions" else 0)]
-                    count = budget - total
-                out.append(([bos] if bos is not None else []) + piece)
-                total += count
-                if total >= budget:
-                    return out
+    for seq in iter_sequences(docs, tokenizer, context, DocTable()):
+        prefix, piece = seq.ids[: seq.first_stored], seq.ids[seq.first_stored:]
+        count = len(piece) - 1 if unit == "predictions" else len(piece)
+        if count < 1:
+            continue
+        if total + count > budget:
+            piece = piece[: budget - total + (1 if unit == "predictions" else 0)]
+            count = budget - total
+        out.append(prefix + piece)
+        total += count
+        if total >= budget:
+            break
     return out
 
 

@@ -18,7 +18,8 @@ class _StopForward(Exception):
     """Raised by the deepest hook to end the forward early."""
 
 
-def _hidden(output: object) -> torch.Tensor:
+def block_output(output: object) -> torch.Tensor:
+    """The hidden state a block's forward returned (blocks return a tensor or a tuple led by it)."""
     return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value,index]
 
 
@@ -35,7 +36,7 @@ def resid_post(model: object, input_ids_BT: torch.Tensor, layers: Sequence[int])
 
     def capture(layer: int):
         def hook(_module: object, _inputs: object, output: object) -> None:
-            out[layer] = _hidden(output)
+            out[layer] = block_output(output)
             if layer == deepest:
                 raise _StopForward
 
