@@ -67,7 +67,7 @@ def downstream_losses(model: Any, text: list[TextBatch], interventions: dict[Any
     for batch in text:
         clean = clean_pass(model, batch, layers)
         if restart is None:
-            check_head(model, batch, clean)
+            check_head(model, batch)
             restart = Restart(model, clean.tuple_out)
         pred = batch.pred_BT
         targets = batch.targets_BT[pred]

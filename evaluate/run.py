@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,7 @@ def load_lm(store: ActivationStore, cfg: EvalConfig, cache_dir: Path) -> LoadedM
     name = cfg.model or hcfg.get("model")
     if not name:
         raise UserError("the store does not record its model; pass --model (or --ce-tokens 0 --unlearn-tokens 0)")
-    dtype = resolve_dtype(cfg.dtype, cfg.device)
-    lm = load_model(name, cache_dir=cache_dir, dtype=dtype, device=cfg.device,
+    lm = load_model(name, cache_dir=cache_dir, dtype=resolve_dtype(cfg.dtype, cfg.device), device=cfg.device,
                     revision=None if cfg.model else hcfg.get("revision"))
     if lm.d_model != store.d_model:
         raise UserError(f"model {name!r} has width {lm.d_model}, but the store's activations have {store.d_model}: "
@@ -90,6 +90,7 @@ def finite(metrics: dict[str, Any]) -> dict[str, Any]:
 def evaluate(cfg: EvalConfig, store_path: Path, checkpoint_dirs: list[Path], out: Path, *, cache_dir: Path,
              progress: bool = True, lm: LoadedModel | None = None) -> dict[str, dict[str, Any]]:
     """Compute all metrics and write the output directory; returns the metrics."""
+    cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, cfg.device))  # recorded as resolved in eval_config.json
     store = ActivationStore.open(store_path)
     ckpts = load_checkpoints(store, store_path, checkpoint_dirs)
     out.mkdir(parents=True, exist_ok=True)

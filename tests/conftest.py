@@ -19,6 +19,17 @@ torch.set_num_threads(1)
 
 TOPICS = ("Biology and health sciences", "History", "Geography", "Arts")
 
+#: Both compute dtypes, on every machine: where the CPU lacks fast bfloat16, torch emulates it (slower,
+#: same results), so the bfloat16 path that `dtype=auto` picks on AVX512-BF16/AMX CPUs and GPUs is tested
+#: everywhere, and the float32 path that it picks elsewhere is tested on fast-bfloat16 machines too.
+DTYPES = ("float32", "bfloat16")
+
+
+@pytest.fixture(scope="session", params=DTYPES)
+def dtype(request: pytest.FixtureRequest) -> str:
+    """The compute dtype forced on a test that depends on it (it runs once per dtype)."""
+    return request.param
+
 
 @pytest.fixture(scope="session")
 def tiny_gemma2(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from harvest.cli import main as harvest_main
+from shared import models
 from shared.cli import expand_variadic
 from shared.config.base import ConfigError, field_docs, from_dict, load_params, parse_assignment, to_dict
 from shared.config.harvest import HarvestConfig
@@ -67,3 +68,23 @@ def test_variadic_options_expand_to_repeated_form() -> None:
 def test_preset_layers_are_the_paper_depths() -> None:
     assert preset_layers(26) == (5, 12, 19)  # Gemma-2-2B, as in the paper
     assert preset_layers(18) == (3, 8, 13)  # Gemma 3 270M: the same relative depths
+
+
+@pytest.mark.parametrize(("fast_bf16", "want"), [(True, "bfloat16"), (False, "float32")])
+def test_auto_dtype_follows_the_cpu_and_a_forced_dtype_wins(monkeypatch: pytest.MonkeyPatch, fast_bf16: bool,
+                                                            want: str) -> None:
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: fast_bf16)
+    assert models.resolve_dtype("auto", "cpu") == want
+    for forced in ("float32", "bfloat16"):
+        assert models.resolve_dtype(forced, "cpu") == forced
+
+
+def test_cpu_flags_decide_fast_bf16(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(models, "CPUINFO", cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu sse avx2 avx512f avx512bw\n")  # a Xeon without BF16: emulated
+    assert not models.cpu_has_fast_bf16()
+    cpuinfo.write_text("flags\t\t: fpu sse avx2 avx512f avx512_bf16\n")  # AMD EPYC Zen 4
+    assert models.cpu_has_fast_bf16()
+    cpuinfo.write_text("flags\t\t: fpu amx_bf16 amx_tile\n")  # Intel Sapphire Rapids
+    assert models.cpu_has_fast_bf16()

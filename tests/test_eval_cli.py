@@ -47,13 +47,13 @@ def test_several_values_after_one_flag(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "does not exist" in result.output, result.output
 
 
-def test_run_compares_two_runs_end_to_end(store: Path, tmp_path: Path) -> None:
+def test_run_compares_two_runs_end_to_end(store: Path, tmp_path: Path, dtype: str) -> None:
     csae, base = tmp_path / "csae", tmp_path / "baseline"
     for layer in (1, 2):
         write_checkpoint(csae, layer, random_sae(D_MODEL, 128, seed=layer), ContrastiveHead(128, 16, hidden=32))
         write_checkpoint(base, layer, identity_sae(D_MODEL))
     out = tmp_path / "eval"
-    code, output = evaluate("--store", store, "--checkpoints", csae, base, "--out", out, *FAST)
+    code, output = evaluate("--store", store, "--checkpoints", csae, base, "--out", out, *FAST, "--dtype", dtype)
     assert code == 0, output
     metrics = json.loads((out / "metrics_all.json").read_text())
     headline = json.loads((out / "metrics.json").read_text())

@@ -9,10 +9,12 @@ from typing import Any
 import pytest
 import torch
 from eval_fixtures import identity_sae, random_sae, tiny_gemma3, topic_corpus  # noqa: F401
+from tolerances import CE_TOLERANCE, KL_TOLERANCE
 from transformers import AutoModelForCausalLM
 
+from evaluate import lm
 from evaluate.downstream import downstream_losses, downstream_metrics, sae_splice, zero_splice
-from evaluate.lm import Restart, clean_pass
+from evaluate.lm import Restart, check_head, clean_pass
 from evaluate.text import TextBatch, batches, build_sequences
 from shared.models import blocks
 from train.sae import SAE
@@ -58,9 +60,10 @@ def _zero_dec(d: int) -> SAE:
 
 
 @pytest.mark.parametrize("fixture", ["tiny_gemma3", "tiny_gemma2"])
-def test_downstream_losses_equal_independent_forwards(fixture: str, request: pytest.FixtureRequest) -> None:
+def test_downstream_losses_equal_independent_forwards(fixture: str, request: pytest.FixtureRequest,
+                                                      dtype: str) -> None:
     model_dir: Path = request.getfixturevalue(fixture)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     d, vocab = model.config.hidden_size, model.config.vocab_size
     seqs = _seqs(vocab)
     text = batches(seqs, 4, pad_id=0, has_bos=True)
@@ -73,13 +76,13 @@ def test_downstream_losses_equal_independent_forwards(fixture: str, request: pyt
     assert res.n_predictions == sum(len(s) - 2 for s in seqs)
 
     clean_nll, clean_lp = _reference(model, seqs, None, None)
-    assert res.ce_clean == pytest.approx(float(clean_nll.mean()), rel=1e-5)
+    assert res.ce_clean == pytest.approx(float(clean_nll.mean()), rel=CE_TOLERANCE[dtype])
     for key, lay, fn in (("zero", layer, torch.zeros_like), ("noisy", layer, lambda h: noisy(h)[0]),
                          ("noisy2", 2, lambda h: noisy(h)[0]), ("zero2", 2, torch.zeros_like)):
         nll, lp = _reference(model, seqs, lay, fn)
         kl = (clean_lp.exp() * (clean_lp - lp)).sum(dim=1)
-        assert res.ce[key] == pytest.approx(float(nll.mean()), rel=1e-4), key
-        assert res.kl[key] == pytest.approx(float(kl.mean()), rel=1e-3, abs=1e-6), key
+        assert res.ce[key] == pytest.approx(float(nll.mean()), rel=CE_TOLERANCE[dtype]), key
+        assert res.kl[key] == pytest.approx(float(kl.mean()), rel=KL_TOLERANCE[dtype], abs=1e-6), key
     assert abs(res.ce["zero"] - res.ce_clean) > 0.01 and res.kl["zero"] > 0.01  # the test is not vacuous
 
     perfect_m = downstream_metrics(res, "perfect", "zero")
@@ -93,8 +96,37 @@ def test_downstream_losses_equal_independent_forwards(fixture: str, request: pyt
     assert noisy_m["ce_score"] == pytest.approx(want)
 
 
-def test_restart_from_the_clean_residual_reproduces_the_model(tiny_gemma3: Path) -> None:  # noqa: F811
-    model = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=torch.float32).eval()
+def _capped(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(logits / cap) * cap
+
+
+#: head_logits with a real mistake: the soft-cap left out, or applied twice.
+MISTAKES = {
+    "no_softcap": lambda model, h: model.get_output_embeddings()(h.to(model.dtype)).float(),
+    "softcap_twice": lambda model, h: _capped(_capped(model.get_output_embeddings()(h.to(model.dtype)).float(),
+                                                      model.config.final_logit_softcapping),
+                                              model.config.final_logit_softcapping),
+}
+
+
+@pytest.mark.parametrize("mistake", [None, *MISTAKES])
+def test_check_head_catches_a_wrong_head_but_not_rounding(tiny_gemma2: Path, dtype: str, mistake: str | None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma2, dtype=getattr(torch, dtype)).eval()
+    # A soft-cap that bends this model's largest logits (~0.6) by ~6%, as Gemma-2's cap of 30 bends its
+    # logits: leaving it out must be caught in bfloat16 too, whose tolerance is 8 u = 3%.
+    model.config.final_logit_softcapping = 1.5
+    (batch,) = batches(_seqs(model.config.vocab_size), 8, pad_id=0, has_bos=True)
+    if mistake is None:
+        check_head(model, batch)  # rounding alone (the model caps in its own dtype) passes
+        return
+    monkeypatch.setattr(lm, "head_logits", MISTAKES[mistake])
+    with pytest.raises(RuntimeError, match="disagrees with the model's own forward"):
+        check_head(model, batch)
+
+
+def test_restart_from_the_clean_residual_reproduces_the_model(tiny_gemma3: Path, dtype: str) -> None:  # noqa: F811
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=getattr(torch, dtype)).eval()
     (batch,) = batches(_seqs(model.config.vocab_size), 8, pad_id=0, has_bos=True)
     clean = clean_pass(model, batch, [0, 2])
     restart = Restart(model, clean.tuple_out)
@@ -102,7 +134,8 @@ def test_restart_from_the_clean_residual_reproduces_the_model(tiny_gemma3: Path)
         restart.verify(batch, clean, layer)
         assert restart.mode == "skip"
         got = restart(batch.ids_BT, layer, clean.resid[layer])
-        torch.testing.assert_close(got[batch.text_BT], clean.final_BTD[batch.text_BT], rtol=1e-5, atol=1e-5)
+        # the same operations on the same values as the clean forward (see evaluate.lm.RESTART_ROUNDINGS)
+        torch.testing.assert_close(got[batch.text_BT], clean.final_BTD[batch.text_BT], rtol=0, atol=0)
     # The stubs are gone afterwards: a normal forward still works and matches.
     again = clean_pass(model, batch, [2])
     torch.testing.assert_close(again.final_BTD, clean.final_BTD)

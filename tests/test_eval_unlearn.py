@@ -21,6 +21,11 @@ from train.sae import SAE
 
 LAYER = 1
 N_DEAD = 4000
+#: Known forget tokens whose correctness may differ from the reference hook's. float32: none (measured: none).
+#: bfloat16: the hook adds the clamp's change to h in bfloat16 where csae forms err + decode(f') in float32
+#: and rounds once, so a residual can differ by one bfloat16 ulp, which flips a prediction only where the top
+#: two logits lie within that rounding of each other: 2 of the ~100 known tokens (measured here: none).
+FLIPS = {"float32": 0, "bfloat16": 2}
 
 
 def _docs(corpus: Path, topic: str | None = None) -> list[Any]:
@@ -67,8 +72,10 @@ def planted_sae(model: Any, tok: Any, corpus: Path) -> tuple[SAE, int]:
     return sae, 2 * d
 
 
-def test_planted_topic_feature_is_selected_and_scores(tiny_gemma3: Path, topic_corpus: Path) -> None:  # noqa: F811
-    model = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=torch.float32).eval().requires_grad_(False)
+def test_planted_topic_feature_is_selected_and_scores(tiny_gemma3: Path, topic_corpus: Path,  # noqa: F811
+                                                      dtype: str) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=getattr(torch, dtype)).eval()
+    model.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(tiny_gemma3)
     sae, planted = planted_sae(model, tok, topic_corpus)
     ckpt = LayerCheckpoint("planted", LAYER, Path("."), sae, None, {})
@@ -114,4 +121,4 @@ def test_planted_topic_feature_is_selected_and_scores(tiny_gemma3: Path, topic_c
         known += int(clean.sum())
         kept += int((clean & after).sum())
     assert known == m["unlearn_forget_known"]
-    assert point["A_forget"] == pytest.approx(kept / known, abs=1e-9)
+    assert point["A_forget"] == pytest.approx(kept / known, abs=FLIPS[dtype] / known)

@@ -26,7 +26,7 @@ def dvc(cwd: Path, *args: str) -> str:
 
 
 def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path, tiny_gemma2: Path,
-                                                                  tiny_corpus: Path) -> None:
+                                                                  tiny_corpus: Path, dtype: str) -> None:
     work = tmp_path / "project"
     work.mkdir()
     for name in ("harvest", "train", "evaluate", "shared"):
@@ -35,10 +35,11 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     # The real params.yaml with the sizes shrunk: same sections and keys, so the wiring is what runs.
     params["harvest"].update(model=str(tiny_gemma2), dataset=str(tiny_corpus), layers=[5, 19], tokens=2000,
-                             context=32, chunk_rows=64, dtype="float32")
-    params["train"].update(tokens=2048, batch_size=128, expansion=2, resample_every=4, checkpoint_every=8)
+                             context=32, chunk_rows=64, dtype=dtype)
+    params["train"].update(tokens=2048, batch_size=128, expansion=2, resample_every=4, checkpoint_every=8,
+                           dtype=dtype)
     params["evaluate"] = {"ce_tokens": 64, "select_tokens": 128, "unlearn_tokens": 32, "recon_tokens": 256,
-                          "forget_topic": "Arts", "retain_topics": ["History", "Geography"]}
+                          "forget_topic": "Arts", "retain_topics": ["History", "Geography"], "dtype": dtype}
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     dvc(work, "init", "--no-scm", "-q")
 
@@ -48,7 +49,9 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     baseline = json.loads((work / "checkpoints" / "baseline" / "layer_5" / "train_config.json").read_text())
     assert baseline["alpha"] == 0.0 and baseline["beta"] == 0.0
     csae = json.loads((work / "checkpoints" / "csae" / "layer_5" / "train_config.json").read_text())
-    assert csae["alpha"] > 0 and csae["tokens"] == 2048
+    assert csae["alpha"] > 0 and csae["tokens"] == 2048 and csae["dtype"] == dtype
+    evaluated = json.loads((work / "eval" / "eval_config.json").read_text())
+    assert evaluated["config"]["dtype"] == dtype
     assert sorted(p.name for p in (work / "eval" / "plots" / "training").iterdir()) == [
         "baseline_layer_19.csv", "baseline_layer_5.csv", "csae_layer_19.csv", "csae_layer_5.csv"]
     assert len(list((work / "eval" / "plots" / "unlearning").iterdir())) == 4

@@ -35,13 +35,13 @@ def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(store_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(store_path: Path, tmp_path_factory: pytest.TempPathFactory, dtype: str) -> Path:
     out = tmp_path_factory.mktemp("ck")
-    fit(resolve(TrainConfig(**SMALL)), store_path, out, layers=[0], progress=False)
+    fit(resolve(TrainConfig(**SMALL, dtype=dtype)), store_path, out, layers=[0], progress=False)
     return out
 
 
-def test_fit_learns_and_writes_the_contract(store_path: Path, trained: Path) -> None:
+def test_fit_learns_and_writes_the_contract(store_path: Path, trained: Path, dtype: str) -> None:
     d = trained / "layer_0"
     for name in ("cfg.json", "sae_weights.safetensors", "head.safetensors", "train_config.json", "metrics.csv",
                  "state.pt"):
@@ -57,7 +57,7 @@ def test_fit_learns_and_writes_the_contract(store_path: Path, trained: Path) -> 
     assert log[-1]["info_nce"] < log[0]["info_nce"]
 
     sae, head, info = load_layer(d)
-    assert info["heldout_fraction"] == 0.1 and info["layer"] == 0 and info["complete"]
+    assert info["heldout_fraction"] == 0.1 and info["layer"] == 0 and info["complete"] and info["dtype"] == dtype
     store = ActivationStore.open(store_path)
     start = store.heldout_start(info["heldout_fraction"])
     assert info["train_rows"] == start < store.n_rows
@@ -70,7 +70,7 @@ def test_fit_learns_and_writes_the_contract(store_path: Path, trained: Path) -> 
 
     # folding: raw-unit SAE and head equal the scaled-unit ones from the training state
     state = torch.load(d / "state.pt", weights_only=False)
-    cfg = resolve(TrainConfig(**SMALL))
+    cfg = resolve(TrainConfig(**SMALL, dtype=dtype))
     scaled = CSAETrainer(cfg, 32, Runtime(torch.device("cpu"), None))
     scaled.load_state_dict(state)
     s = info["scale"]
@@ -81,8 +81,8 @@ def test_fit_learns_and_writes_the_contract(store_path: Path, trained: Path) -> 
     assert isinstance(head, ContrastiveHead)
 
 
-def test_resume_equals_uninterrupted(store_path: Path, trained: Path, tmp_path: Path) -> None:
-    cfg = resolve(TrainConfig(**SMALL))
+def test_resume_equals_uninterrupted(store_path: Path, trained: Path, tmp_path: Path, dtype: str) -> None:
+    cfg = resolve(TrainConfig(**SMALL, dtype=dtype))
     out = tmp_path / "ck"
     fit(cfg, store_path, out, layers=[0], progress=False, stop_at=130)  # "crashes" after step 129
     d = out / "layer_0"
@@ -228,8 +228,9 @@ def test_nan_activations_stop_with_step_and_layer(tmp_path: Path) -> None:
     assert not (ck / "layer_3" / "state.pt").exists() and not (ck / "layer_3" / "sae_weights.safetensors").exists()
 
 
-def test_augment_positives_and_paper_preset_warning(store_path: Path, tmp_path: Path) -> None:
-    cfg = resolve(TrainConfig(positives="augment", tokens=128 * 20, batch_size=128, expansion=2, warmup_steps=2))
+def test_augment_positives_and_paper_preset_warning(store_path: Path, tmp_path: Path, dtype: str) -> None:
+    cfg = resolve(TrainConfig(positives="augment", tokens=128 * 20, batch_size=128, expansion=2, warmup_steps=2,
+                              dtype=dtype))
     last = fit(cfg, store_path, tmp_path / "aug", layers=[1], progress=False)[1]
     assert 0 < last["info_nce"] < 10 and last["diversity"] > 0
     code, out = run("--store", str(store_path), "--layers", "0", "--out", str(tmp_path / "paper"), "--preset",
