@@ -20,18 +20,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harvest.run import harvest, resolve_layers
-from harvest.sequences import DocTable, iter_batches, iter_sequences
-from shared import corpora
-from shared.cli import cache_dir
-from shared.config.harvest import HarvestConfig
-from shared.models import load_model, resolve_dtype
-from shared.residual import resid_post
+from csae.harvest.batches import iter_batches
+from csae.harvest.run import harvest, resolve_layers
+from csae.shared import corpora
+from csae.shared.cli import cache_dir
+from csae.shared.config.harvest import HarvestConfig
+from csae.shared.models import load_model, resolve_dtype
+from csae.shared.residual import resid_post
+from csae.shared.sequences import DocTable, iter_sequences
 
 
 def bare(cfg: HarvestConfig, lm: object) -> float:
     """tokens/s of the truncated forward alone over the batches harvest would run."""
-    seqs = iter_sequences(corpora.iter_documents(cfg.dataset, cfg.split, cfg.heldout_fraction), lm.tokenizer,
+    seqs = iter_sequences(corpora.iter_documents(cfg.dataset, cfg.split, cfg.heldout_doc_fraction), lm.tokenizer,
                           cfg.context, DocTable())
     batches, rows = [], 0
     for batch in iter_batches(seqs, cfg.batch_size, cfg.sort_window, lm.tokenizer.pad_token_id):

@@ -11,19 +11,15 @@ at the first d.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Run as `python bench/loader.py`, this file's folder would come first on sys.path (see bench/train.py).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from shared.config.train import TrainConfig  # noqa: E402
-from shared.schema import ActivationStore, make_test_store  # noqa: E402
-from train.checkpoint import read_metrics  # noqa: E402
-from train.loader import ChunkLoader  # noqa: E402
-from train.run import fit, resolve  # noqa: E402
+from csae.shared.checkpoint import read_metrics
+from csae.shared.config.train import TrainConfig
+from csae.shared.schema import ActivationStore, make_test_store
+from csae.train.loader import ChunkLoader
+from csae.train.run import fit, resolve
 
 BATCH = 512
 

@@ -16,22 +16,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Run as `python bench/train.py`, this file's folder comes first on sys.path and its name would shadow
-# the `train` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-from shared.config.train import TrainConfig  # noqa: E402
-from shared.models import resolve_dtype  # noqa: E402
-from shared.schema import ActivationStore, make_test_store  # noqa: E402
-from train.checkpoint import read_metrics  # noqa: E402
-from train.run import fit, resolve  # noqa: E402
+from csae.shared.checkpoint import read_metrics
+from csae.shared.config.train import TrainConfig
+from csae.shared.models import resolve_dtype
+from csae.shared.schema import ActivationStore, make_test_store
+from csae.train.run import fit, resolve
 
 BATCH = 512
 SKIP = 5  # warm-up steps left out of every timing

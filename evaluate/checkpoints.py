@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,11 +9,11 @@ from typing import Any
 
 import torch
 
-from shared.errors import UserError
-from shared.schema import ActivationStore
-from train.checkpoint import TRAIN_CONFIG_FILE, load_layer
-from train.head import HEAD_FILE
-from train.sae import SAE, WEIGHTS_FILE
+from csae.shared.checkpoint import LayerInfo
+from csae.shared.errors import UserError
+from csae.shared.head import HEAD_FILE, ContrastiveHead
+from csae.shared.sae import SAE, WEIGHTS_FILE
+from csae.shared.schema import ActivationStore
 
 _LAYER_DIR = re.compile(r"layer_(\d+)$")
 #: Identity fields that must agree between the checkpoint's store and the evaluated store.
@@ -30,7 +29,7 @@ class LayerCheckpoint:
     sae: SAE
     head: torch.nn.Module | None
     """The contrastive head, or None when the directory has none."""
-    info: dict[str, Any]
+    info: LayerInfo
     """train_config.json: the training config plus store, layer, scale."""
 
     @property
@@ -65,52 +64,37 @@ def _model_mismatch(want: dict[str, Any], got: dict[str, Any]) -> str | None:
     return None
 
 
-def check_model(info: dict[str, Any], store: ActivationStore, store_path: Path, where: Path) -> None:
+def check_model(info: LayerInfo, store: ActivationStore, store_path: str, where: Path) -> None:
     """The checkpoint must come from activations of the store's model (identity recorded by harvest)."""
     want = store.attrs.get("model") or {}
-    theirs = info.get("model")
-    if theirs is None and info.get("store"):
-        trained_on = Path(info["store"])
-        if trained_on.exists() and trained_on.resolve() != Path(store_path).resolve():
-            try:
-                theirs = ActivationStore.open(trained_on, require_complete=False).attrs.get("model")
-            except UserError:
-                theirs = None
-    if isinstance(theirs, str):
-        theirs = {"name": theirs}
-    if isinstance(theirs, dict):
-        diff = _model_mismatch(want, theirs)
-        if diff:
-            raise UserError(f"{where} was trained on activations of model {theirs.get('name')!r}, but store "
-                            f"{store_path} holds model {want.get('name')!r} ({diff}); evaluate it on a store of "
-                            f"its own model")
+    theirs = info.model
+    if not theirs and info.store and info.store != str(store_path):  # only the store was recorded: ask it
+        try:
+            theirs = ActivationStore.open(info.store, require_complete=False).attrs.get("model") or {}
+        except UserError:
+            theirs = {}
+    diff = _model_mismatch(want, theirs)
+    if diff:
+        raise UserError(f"{where} was trained on activations of model {theirs.get('name')!r}, but store "
+                        f"{store_path} holds model {want.get('name')!r} ({diff}); evaluate it on a store of "
+                        f"its own model")
 
 
-def load_run(directory: Path, store: ActivationStore, store_path: Path) -> list[LayerCheckpoint]:
-    """Every trained layer of a run, checked against the store (layer, d_in, model, held-out fraction)."""
+def load_run(directory: Path, store: ActivationStore, store_path: str) -> list[LayerCheckpoint]:
+    """Every trained layer of a run, checked against the store (layer, d_in, model)."""
     out = []
     name = run_name(directory)
     for layer, path in layer_dirs(directory):
-        if not (path / TRAIN_CONFIG_FILE).exists():
-            raise UserError(f"{path} has no {TRAIN_CONFIG_FILE}: its training did not finish; resume it with "
-                            f"`train fit --resume`")
-        if (path / HEAD_FILE).exists():
-            sae, head, info = load_layer(path)
-        else:
-            sae, head, info = SAE.load(path), None, json.loads((path / TRAIN_CONFIG_FILE).read_text())
-        sae.eval().requires_grad_(False)
-        if head is not None:
-            head.eval().requires_grad_(False)
+        info = LayerInfo.read(path)
+        sae = SAE.load(path).eval().requires_grad_(False)
+        head = ContrastiveHead.load(path).eval().requires_grad_(False) if (path / HEAD_FILE).exists() else None
         if layer not in store.layers:
             raise UserError(f"{path} is an SAE for layer {layer}, but store {store_path} has layers {store.layers}")
         if sae.d_in != store.d_model:
             raise UserError(f"{path} takes inputs of width d_in={sae.d_in}, but store {store_path} has "
                             f"d_model={store.d_model}: the checkpoint is for another model")
-        if info.get("layer") is not None and int(info["layer"]) != layer:
-            raise UserError(f"{path} says it was trained on layer {info['layer']}, not {layer}")
-        if "heldout_fraction" not in info:
-            raise UserError(f"{path}/{TRAIN_CONFIG_FILE} has no heldout_fraction, so the held-out rows are "
-                            f"unknown; re-train with the current `train fit`")
+        if info.layer != layer:
+            raise UserError(f"{path} says it was trained on layer {info.layer}, not {layer}")
         check_model(info, store, store_path, path)
         out.append(LayerCheckpoint(name, layer, path, sae, head, info))
     return out

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from shared.cli import Group, cache_dir, params_option
-from shared.config.base import click_options, from_dict, given, load_params
-from shared.config.evaluate import EvalConfig
+from csae.shared.cli import Group, cache_dir, params_option, store_option
+from csae.shared.config.base import click_options, from_dict, given, load_params
+from csae.shared.config.evaluate import EvalConfig
 
 
 @click.group(cls=Group)
@@ -18,8 +18,7 @@ def main() -> None:
 
 @main.command()
 @click_options(EvalConfig)
-@click.option("--store", type=click.Path(path_type=Path), default=Path("acts.zarr"), show_default=True,
-              help="The activation store the checkpoints were trained on (its held-out tail is evaluated).")
+@store_option("The activation store the checkpoints were trained on (its held-out tail is evaluated).")
 @click.option("--checkpoints", "checkpoints", type=click.Path(path_type=Path), multiple=True,
               help="A `train fit --out` directory (layer_<L>/ inside). Repeat to compare runs side by side; each "
                    "run is named by its directory name.  [default: checkpoints]")
@@ -28,10 +27,10 @@ def main() -> None:
                    "report.md.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @params_option("evaluate")
-def run(store: Path, checkpoints: tuple[Path, ...], out: Path, no_progress: bool, params: str | None,
+def run(store: str, checkpoints: tuple[Path, ...], out: Path, no_progress: bool, params: str | None,
         **options: object) -> None:
     """Evaluate every trained layer of each checkpoint directory and write metrics, plots and a report."""
-    from evaluate.run import evaluate
+    from csae.evaluate.run import evaluate
 
     cfg = from_dict(EvalConfig, {**(load_params(params, "evaluate") if params else {}),
                                  **given(EvalConfig, options)})

@@ -3,7 +3,7 @@
 DVC renders every file of a plots directory, so each kind of curve gets a directory of CSVs only:
 
     <out>/plots/training/<run>_layer_<L>.csv     step, loss terms, fvu, l0, dead_frac, lr (from training)
-    <out>/plots/unlearning/<run>_layer_<L>.csv   one row per sweep point: kind, tau, n, c, A_forget, A_retain
+    <out>/plots/unlearning/<run>_layer_<L>.csv   a row per sweep point: kind, retain_threshold, n, c, A, dCE
     <out>/training_layer_<L>.png                 loss and FVU against step, runs overlaid
 """
 
@@ -14,12 +14,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from evaluate.checkpoints import LayerCheckpoint
-from evaluate.report import save_figure
-from train.checkpoint import read_metrics
+from csae.evaluate.checkpoints import LayerCheckpoint
+from csae.evaluate.report import save_figure
+from csae.shared.checkpoint import read_metrics
 
-TRAINING_COLUMNS = ("step", "loss", "mse", "l1", "info_nce", "diversity", "fvu", "l0", "dead_frac", "lr")
-SWEEP_COLUMNS = ("kind", "tau", "n", "c", "A_forget", "A_retain", "dCE_forget", "dCE_retain")
+TRAINING_COLUMNS = ("step", "loss", "recon_loss", "l1", "info_nce", "diversity", "fvu", "l0", "dead_frac", "lr")
+SWEEP_COLUMNS = ("kind", "retain_threshold", "n", "c", "A_forget", "A_retain", "dCE_forget", "dCE_retain")
 
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:

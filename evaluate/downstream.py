@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from evaluate.lm import Restart, check_head, clean_pass, token_stats
-from evaluate.reconstruction import ce_score, kl_score
-from evaluate.text import TextBatch
+from csae.evaluate.lm import Restart, check_head, clean_pass, token_stats
+from csae.evaluate.reconstruction import ce_score, kl_score
+from csae.evaluate.text import TextBatch
 
 #: (residual (B, T, D) float32, text mask (B, T)) -> the residual to splice in.
 Splice = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -13,17 +13,19 @@ Shape suffixes: B sequences, T positions, D model width, N selected positions, V
 
 from __future__ import annotations
 
-import warnings
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from evaluate.text import TextBatch
-from shared.models import base_model, blocks
-from shared.numerics import relative_error, rounding_tolerance
-from shared.residual import block_output
+from csae.evaluate.text import TextBatch
+from csae.shared.models import base_model, blocks
+from csae.shared.numerics import relative_error, rounding_tolerance
+from csae.shared.residual import block_output
+
+log = logging.getLogger(__name__)
 
 #: Roundings by which the restarted forward may differ from the clean one. It runs the same operations on
 #: the same values (the stubs hand back exactly the clean residual), so it agrees to the last bit on CPU;
@@ -136,9 +138,8 @@ class Restart:
         err = relative_error(got[mask], clean.final_BTD[mask])
         tolerance = rounding_tolerance(next(self.model.parameters()).dtype, RESTART_ROUNDINGS)
         if not err <= tolerance:
-            warnings.warn(f"restarting the forward at block {layer} does not reproduce the clean model "
-                          f"(relative error {err:.2g}, tolerance {tolerance:.2g}); using full forwards instead "
-                          f"(slower)", stacklevel=2)
+            log.warning("restarting the forward at block %d does not reproduce the clean model (relative error "
+                        "%.2g, tolerance %.2g); using full forwards instead (slower)", layer, err, tolerance)
             self.mode = "hook"
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from evaluate.checkpoints import LayerCheckpoint
-from evaluate.downstream import downstream_losses, downstream_metrics, sae_splice, zero_splice
-from evaluate.lm import Restart, clean_pass
-from evaluate.text import TextBatch, alternate, batches, build_sequences, round_robin
-from evaluate.unlearn import (
+from csae.evaluate.checkpoints import LayerCheckpoint
+from csae.evaluate.downstream import downstream_losses, downstream_metrics, sae_splice, zero_splice
+from csae.evaluate.lm import Restart, clean_pass
+from csae.evaluate.text import TextBatch, alternate, batches, build_sequences, round_robin
+from csae.evaluate.unlearn import (
     EvalText,
     random_features,
     select_features,
@@ -24,15 +24,17 @@ from evaluate.unlearn import (
     unlearning_score,
     zero_intervention,
 )
-from shared import corpora
-from shared.config.evaluate import EvalConfig
-from shared.models import LoadedModel
+from csae.shared import corpora
+from csae.shared.config.evaluate import EvalConfig
+from csae.shared.models import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TextSource:
     dataset: str
-    heldout_fraction: float
+    heldout_doc_fraction: float
     context: int
 
 
@@ -47,10 +49,10 @@ def _batches(lm: LoadedModel, docs: Any, src: TextSource, budget: int, cfg: Eval
 def ce_metrics(lm: LoadedModel, ckpts: list[LayerCheckpoint], src: TextSource, cfg: EvalConfig,
                progress: bool) -> dict[str, dict[str, Any]]:
     """{checkpoint key: CE/KL metrics} on cfg.ce_tokens predictions of held-out corpus text."""
-    docs = corpora.iter_documents(src.dataset, "heldout", src.heldout_fraction)
+    docs = corpora.iter_documents(src.dataset, "heldout", src.heldout_doc_fraction)
     text = _batches(lm, docs, src, cfg.ce_tokens, cfg)
     if not text:
-        warnings.warn(f"corpus {src.dataset!r} has no held-out text; downstream CE/KL skipped", stacklevel=2)
+        log.warning("corpus %r has no held-out text; downstream CE/KL skipped", src.dataset)
         return {}
     layers = sorted({c.layer for c in ckpts})
     interventions: dict[Any, Any] = {("zero", layer): (layer, zero_splice) for layer in layers}
@@ -61,13 +63,13 @@ def ce_metrics(lm: LoadedModel, ckpts: list[LayerCheckpoint], src: TextSource, c
 
 def _topic_docs(src: TextSource, cfg: EvalConfig) -> tuple[list[Any], list[list[Any]]] | None:
     by_topic: dict[str, list[Any]] = defaultdict(list)
-    for doc in corpora.iter_documents(src.dataset, "heldout", src.heldout_fraction):
+    for doc in corpora.iter_documents(src.dataset, "heldout", src.heldout_doc_fraction):
         by_topic[doc.topic].append(doc)
     retain = [by_topic[t] for t in cfg.retain_topics if by_topic.get(t)]
     if not by_topic.get(cfg.forget_topic) or not retain:
-        warnings.warn(f"unlearning skipped: the held-out split of {src.dataset!r} has no documents of the forget "
+        log.warning(f"unlearning skipped: the held-out split of {src.dataset!r} has no documents of the forget "
                       f"topic {cfg.forget_topic!r} or of the retain topics {list(cfg.retain_topics)} (its topics: "
-                      f"{sorted(t for t in by_topic if t)}); set --forget-topic/--retain-topics", stacklevel=2)
+                      f"{sorted(t for t in by_topic if t)}); set --forget-topic/--retain-topics")
         return None
     return by_topic[cfg.forget_topic], retain
 
@@ -97,13 +99,13 @@ def unlearning_metrics(lm: LoadedModel, ckpts: list[LayerCheckpoint], src: TextS
     forget = EvalText(lm.model, _batches(lm, forget_eval, src, cfg.unlearn_tokens, cfg), layers, cfg.logit_chunk)
     retain = EvalText(lm.model, _batches(lm, retain_eval, src, cfg.unlearn_tokens, cfg), layers, cfg.logit_chunk)
     if not forget.items or not retain.items or not len(sel_f[layers[0]]) or not len(sel_r[layers[0]]):
-        warnings.warn("unlearning skipped: too little forget or retain text", stacklevel=2)
+        log.warning("unlearning skipped: too little forget or retain text")
         return {}, {}
     restart = _verified_restart(lm, forget.items[0].batch, layers)
 
     zero = {layer: (forget.evaluate(restart, layer, zero_intervention)[1],
                     retain.evaluate(restart, layer, zero_intervention)[1]) for layer in layers}
-    n_points = len(cfg.taus) * len(cfg.ns) * len(cfg.cs) * (2 if cfg.random_control else 1) * len(ckpts)
+    n_points = len(cfg.retain_thresholds) * len(cfg.ns) * len(cfg.cs) * (2 if cfg.random_control else 1) * len(ckpts)
     bar = tqdm(total=n_points, desc="unlearning sweep", unit="pt", disable=not progress)
     metrics, points = {}, {}
     for ckpt in ckpts:
@@ -115,7 +117,7 @@ def unlearning_metrics(lm: LoadedModel, ckpts: list[LayerCheckpoint], src: TextS
             return (unlearning_score(pts, cfg.retain_accuracy),
                     unlearning_ce_score(pts, fg, rg, cfg.retain_ce_tolerance))
 
-        main = sweep(ckpt.sae, sel, forget, retain, restart, ckpt.layer, cfg.taus, cfg.ns, cfg.cs,
+        main = sweep(ckpt.sae, sel, forget, retain, restart, ckpt.layer, cfg.retain_thresholds, cfg.ns, cfg.cs,
                      lambda tau, n, sel=sel: select_features(sel.nu_forget_F, sel.nu_retain_F, tau, n), bar)
         u, u_ce = score(main)
         m: dict[str, Any] = {"unlearn_U": u, "unlearn_U_CE": u_ce, "unlearn_forget_known": forget.n_known,
@@ -129,7 +131,7 @@ def unlearning_metrics(lm: LoadedModel, ckpts: list[LayerCheckpoint], src: TextS
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + layer * 7919 + n * 31 + round(tau * 1e6))
                 return random_features(sel.nu_retain_F, tau, n, gen)
 
-            rand = sweep(ckpt.sae, sel, forget, retain, restart, ckpt.layer, cfg.taus, cfg.ns, cfg.cs,
+            rand = sweep(ckpt.sae, sel, forget, retain, restart, ckpt.layer, cfg.retain_thresholds, cfg.ns, cfg.cs,
                          choose_random, bar)
             u_r, u_ce_r = score(rand)
             m.update({"unlearn_U_random": u_r, "unlearn_U_minus_random": u - u_r, "unlearn_U_CE_random": u_ce_r,

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.config.evaluate import EvalConfig
+from csae.shared.config.evaluate import EvalConfig
 
 #: (metric key, column title, format) of the report's main table.
 COLUMNS = [
@@ -114,7 +114,7 @@ def write_report(path: Path, metrics: dict[str, dict[str, Any]], cfg: EvalConfig
               f"{first.get('unlearn_forget_predictions', '-')} forget and "
               f"{first.get('unlearn_retain_predictions', '-')} retain predictions for the sweep "
               f"({first.get('unlearn_forget_known', '-')} / {first.get('unlearn_retain_known', '-')} known tokens); "
-              f"{len(cfg.taus) * len(cfg.ns) * len(cfg.cs)} sweep points"
+              f"{len(cfg.retain_thresholds) * len(cfg.ns) * len(cfg.cs)} sweep points"
               f"{' plus as many for the random control' if cfg.random_control else ''}", ""]
     if timings:
         lines += ["## Time", "", ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()), ""]

@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from evaluate.checkpoints import LayerCheckpoint, load_run
-from evaluate.curves import write_curves
-from evaluate.lm_metrics import TextSource, ce_metrics, unlearning_metrics
-from evaluate.report import write_plots, write_report
-from evaluate.store_metrics import store_metrics
-from shared.config.base import to_dict
-from shared.config.evaluate import EvalConfig
-from shared.errors import UserError
-from shared.models import LoadedModel, load_model, resolve_dtype
-from shared.schema import ActivationStore
+from csae.evaluate.checkpoints import LayerCheckpoint, load_run
+from csae.evaluate.curves import write_curves
+from csae.evaluate.lm_metrics import TextSource, ce_metrics, unlearning_metrics
+from csae.evaluate.report import write_plots, write_report
+from csae.evaluate.store_metrics import store_metrics
+from csae.shared.config.base import to_dict
+from csae.shared.config.evaluate import EvalConfig
+from csae.shared.errors import UserError
+from csae.shared.models import LoadedModel, load_model, resolve_dtype
+from csae.shared.schema import ActivationStore
 
 #: What `dvc metrics show` prints (metrics_all.json and report.md have everything).
 HEADLINE = ("explained_variance", "ce_score", "kl_score", "l0", "dead_fraction", "dec_mean_abs_cos", "heldout_infonce",
@@ -39,7 +39,7 @@ HEADLINE = ("explained_variance", "ce_score", "kl_score", "l0", "dead_fraction",
             "unlearn_U_CE_minus_random")
 
 
-def load_checkpoints(store: ActivationStore, store_path: Path, dirs: list[Path]) -> list[LayerCheckpoint]:
+def load_checkpoints(store: ActivationStore, store_path: str | Path, dirs: list[Path]) -> list[LayerCheckpoint]:
     ckpts: list[LayerCheckpoint] = []
     for directory in dirs:
         ckpts += load_run(Path(directory), store, store_path)
@@ -52,21 +52,17 @@ def load_checkpoints(store: ActivationStore, store_path: Path, dirs: list[Path])
 
 
 def text_source(store: ActivationStore, cfg: EvalConfig) -> TextSource:
-    hcfg = store.attrs.get("config") or {}
-    dataset = cfg.dataset or hcfg.get("dataset")
-    if not dataset:
-        raise UserError("the store does not record its corpus; pass --dataset (or --ce-tokens 0 --unlearn-tokens 0)")
-    return TextSource(dataset=dataset, heldout_fraction=float(hcfg.get("heldout_fraction", 0.1)),
-                      context=int(hcfg.get("context") or store.attrs.get("context") or 128))
+    """Held-out text of the store's corpus (or --dataset), cut with the store's context length."""
+    hcfg = store.harvest_config
+    return TextSource(dataset=cfg.dataset or hcfg.dataset, heldout_doc_fraction=hcfg.heldout_doc_fraction,
+                      context=hcfg.context)
 
 
 def load_lm(store: ActivationStore, cfg: EvalConfig, cache_dir: Path) -> LoadedModel:
-    hcfg = store.attrs.get("config") or {}
-    name = cfg.model or hcfg.get("model")
-    if not name:
-        raise UserError("the store does not record its model; pass --model (or --ce-tokens 0 --unlearn-tokens 0)")
+    hcfg = store.harvest_config
+    name = cfg.model or hcfg.model
     lm = load_model(name, cache_dir=cache_dir, dtype=resolve_dtype(cfg.dtype, cfg.device), device=cfg.device,
-                    revision=None if cfg.model else hcfg.get("revision"))
+                    revision=None if cfg.model else hcfg.revision)
     if lm.d_model != store.d_model:
         raise UserError(f"model {name!r} has width {lm.d_model}, but the store's activations have {store.d_model}: "
                         f"pass the model the store was harvested with (--model)")
@@ -87,7 +83,7 @@ def finite(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def evaluate(cfg: EvalConfig, store_path: Path, checkpoint_dirs: list[Path], out: Path, *, cache_dir: Path,
+def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path], out: Path, *, cache_dir: Path,
              progress: bool = True, lm: LoadedModel | None = None) -> dict[str, dict[str, Any]]:
     """Compute all metrics and write the output directory; returns the metrics."""
     cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, cfg.device))  # recorded as resolved in eval_config.json

@@ -9,25 +9,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluate.checkpoints import LayerCheckpoint
-from evaluate.contrastive import context_pairs, info_nce, mean_over_batches
-from evaluate.features import FeatureStats, decoder_geometry, topic_purity
-from evaluate.reconstruction import reconstruction_metrics
-from shared.config.evaluate import EvalConfig
-from shared.errors import UserError
-from shared.schema import ActivationStore
-
-DEFAULT_TEMPERATURE = 0.1
+from csae.evaluate.checkpoints import LayerCheckpoint
+from csae.evaluate.contrastive import context_pairs, info_nce, mean_over_batches
+from csae.evaluate.features import FeatureStats, decoder_geometry, topic_purity
+from csae.evaluate.reconstruction import reconstruction_metrics
+from csae.shared.config.evaluate import EvalConfig
+from csae.shared.errors import UserError
+from csae.shared.schema import ActivationStore
 
 
 def heldout_rows(store: ActivationStore, ckpt: LayerCheckpoint, limit: int) -> tuple[int, int]:
     """[start, stop): the first `limit` rows (0: all) of the tail the checkpoint's training never read."""
-    fraction = float(ckpt.info["heldout_fraction"])
+    fraction = ckpt.info.config.heldout_tail_fraction
     start = store.heldout_start(fraction)
     if start >= store.n_rows:
-        raise UserError(f"{ckpt.path} was trained with heldout_fraction={fraction}, which leaves no held-out rows "
+        raise UserError(f"{ckpt.path} was trained with heldout_tail_fraction={fraction}, which leaves no held-out rows "
                         f"in a store of {store.n_rows} rows ({store.chunk_rows} per chunk); re-train with a larger "
-                        f"heldout_fraction or harvest more tokens")
+                        f"heldout_tail_fraction or harvest more tokens")
     return start, store.n_rows if limit == 0 else min(store.n_rows, start + limit)
 
 
@@ -78,7 +76,7 @@ def store_metrics(store: ActivationStore, ckpt: LayerCheckpoint, cfg: EvalConfig
 def contrastive_metrics(store: ActivationStore, ckpt: LayerCheckpoint, x_ND: torch.Tensor, start: int, stop: int,
                         cfg: EvalConfig) -> dict[str, float]:
     """Held-out InfoNCE of the head over full batches of context pairs of the evaluated rows."""
-    temperature = cfg.temperature or float(ckpt.info.get("tau") or DEFAULT_TEMPERATURE)
+    temperature = cfg.temperature or ckpt.info.config.temperature
     rng = np.random.default_rng(cfg.seed)
     anchors, positives = context_pairs(store.tokens("seq")[start:stop], rng)
     b = cfg.contrastive_batch

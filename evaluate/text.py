@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import torch
 
-from harvest.sequences import DocTable, iter_sequences
-from shared.corpora import Document
+from csae.shared.corpora import Document
+from csae.shared.sequences import DocTable, iter_sequences
 
 
 @dataclass(frozen=True)

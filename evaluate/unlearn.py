@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from evaluate.lm import Restart, clean_pass, token_stats
-from evaluate.text import TextBatch
+from csae.evaluate.lm import Restart, clean_pass, token_stats
+from csae.evaluate.text import TextBatch
 
 #: x (N, D) at text positions -> (intervened x (N, D), changed (N,) bool)
 Intervention = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -159,14 +159,14 @@ def zero_intervention(x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sweep(sae: Any, sel: Selection, forget: EvalText, retain: EvalText, restart: Restart, layer: int,
-          taus: tuple[float, ...], ns: tuple[int, ...], cs: tuple[float, ...],
+          thresholds: tuple[float, ...], ns: tuple[int, ...], cs: tuple[float, ...],
           choose: Callable[[float, int], torch.Tensor], progress: Any = None) -> list[dict[str, Any]]:
-    """One point per (tau, n, c): the features `choose(tau, n)` clamped with multiplier c; A and CE on
+    """One point per (threshold, n, c): the features `choose(threshold, n)` clamped with multiplier c; A and CE on
     forget and retain text. Identical (features, c) pairs are evaluated once."""
     cache: dict[tuple[tuple[int, ...], float], tuple[float, float, float, float]] = {}
     points = []
-    for tau, n in itertools.product(taus, ns):
-        feats = choose(tau, n)
+    for threshold, n in itertools.product(thresholds, ns):
+        feats = choose(threshold, n)
         for c in cs:
             key = (tuple(int(j) for j in feats), float(c))
             if key not in cache:
@@ -180,8 +180,9 @@ def sweep(sae: Any, sel: Selection, forget: EvalText, retain: EvalText, restart:
                 a_r, ce_r = retain.evaluate(restart, layer, clamp)
                 cache[key] = (a_f, a_r, ce_f, ce_r)
             a_f, a_r, ce_f, ce_r = cache[key]
-            points.append({"tau": tau, "n": n, "c": c, "features": [int(j) for j in feats], "A_forget": a_f,
-                           "A_retain": a_r, "dCE_forget": ce_f - forget.ce_clean, "dCE_retain": ce_r - retain.ce_clean})
+            points.append({"retain_threshold": threshold, "n": n, "c": c, "features": [int(j) for j in feats],
+                           "A_forget": a_f, "A_retain": a_r, "dCE_forget": ce_f - forget.ce_clean,
+                           "dCE_retain": ce_r - retain.ce_clean})
             if progress is not None:
                 progress.update(1)
     return points

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
-from shared import schema
-from shared.cli import Group, cache_dir, params_option
-from shared.config.base import click_options, from_dict, given, load_params
-from shared.config.harvest import HarvestConfig
+from csae.shared import schema
+from csae.shared.cli import Group, cache_dir, params_option, store_option
+from csae.shared.config.base import click_options, from_dict, given, load_params
+from csae.shared.config.harvest import HarvestConfig
 
 
 @click.group(cls=Group)
@@ -20,16 +19,15 @@ def main() -> None:
 
 @main.command()
 @click_options(HarvestConfig)
-@click.option("--store", type=click.Path(path_type=Path), default=Path("acts.zarr"), show_default=True,
-              help="Output Zarr store. Re-running the same command resumes an interrupted harvest.")
+@store_option("Output Zarr store. Re-running the same command resumes an interrupted harvest.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing store made with other settings (one made with the same settings is resumed "
                    "or kept).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @params_option("harvest")
-def run(store: Path, overwrite: bool, no_progress: bool, params: str | None, **options: object) -> None:
+def run(store: str, overwrite: bool, no_progress: bool, params: str | None, **options: object) -> None:
     """Harvest residual-stream activations (layer L = output of block L, 0-based)."""
-    from harvest.run import harvest
+    from csae.harvest.run import harvest
 
     opts = {**(load_params(params, "harvest") if params else {}), **given(HarvestConfig, options)}
     if opts.get("layers"):
@@ -40,9 +38,9 @@ def run(store: Path, overwrite: bool, no_progress: bool, params: str | None, **o
 
 
 @main.command()
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=str)
 @click.option("--json", "as_json", is_flag=True, help="Print all attributes as JSON.")
-def info(store: Path, as_json: bool) -> None:
+def info(store: str, as_json: bool) -> None:
     """Summarise a store. Exits 3 if it is incomplete (resume it with the same `harvest run`)."""
     opened = schema.ActivationStore.open(store, require_complete=False)
     click.echo(json.dumps(opened.attrs, indent=2) if as_json else summary(opened, store))
@@ -50,7 +48,7 @@ def info(store: Path, as_json: bool) -> None:
         raise SystemExit(3)
 
 
-def summary(store: schema.ActivationStore, path: Path) -> str:
+def summary(store: schema.ActivationStore, path: str) -> str:
     a = store.attrs
     target = a.get("config", {}).get("tokens", "?")
     state = "complete" if a.get("complete") else f"INCOMPLETE ({a.get('rows_written', 0):,} of {target:,} rows)"

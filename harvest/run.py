@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import shutil
-import warnings
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,17 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from harvest.sequences import DocTable, iter_batches, iter_sequences
-from shared import __version__, corpora, schema
-from shared.config.base import to_dict
-from shared.config.harvest import HarvestConfig
-from shared.errors import UserError
-from shared.models import LoadedModel, load_model, preset_layers, resolve_dtype
-from shared.residual import resid_post
+from csae import __version__
+from csae.harvest.batches import iter_batches
+from csae.shared import corpora, schema
+from csae.shared.config.base import to_dict
+from csae.shared.config.harvest import HarvestConfig
+from csae.shared.errors import UserError
+from csae.shared.models import LoadedModel, load_model, preset_layers, resolve_dtype
+from csae.shared.residual import resid_post
+from csae.shared.sequences import DocTable, iter_sequences
+
+log = logging.getLogger(__name__)
 
 
 def resolve_layers(cfg: HarvestConfig, lm: LoadedModel) -> HarvestConfig:
@@ -45,21 +48,21 @@ def store_attrs(cfg: HarvestConfig, lm: LoadedModel) -> dict[str, Any]:
             "context": cfg.context, "csae_version": __version__, "config": to_dict(cfg)}
 
 
-def _prepare_store(path: Path, cfg: HarvestConfig, lm: LoadedModel, overwrite: bool) -> zarr.Group | None:
+def _prepare_store(path: str, cfg: HarvestConfig, lm: LoadedModel, overwrite: bool) -> zarr.Group | None:
     """Open the store to resume, create it, or refuse. None means: already complete, nothing to do."""
-    if path.exists():
+    if schema.exists(path):
         try:
             old = schema.ActivationStore.open(path, require_complete=False)
         except UserError:
             raise UserError(f"{path} exists and is not a csae store; choose another --store path "
                             f"(it is not deleted, even with --overwrite)") from None
         if old.attrs.get("config") == to_dict(cfg):  # same settings: resume, or nothing to do
-            return None if old.attrs.get("complete") else zarr.open_group(str(path), mode="r+")
+            return None if old.attrs.get("complete") else schema.open_group(path, mode="r+")
         if not overwrite:
             diff = sorted(k for k, v in to_dict(cfg).items() if old.attrs.get("config", {}).get(k) != v)
             raise UserError(f"{path} was made with other settings (differing: {', '.join(diff)}); pass "
                             f"--overwrite to replace it or choose another --store")
-        shutil.rmtree(path)
+        schema.remove(path)
     return schema.create(path, layers=cfg.layers, d_model=lm.d_model, capacity=min(cfg.tokens, 64 * cfg.chunk_rows),
                          chunk_rows=cfg.chunk_rows, attrs=store_attrs(cfg, lm))
 
@@ -82,12 +85,12 @@ def _resume_point(group: zarr.Group, seqs_per_window: int) -> tuple[int, int, in
 def harvest(cfg: HarvestConfig, store: str | Path, *, cache_dir: Path, overwrite: bool = False,
             progress: bool = True, lm: LoadedModel | None = None) -> schema.ActivationStore:
     """Fill `store` with cfg.tokens rows of residual-stream activations per layer (or resume it)."""
-    path = Path(store)
+    path = str(store)
     cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, cfg.device))
     lm = lm or load_model(cfg.model, cache_dir=cache_dir, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision)
     cfg = resolve_layers(cfg, lm)
     table = DocTable()
-    seqs = iter_sequences(corpora.iter_documents(cfg.dataset, cfg.split, cfg.heldout_fraction), lm.tokenizer,
+    seqs = iter_sequences(corpora.iter_documents(cfg.dataset, cfg.split, cfg.heldout_doc_fraction), lm.tokenizer,
                           cfg.context, table)
     first = next(seqs, None)  # an empty corpus is reported before anything is written
     if first is None:
@@ -95,7 +98,7 @@ def harvest(cfg: HarvestConfig, store: str | Path, *, cache_dir: Path, overwrite
                         f"check the file or choose another --dataset/--split")
     group = _prepare_store(path, cfg, lm, overwrite)
     if group is None:
-        print(f"{path} is already complete for these settings; nothing to do")
+        log.info("%s is already complete for these settings; nothing to do", path)
         return schema.ActivationStore.open(path)
     written, first_window, skip_rows = _resume_point(group, cfg.batch_size * cfg.sort_window)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -107,7 +110,7 @@ def harvest(cfg: HarvestConfig, store: str | Path, *, cache_dir: Path, overwrite
     buffer: list[tuple[dict[int, torch.Tensor], dict[str, np.ndarray]]] = []
     buffered = 0
     bar = tqdm(total=cfg.tokens, initial=written, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"harvest {path.name}", smoothing=0.05)
+               desc=f"harvest {schema.display_name(path)}", smoothing=0.05)
 
     def flush(rows: int) -> None:
         """Hand the first `rows` buffered rows to the writer thread, keeping the rest buffered."""
@@ -155,8 +158,7 @@ def harvest(cfg: HarvestConfig, store: str | Path, *, cache_dir: Path, overwrite
         writer.shutdown(wait=True)
         bar.close()
     if written < cfg.tokens:
-        warnings.warn(f"the corpus ran out after {written} of {cfg.tokens} tokens; the store holds {written}",
-                      stacklevel=2)
+        log.warning("the corpus ran out after %d of %d tokens; the store holds %d", written, cfg.tokens, written)
     topics = sorted(set(table.topic))
     schema.write_docs_(group, table.source_index, [topics.index(t) for t in table.topic], table.title)
     group.attrs.update({"topics": topics})

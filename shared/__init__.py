@@ -1,8 +1,2 @@
-"""Pieces every stage uses: configs, the model and corpus registries, and the store schema."""
-
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("csae")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+"""What more than one stage needs: configs, the model and corpus registries, the store schema, the SAE and
+head modules, the checkpoint layout and the rule that cuts documents into sequences."""

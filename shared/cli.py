@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -10,7 +11,8 @@ from typing import Any
 
 import click
 
-from shared.errors import UserError
+from csae import __version__
+from csae.shared.errors import UserError
 
 
 def expand_variadic(args: Sequence[str], variadic: Sequence[str]) -> list[str]:
@@ -44,8 +46,30 @@ def _is_number(text: str) -> bool:
     return True
 
 
+class _ClickHandler(logging.Handler):
+    """Log records to stderr through click (resolved at each record, so test runners that swap stderr see
+    them): `warning: ...` for warnings and worse, the bare message for information."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        click.echo(prefix + self.format(record), err=True)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Library code logs to the `csae` logger; the command line shows it on stderr (once per process)."""
+    logger = logging.getLogger("csae")
+    logger.setLevel(level)
+    if not any(isinstance(h, _ClickHandler) for h in logger.handlers):
+        logger.addHandler(_ClickHandler())
+        logger.propagate = False
+
+
 class Group(click.Group):
-    """A click group with variadic options and one-line errors for `UserError`."""
+    """A click group with variadic options, `--version`, logging to stderr and one-line errors for `UserError`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        click.version_option(__version__, "--version", package_name="csae", prog_name="csae")(self)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         # Every repeatable option of every subcommand takes several space-separated values.
@@ -54,11 +78,22 @@ class Group(click.Group):
         return super().parse_args(ctx, expand_variadic(args, sorted(variadic)))
 
     def invoke(self, ctx: click.Context) -> Any:
+        configure_logging()
         try:
             return super().invoke(ctx)
         except UserError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+
+
+#: The activation store every command reads or writes unless told otherwise.
+DEFAULT_STORE = "acts.zarr"
+
+
+def store_option(help_text: str) -> Callable[[Callable], Callable]:
+    """`--store`: a local path or an fsspec URL (s3://..., gs://..., file://..., memory://...), passed on unchanged."""
+    return click.option("--store", type=str, default=DEFAULT_STORE, show_default=True,
+                        help=f"{help_text} A local path or an fsspec URL (s3://bucket/acts.zarr).")
 
 
 def params_option(section: str, more: str = "") -> Callable[[Callable], Callable]:

@@ -11,7 +11,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from shared.errors import UserError
+from csae.shared.errors import UserError
 
 EMBEDDED_CORPUS = "wiki-vital"
 PILE = "monology/pile-uncopyrighted"
@@ -35,10 +35,10 @@ class Document:
     """Topic label ('' when the corpus has none)."""
 
 
-def is_heldout(key: str, heldout_fraction: float) -> bool:
+def is_heldout(key: str, heldout_doc_fraction: float) -> bool:
     """Whether a document belongs to the heldout split: a hash of its key, uniform in [0, 1)."""
     digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < heldout_fraction
+    return int.from_bytes(digest, "little") / 2**64 < heldout_doc_fraction
 
 
 def wiki_vital_path() -> Path:
@@ -62,11 +62,11 @@ def describe(name: str) -> dict[str, Any]:
     return {"name": name}
 
 
-def iter_documents(name: str, split: str, heldout_fraction: float) -> Iterator[Document]:
+def iter_documents(name: str, split: str, heldout_doc_fraction: float) -> Iterator[Document]:
     """The documents of one split of a corpus, in corpus order."""
     want_heldout = split == "heldout"
     for doc in _iter_all(name):
-        if is_heldout(doc.key, heldout_fraction) == want_heldout:
+        if is_heldout(doc.key, heldout_doc_fraction) == want_heldout:
             yield doc
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.errors import UserError
+from csae.shared.errors import UserError
 
 EMBEDDED_MODEL = "gemma-3-270m"
 PAPER_MODEL = "google/gemma-2-2b"

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from shared.models import base_model, blocks
+from csae.shared.models import base_model, blocks
 
 
 class _StopForward(Exception):

@@ -26,21 +26,65 @@ indexing is ~100x slower).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import zarr
 import zarr.codecs
 
-from shared.errors import UserError
+from csae.shared.config.base import ConfigError, from_dict, to_dict
+from csae.shared.config.harvest import HarvestConfig
+from csae.shared.errors import UserError
 
 SCHEMA_VERSION = 1
 ACTS = "resid_post"
 TOKEN_FIELDS = ("token_id", "seq", "pos", "doc")
 LOGICAL_DTYPE = "bfloat16"
+
+
+# ----- where a store lives: a local path or an fsspec URL (s3://, gs://, file://, memory://), passed through -----
+
+def is_url(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def _fs(location: str | Path) -> tuple[Any, str]:
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(location))
+
+
+def open_group(location: str | Path, mode: Literal["r", "r+", "w"]) -> zarr.Group:
+    """The store's root group; a local path or any URL zarr's fsspec store takes, unchanged."""
+    # fsspec's local filesystem does not create parent directories unless asked to (file:// URLs)
+    options = {"auto_mkdir": True} if str(location).startswith("file://") else None
+    return zarr.open_group(str(location), mode=mode, zarr_format=3 if mode == "w" else None,
+                           storage_options=options)
+
+
+def exists(location: str | Path) -> bool:
+    if not is_url(location):
+        return Path(location).exists()
+    fs, path = _fs(location)
+    return bool(fs.exists(path))
+
+
+def remove(location: str | Path) -> None:
+    """Delete a whole store (callers check first that it is one)."""
+    if not is_url(location):
+        shutil.rmtree(location)
+        return
+    fs, path = _fs(location)
+    fs.rm(path, recursive=True)
+
+
+def display_name(location: str | Path) -> str:
+    """The store's last path component, for progress bars."""
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
 
 
 def acts_name(layer: int) -> str:
@@ -64,7 +108,7 @@ def bits_to_bf16(bits: np.ndarray) -> torch.Tensor:
 def create(path: str | Path, *, layers: Sequence[int], d_model: int, capacity: int, chunk_rows: int,
            attrs: dict[str, Any]) -> zarr.Group:
     """A new, empty, incomplete store with room for `capacity` rows (grown as needed, trimmed when finished)."""
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group = open_group(path, mode="w")
     for layer in layers:
         arr = group.create_array(acts_name(layer), shape=(capacity, d_model), chunks=(chunk_rows, d_model),
                                  dtype="uint16", compressors=_bf16_codecs(), fill_value=0)
@@ -128,10 +172,10 @@ class ActivationStore:
 
     @classmethod
     def open(cls, path: str | Path, *, require_complete: bool = True) -> ActivationStore:
-        if not Path(path).exists() and "://" not in str(path):
+        if not exists(path):
             raise UserError(f"store {path} does not exist; create it with `harvest run --store {path}`")
         try:
-            group = zarr.open_group(str(path), mode="r")
+            group = open_group(path, mode="r")
             attrs = dict(group.attrs)
         except Exception as err:  # zarr raises several types for missing or unparsable metadata
             raise UserError(f"{path} is not a readable Zarr store ({type(err).__name__}: {err}); "
@@ -164,6 +208,15 @@ class ActivationStore:
     @property
     def chunk_rows(self) -> int:
         return int(self.attrs["chunk_rows"])
+
+    @property
+    def harvest_config(self) -> HarvestConfig:
+        """The HarvestConfig the store was made with (recorded in its `config` attribute)."""
+        try:
+            return from_dict(HarvestConfig, self.attrs.get("config") or {})
+        except (ConfigError, TypeError) as err:
+            raise UserError(f"the store's recorded harvest settings do not fit this csae version ({err}); "
+                            f"re-create it with `harvest run --overwrite`") from None
 
     @property
     def topics(self) -> list[str]:
@@ -213,8 +266,14 @@ class ActivationStore:
         return total / max(n_rows, 1)
 
     def size_bytes(self) -> int:
-        root = Path(str(self.group.store_path.store.root)) if hasattr(self.group.store_path.store, "root") else None
-        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root else -1
+        """Bytes on disk (or in the object store), -1 when the store cannot say."""
+        store = self.group.store_path.store
+        if hasattr(store, "root"):  # a local store
+            return sum(p.stat().st_size for p in Path(str(store.root)).rglob("*") if p.is_file())
+        try:
+            return int(store.fs.du(store.path, total=True))  # an fsspec store
+        except Exception:  # some filesystems cannot sum sizes
+            return -1
 
 
 def make_test_store(path: str | Path, *, layers: Sequence[int] = (0, 1), d_model: int = 32, n_docs: int = 64,
@@ -234,7 +293,10 @@ def make_test_store(path: str | Path, *, layers: Sequence[int] = (0, 1), d_model
     atoms = torch.nn.functional.normalize(torch.randn(len(layers), n_atoms, d_model, generator=gen), dim=-1)
     group = create(path, layers=layers, d_model=d_model, capacity=n_rows, chunk_rows=chunk_rows,
                    attrs={"model": {"name": "planted"}, "corpus": {"name": "planted"}, "split": "train",
-                          "context": seq_len + 1, "topics": list(topics), "config": {}})
+                          "context": seq_len + 1, "topics": list(topics),
+                          "config": to_dict(HarvestConfig(model="planted", dataset="planted", layers=tuple(layers),
+                                                          tokens=n_rows, context=seq_len + 1,
+                                                          chunk_rows=chunk_rows))})
     acts = {}
     for i, layer in enumerate(layers):
         idx = torch.randint(len(topics), n_atoms, (n_rows, active), generator=gen)

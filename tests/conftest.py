@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.testing import make_tiny_gemma2
+from csae.shared.testing import make_tiny_gemma2
 
 # Tests run tiny models whose ops are far too small to split across threads: with 2 OpenMP threads a
 # tiny forward measured 50x slower than with 1 whenever another process used the CPU. Subprocesses

@@ -16,10 +16,13 @@ import pytest
 import torch
 import zarr
 
-from shared.schema import ActivationStore, make_test_store
-from train.checkpoint import write_final
-from train.head import ContrastiveHead
-from train.sae import SAE
+from csae.shared.checkpoint import LayerInfo, write_final
+from csae.shared.config.base import to_dict
+from csae.shared.config.harvest import HarvestConfig
+from csae.shared.config.train import TrainConfig
+from csae.shared.head import ContrastiveHead
+from csae.shared.sae import SAE
+from csae.shared.schema import ActivationStore, make_test_store
 
 FORGET = "Biology and health sciences"
 TOPIC_WORDS = {
@@ -87,20 +90,23 @@ def make_store(path: Path, model_dir: Path, corpus: Path, *, layers: tuple[int, 
     make_test_store(path, layers=layers, d_model=D_MODEL, n_docs=n_docs, seq_len=seq_len, chunk_rows=chunk_rows,
                     topics=tuple(TOPIC_WORDS))
     group = zarr.open_group(str(path), mode="r+")
-    group.attrs.update({"model": {"name": str(model_dir.resolve()), "sha256": "tiny"},
-                        "config": {"model": str(model_dir), "dataset": str(corpus), "heldout_fraction": 0.5,
-                                   "context": 33}})
+    hcfg = HarvestConfig(model=str(model_dir), dataset=str(corpus), heldout_doc_fraction=0.5, context=seq_len + 1,
+                         layers=layers, tokens=n_docs * seq_len, chunk_rows=chunk_rows)
+    group.attrs.update({"model": {"name": str(model_dir.resolve()), "sha256": "tiny"}, "config": to_dict(hcfg)})
     return ActivationStore.open(path)
 
 
-def write_checkpoint(directory: Path, layer: int, sae: SAE, head: ContrastiveHead | None = None,
-                     **info: Any) -> Path:
-    """A `train fit` layer directory (train.checkpoint.write_final, scale 1)."""
+def write_checkpoint(directory: Path, layer: int, sae: SAE, head: ContrastiveHead | None = None, *,
+                     model: dict[str, Any] | None = None, store: str = "", **config: Any) -> Path:
+    """A `train fit` layer directory (csae.shared.checkpoint.write_final, scale 1) whose TrainConfig holds
+    the defaults with `heldout_tail_fraction` 0.25, overridden by `config`."""
     out = directory / f"layer_{layer}"
     out.mkdir(parents=True, exist_ok=True)
     head = head or ContrastiveHead(sae.d_sae, 8)
-    full = {"heldout_fraction": 0.25, "tau": 0.1, "store": "", "layer": layer, "scale": 1.0, **info}
-    write_final(out, sae, head, scale=1.0, info=full)
+    cfg = TrainConfig(**{"heldout_tail_fraction": 0.25, **config})
+    info = LayerInfo(config=cfg, layer=layer, store=store, model=model if model is not None else {}, scale=1.0,
+                     d_in=sae.d_in, d_sae=sae.d_sae, train_rows=0)
+    write_final(out, sae, head, info)
     return out
 
 

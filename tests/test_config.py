@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
-from harvest.cli import main as harvest_main
-from shared import models
-from shared.cli import expand_variadic
-from shared.config.base import ConfigError, field_docs, from_dict, load_params, parse_assignment, to_dict
-from shared.config.harvest import HarvestConfig
-from shared.config.train import TrainConfig
-from shared.models import preset_layers
+from csae.harvest.cli import main as harvest_main
+from csae.shared import models
+from csae.shared.cli import expand_variadic
+from csae.shared.config.base import ConfigError, field_docs, from_dict, load_params, parse_assignment, to_dict
+from csae.shared.config.evaluate import EvalConfig
+from csae.shared.config.harvest import HarvestConfig
+from csae.shared.config.train import TrainConfig, preset
+from csae.shared.models import preset_layers
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_field_has_a_docstring_and_it_is_the_help() -> None:
@@ -88,3 +93,26 @@ def test_cpu_flags_decide_fast_bf16(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert models.cpu_has_fast_bf16()
     cpuinfo.write_text("flags\t\t: fpu amx_bf16 amx_tile\n")  # Intel Sapphire Rapids
     assert models.cpu_has_fast_bf16()
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "params-paper.yaml"])
+def test_params_files_list_every_config_field(name: str) -> None:
+    """Every field of every stage config is in the params file (so `dvc exp run -S <stage>.<key>=...` works for
+    each), nothing else is, and each section builds its config."""
+    params = yaml.safe_load((ROOT / name).read_text())
+    for section, cls in (("harvest", HarvestConfig), ("train", TrainConfig), ("evaluate", EvalConfig)):
+        fields = [f.name for f in dataclasses.fields(cls)]
+        assert list(params[section]) == fields, f"{name} [{section}] differs from {cls.__name__}'s fields"
+        from_dict(cls, params[section])
+    for run, overrides in params["runs"].items():
+        from_dict(TrainConfig, {**params["train"], **overrides})
+        assert set(overrides) <= {f.name for f in dataclasses.fields(TrainConfig)}, run
+    assert params["runs"]["baseline"] == {"alpha": 0.0, "beta": 0.0}  # differs from the CSAE only in the loss
+
+
+def test_paper_params_are_the_paper_preset() -> None:
+    params = yaml.safe_load((ROOT / "params-paper.yaml").read_text())
+    assert from_dict(TrainConfig, params["train"]) == preset("paper")
+    harvest = from_dict(HarvestConfig, params["harvest"])
+    assert (harvest.model, harvest.dataset, harvest.layers, harvest.tokens) == (
+        "google/gemma-2-2b", "monology/pile-uncopyrighted", (5, 12, 19), 100_000)

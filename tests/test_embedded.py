@@ -9,11 +9,11 @@ import pytest
 import torch
 from tolerances import ROW_TOLERANCE, row_error
 
-from harvest.run import harvest
-from shared.cli import cache_dir
-from shared.config.harvest import HarvestConfig
-from shared.models import embedded_model_dir, load_model
-from shared.schema import ActivationStore
+from csae.harvest.run import harvest
+from csae.shared.cli import cache_dir
+from csae.shared.config.harvest import HarvestConfig
+from csae.shared.models import embedded_model_dir, load_model
+from csae.shared.schema import ActivationStore
 
 pytestmark = pytest.mark.embedded
 

@@ -19,10 +19,10 @@ from eval_fixtures import (  # noqa: F401
     write_checkpoint,
 )
 
-from evaluate.cli import main
-from evaluate.reconstruction import fvu_pooled
-from shared.schema import ActivationStore
-from train.head import ContrastiveHead
+from csae.evaluate.cli import main
+from csae.evaluate.reconstruction import fvu_pooled
+from csae.shared.head import ContrastiveHead
+from csae.shared.schema import ActivationStore
 
 FAST = ["--ce-tokens", "64", "--select-tokens", "128", "--unlearn-tokens", "48", "--ns", "2", "5", "--cs", "1", "10",
         "--lm-batch-size", "4", "--no-progress"]
@@ -69,7 +69,7 @@ def test_run_compares_two_runs_end_to_end(store: Path, tmp_path: Path, dtype: st
     perfect = metrics["baseline/layer_1"]
     assert perfect["fvu"] == pytest.approx(0.0, abs=1e-10) and perfect["ce_score"] == pytest.approx(1.0, abs=1e-4)
 
-    # Store metrics use exactly the held-out tail of the store (heldout_fraction 0.25 in write_checkpoint).
+    # Store metrics use exactly the held-out tail of the store (heldout_tail_fraction 0.25 in write_checkpoint).
     opened = ActivationStore.open(store)
     start = opened.heldout_start(0.25)
     assert metrics["csae/layer_2"]["eval_rows"] == opened.n_rows - start
@@ -98,7 +98,7 @@ def test_checkpoint_for_another_model_is_refused(store: Path, tmp_path: Path) ->
 
     # Recorded only through the store it was trained on: that store's model identity is compared.
     other_store = tmp_path / "other.zarr"
-    from shared.schema import make_test_store
+    from csae.shared.schema import make_test_store
 
     make_test_store(other_store, layers=(1, 2), d_model=D_MODEL)
     write_checkpoint(tmp_path / "other2", 1, random_sae(D_MODEL, 32), store=str(other_store))
@@ -107,7 +107,7 @@ def test_checkpoint_for_another_model_is_refused(store: Path, tmp_path: Path) ->
 
 
 def test_store_without_heldout_rows_is_refused(store: Path, tmp_path: Path) -> None:
-    write_checkpoint(tmp_path / "nohold", 1, random_sae(D_MODEL, 32), heldout_fraction=0.0)
+    write_checkpoint(tmp_path / "nohold", 1, random_sae(D_MODEL, 32), heldout_tail_fraction=0.0)
     code, output = evaluate("--store", store, "--checkpoints", tmp_path / "nohold", "--out", tmp_path / "e", *FAST)
     assert code == 2 and "no held-out rows" in output
 

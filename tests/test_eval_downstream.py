@@ -12,12 +12,12 @@ from eval_fixtures import identity_sae, random_sae, tiny_gemma3, topic_corpus  #
 from tolerances import CE_TOLERANCE, KL_TOLERANCE
 from transformers import AutoModelForCausalLM
 
-from evaluate import lm
-from evaluate.downstream import downstream_losses, downstream_metrics, sae_splice, zero_splice
-from evaluate.lm import Restart, check_head, clean_pass
-from evaluate.text import TextBatch, batches, build_sequences
-from shared.models import blocks
-from train.sae import SAE
+from csae.evaluate import lm
+from csae.evaluate.downstream import downstream_losses, downstream_metrics, sae_splice, zero_splice
+from csae.evaluate.lm import Restart, check_head, clean_pass
+from csae.evaluate.text import TextBatch, batches, build_sequences
+from csae.shared.models import blocks
+from csae.shared.sae import SAE
 
 
 def _reference(model: Any, seqs: list[list[int]], layer: int | None, fn: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +144,7 @@ def test_restart_from_the_clean_residual_reproduces_the_model(tiny_gemma3: Path,
 def test_build_sequences_counts_predictions_exactly(tiny_gemma3: Path, topic_corpus: Path) -> None:  # noqa: F811
     from transformers import AutoTokenizer
 
-    from shared.corpora import iter_documents
+    from csae.shared.corpora import iter_documents
 
     tok = AutoTokenizer.from_pretrained(tiny_gemma3)
     docs = list(iter_documents(str(topic_corpus), "heldout", 0.5))

@@ -9,10 +9,10 @@ import pytest
 import torch
 from eval_fixtures import random_sae
 
-from evaluate.contrastive import context_pairs, info_nce
-from evaluate.features import FeatureStats, decoder_geometry, mean_abs_correlation, topic_purity
-from evaluate.reconstruction import ce_score, fvu_pooled, kl_score, reconstruction_metrics
-from evaluate.unlearn import (
+from csae.evaluate.contrastive import context_pairs, info_nce
+from csae.evaluate.features import FeatureStats, decoder_geometry, mean_abs_correlation, topic_purity
+from csae.evaluate.reconstruction import ce_score, fvu_pooled, kl_score, reconstruction_metrics
+from csae.evaluate.unlearn import (
     clamp_intervention,
     random_features,
     select_features,

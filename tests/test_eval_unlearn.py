@@ -12,12 +12,14 @@ import torch
 from eval_fixtures import FORGET, identity_sae, tiny_gemma3, topic_corpus  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evaluate.checkpoints import LayerCheckpoint
-from evaluate.lm_metrics import TextSource, unlearning_metrics
-from shared.config.evaluate import EvalConfig
-from shared.corpora import iter_documents
-from shared.models import LoadedModel, blocks
-from train.sae import SAE
+from csae.evaluate.checkpoints import LayerCheckpoint
+from csae.evaluate.lm_metrics import TextSource, unlearning_metrics
+from csae.shared.checkpoint import LayerInfo
+from csae.shared.config.evaluate import EvalConfig
+from csae.shared.config.train import TrainConfig
+from csae.shared.corpora import iter_documents
+from csae.shared.models import LoadedModel, blocks
+from csae.shared.sae import SAE
 
 LAYER = 1
 N_DEAD = 4000
@@ -78,7 +80,9 @@ def test_planted_topic_feature_is_selected_and_scores(tiny_gemma3: Path, topic_c
     model.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(tiny_gemma3)
     sae, planted = planted_sae(model, tok, topic_corpus)
-    ckpt = LayerCheckpoint("planted", LAYER, Path("."), sae, None, {})
+    info = LayerInfo(config=TrainConfig(), layer=LAYER, store="", model={}, scale=1.0, d_in=sae.d_in, d_sae=sae.d_sae,
+                     train_rows=0)
+    ckpt = LayerCheckpoint("planted", LAYER, Path("."), sae, None, info)
     cfg = EvalConfig(select_tokens=10**6, unlearn_tokens=10**6, ce_tokens=0, lm_batch_size=4)
     lm = LoadedModel(model=model, tokenizer=tok, identity={})
     metrics, points = unlearning_metrics(lm, [ckpt], TextSource(str(topic_corpus), 0.5, 33), cfg, progress=False)
@@ -94,7 +98,7 @@ def test_planted_topic_feature_is_selected_and_scores(tiny_gemma3: Path, topic_c
     assert all(p["A_retain"] == 1.0 for p in pts["selected"])  # the feature never fires on retain text
 
     # Independent A_forget for one point: full forwards with a hook applying the clamp formula.
-    point = next(p for p in pts["selected"] if p["c"] == 5.0 and p["n"] == 10 and p["tau"] == 0.01)
+    point = next(p for p in pts["selected"] if p["c"] == 5.0 and p["n"] == 10 and p["retain_threshold"] == 0.01)
     forget_eval = _docs(topic_corpus, FORGET)[1::2]
     sel_docs = _docs(topic_corpus, FORGET)[0::2]
     with torch.no_grad():

@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from tolerances import ROW_TOLERANCE, row_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harvest.cli import main
-from shared.schema import TOKEN_FIELDS, ActivationStore
+from csae.harvest.cli import main
+from csae.shared.schema import TOKEN_FIELDS, ActivationStore
 
 SMALL = ["--context", "32", "--batch-size", "4", "--sort-window", "2", "--chunk-rows", "64", "--dtype", "float32",
          "--no-progress"]
@@ -114,7 +114,7 @@ def test_heldout_split_is_disjoint_from_train(tmp_path: Path, full_store: Path, 
 
 
 def _run_cli(args: list[str]) -> subprocess.Popen[str]:
-    code = "import sys; from harvest.cli import main; sys.exit(main())"
+    code = "import sys; from csae.harvest.cli import main; sys.exit(main())"
     return subprocess.Popen([sys.executable, "-c", code, "run", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -181,7 +181,7 @@ def test_layer_out_of_range_names_the_valid_range(tmp_path: Path, tiny_gemma2: P
 
 def test_unknown_model_names_the_embedded_model(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "harvest.cli", "run", "--model", "no-such-org/no-such-model",
+    proc = subprocess.run([sys.executable, "-m", "csae.harvest.cli", "run", "--model", "no-such-org/no-such-model",
                            "--store", str(tmp_path / "s.zarr")], capture_output=True, text=True, env=env)
     assert proc.returncode == 2
     assert "no-such-org/no-such-model" in proc.stderr and "--model gemma-3-270m" in proc.stderr

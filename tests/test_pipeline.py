@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from csae.shared.checkpoint import LayerInfo
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.pipeline
@@ -25,31 +27,38 @@ def dvc(cwd: Path, *args: str) -> str:
     return proc.stdout
 
 
+def make_project(work: Path, model: Path, corpus: Path, dtype: str) -> dict:
+    """The pipeline's files (code, dvc.yaml, .gitignore) in `work`, with params.yaml's sizes shrunk: the real
+    sections and keys, so the real wiring runs. Returns the params written."""
+    work.mkdir()
+    for name in ("csae", "harvest", "train", "evaluate", "shared"):
+        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, work)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["harvest"].update(model=str(model), dataset=str(corpus), layers=[5, 19], tokens=2000, context=32,
+                             chunk_rows=64, dtype=dtype)
+    params["train"].update(tokens=2048, batch_size=128, expansion=2, resample_every=4, checkpoint_every=8,
+                           dtype=dtype)
+    params["evaluate"].update(ce_tokens=64, select_tokens=128, unlearn_tokens=32, recon_tokens=256,
+                              forget_topic="Arts", retain_topics=["History", "Geography"], dtype=dtype)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
 def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path, tiny_gemma2: Path,
                                                                   tiny_corpus: Path, dtype: str) -> None:
     work = tmp_path / "project"
-    work.mkdir()
-    for name in ("harvest", "train", "evaluate", "shared"):
-        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", work)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    # The real params.yaml with the sizes shrunk: same sections and keys, so the wiring is what runs.
-    params["harvest"].update(model=str(tiny_gemma2), dataset=str(tiny_corpus), layers=[5, 19], tokens=2000,
-                             context=32, chunk_rows=64, dtype=dtype)
-    params["train"].update(tokens=2048, batch_size=128, expansion=2, resample_every=4, checkpoint_every=8,
-                           dtype=dtype)
-    params["evaluate"] = {"ce_tokens": 64, "select_tokens": 128, "unlearn_tokens": 32, "recon_tokens": 256,
-                          "forget_topic": "Arts", "retain_topics": ["History", "Geography"], "dtype": dtype}
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    params = make_project(work, tiny_gemma2, tiny_corpus, dtype)
     dvc(work, "init", "--no-scm", "-q")
 
     dvc(work, "repro")
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     assert set(metrics) == {f"{run}/layer_{layer}" for run in ("csae", "baseline") for layer in (5, 19)}
-    baseline = json.loads((work / "checkpoints" / "baseline" / "layer_5" / "train_config.json").read_text())
-    assert baseline["alpha"] == 0.0 and baseline["beta"] == 0.0
-    csae = json.loads((work / "checkpoints" / "csae" / "layer_5" / "train_config.json").read_text())
-    assert csae["alpha"] > 0 and csae["tokens"] == 2048 and csae["dtype"] == dtype
+    baseline = LayerInfo.read(work / "checkpoints" / "baseline" / "layer_5").config
+    assert baseline.alpha == 0.0 and baseline.beta == 0.0
+    csae = LayerInfo.read(work / "checkpoints" / "csae" / "layer_5").config
+    assert csae.alpha > 0 and csae.tokens == 2048 and csae.dtype == dtype
     evaluated = json.loads((work / "eval" / "eval_config.json").read_text())
     assert evaluated["config"]["dtype"] == dtype
     assert sorted(p.name for p in (work / "eval" / "plots" / "training").iterdir()) == [
@@ -62,6 +71,48 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     assert "csae/layer_5" in shown or "layer_5" in shown
 
     params["train"]["lr"] = 5e-4  # a train value changes: train and evaluate re-run, harvest does not
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = dvc(work, "status")
     assert "train@csae" in status and "train@baseline" in status and "harvest" not in status
+
+
+def git(cwd: Path, *args: str) -> str:
+    proc = subprocess.run(["git", "-c", "user.name=csae", "-c", "user.email=csae@localhost", *args], cwd=cwd,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_dvc_experiments_keep_metrics_and_checkpoints(tmp_path: Path, tiny_gemma2: Path, tiny_corpus: Path) -> None:
+    """`dvc exp run -S train.lr=...` as the README says; `dvc exp show` lists each experiment's headline metrics
+    and `dvc exp apply` brings back its SAEs (cached) and metrics (in git)."""
+    work = tmp_path / "project"
+    params = make_project(work, tiny_gemma2, tiny_corpus, "float32")
+    git(work, "init", "-q")
+    dvc(work, "init", "-q")
+    dvc(work, "repro")
+    git(work, "add", "-A")
+    git(work, "commit", "-qm", "baseline pipeline")
+    base_lr = params["train"]["lr"]
+    base_weights = (work / "checkpoints" / "csae" / "layer_5" / "sae_weights.safetensors").read_bytes()
+
+    dvc(work, "exp", "run", "-S", "train.lr=0.0005", "-S", "evaluate.ce_tokens=48", "--name", "lower-lr")
+    shown = json.loads(dvc(work, "exp", "show", "--json"))
+    runs = {exp.get("name") or exp["rev"]: exp for entry in shown
+            for exp in [entry, *[e for ex in entry.get("experiments") or [] for e in ex.get("revs") or []]]}
+    exp_metrics = runs["lower-lr"]["data"]["metrics"]["eval/metrics.json"]["data"]
+    assert exp_metrics["csae/layer_5"]["ce_score"] is not None and "baseline/layer_19" in exp_metrics
+    assert runs["lower-lr"]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.0005
+
+    git(work, "reset", "-q", "--hard")  # back to the committed pipeline, outputs too
+    dvc(work, "checkout", "--force")
+    assert LayerInfo.read(work / "checkpoints" / "csae" / "layer_5").config.lr == base_lr
+    assert (work / "checkpoints" / "csae" / "layer_5" / "sae_weights.safetensors").read_bytes() == base_weights
+
+    dvc(work, "exp", "apply", "lower-lr")
+    applied = LayerInfo.read(work / "checkpoints" / "csae" / "layer_5")
+    assert applied.config.lr == 0.0005  # the experiment's SAE, restored from DVC's cache
+    assert (work / "checkpoints" / "csae" / "layer_5" / "sae_weights.safetensors").read_bytes() != base_weights
+    metrics = json.loads((work / "eval" / "metrics.json").read_text())
+    assert metrics == exp_metrics and json.loads((work / "eval" / "metrics_all.json").read_text())[
+        "csae/layer_5"]["ce_predictions"] == 48

@@ -9,11 +9,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from shared.config.train import TrainConfig
-from shared.schema import make_test_store
-from train.checkpoint import read_metrics
-from train.run import fit, resolve
-from train.trainer import CSAETrainer
+from csae.shared.config.train import TrainConfig
+from csae.shared.schema import make_test_store
+from csae.train.checkpoint import read_metrics
+from csae.train.run import fit, resolve
+from csae.train.trainer import CSAETrainer
 
 #: strong sparsity and a wide dictionary so that features die and get resampled within the run
 CFG = {"expansion": 8, "batch_size": 128, "tokens": 128 * 60, "l1": 20.0, "lr": 1e-2, "warmup_steps": 2,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import pytest
@@ -11,16 +10,17 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from shared import schema
-from shared.config.train import TrainConfig
-from shared.schema import ActivationStore, make_test_store
-from train import losses
-from train.checkpoint import load_layer, read_metrics
-from train.cli import main
-from train.head import ContrastiveHead
-from train.loader import Buffer, ChunkLoader
-from train.run import fit, resolve
-from train.trainer import CSAETrainer, Runtime
+from csae.shared import schema
+from csae.shared.checkpoint import LayerInfo, load_layer, read_metrics
+from csae.shared.config.train import TrainConfig
+from csae.shared.head import ContrastiveHead
+from csae.shared.sae import SAE
+from csae.shared.schema import ActivationStore, make_test_store
+from csae.train import losses
+from csae.train.cli import main
+from csae.train.loader import Buffer, ChunkLoader
+from csae.train.run import fit, resolve
+from csae.train.trainer import CSAETrainer, Runtime
 
 #: small but real: d 32, 128 features, 300 steps of 128 rows (~19 epochs of the 1,792 training rows)
 SMALL = {"expansion": 4, "batch_size": 128, "tokens": 128 * 300, "lr": 3e-3, "warmup_steps": 20,
@@ -43,12 +43,12 @@ def trained(store_path: Path, tmp_path_factory: pytest.TempPathFactory, dtype: s
 
 def test_fit_learns_and_writes_the_contract(store_path: Path, trained: Path, dtype: str) -> None:
     d = trained / "layer_0"
-    for name in ("cfg.json", "sae_weights.safetensors", "head.safetensors", "train_config.json", "metrics.csv",
-                 "state.pt"):
+    for name in ("cfg.json", "sae_weights.safetensors", "head.safetensors", "train_config.json", "metrics.csv"):
         assert (d / name).exists(), name
+    assert not (d / "state.pt").exists()  # a finished layer keeps its deliverables, not its resumable state
     log = read_metrics(d)
     assert [r["step"] for r in log] == list(range(300))
-    for key in ("loss", "mse", "l1", "info_nce", "diversity", "l0", "fvu", "dead_frac", "lr", "grad_norm",
+    for key in ("loss", "recon_loss", "l1", "info_nce", "diversity", "l0", "fvu", "dead_frac", "lr", "grad_norm",
                 "tokens_per_s"):
         assert key in log[0]
     first = sum(r["loss"] for r in log[:10]) / 10
@@ -57,28 +57,39 @@ def test_fit_learns_and_writes_the_contract(store_path: Path, trained: Path, dty
     assert log[-1]["info_nce"] < log[0]["info_nce"]
 
     sae, head, info = load_layer(d)
-    assert info["heldout_fraction"] == 0.1 and info["layer"] == 0 and info["complete"] and info["dtype"] == dtype
+    assert info.config == resolve(TrainConfig(**SMALL, dtype=dtype))  # read back into the dataclass it came from
+    assert info.layer == 0 and info.complete and info.config.dtype == dtype and info.d_sae == 128
     store = ActivationStore.open(store_path)
-    start = store.heldout_start(info["heldout_fraction"])
-    assert info["train_rows"] == start < store.n_rows
+    start = store.heldout_start(info.config.heldout_tail_fraction)
+    assert info.train_rows == start < store.n_rows
     # the saved SAE takes RAW activations: on the held-out tail it explains at least 90% of the variance
     x = store.read(0, start, store.n_rows).float()
     with torch.no_grad():
         x_hat, f = sae(x)
     assert losses.fvu(x, x_hat).item() < 0.1
     assert 1 < losses.l0(f).item() < 40
-
-    # folding: raw-unit SAE and head equal the scaled-unit ones from the training state
-    state = torch.load(d / "state.pt", weights_only=False)
-    cfg = resolve(TrainConfig(**SMALL, dtype=dtype))
-    scaled = CSAETrainer(cfg, 32, Runtime(torch.device("cpu"), None))
-    scaled.load_state_dict(state)
-    s = info["scale"]
-    with torch.no_grad():
-        f_scaled = scaled.sae.encode(x * s)
-        assert torch.allclose(f, f_scaled / s, atol=1e-4)
-        assert torch.allclose(head(f), scaled.head(f_scaled), atol=1e-4)
     assert isinstance(head, ContrastiveHead)
+
+
+def test_folding_the_input_scale_gives_raw_unit_sae_and_head() -> None:
+    """An SAE and head trained on s * x, folded, take raw x: f_raw = f_scaled / s, x_hat_raw = x_hat / s, and
+    the folded head sees the same input its trained self saw (formula in SAE.fold_input_scale)."""
+    gen = torch.Generator().manual_seed(0)
+    scaled = SAE(8, 24)
+    scaled.reset_parameters_(gen)
+    head = ContrastiveHead(24, 4, hidden=6)
+    with torch.no_grad():
+        scaled.b_enc.copy_(torch.randn(24, generator=gen))
+        scaled.b_dec.copy_(torch.randn(8, generator=gen))
+    s, x = 3.7, torch.randn(50, 8, generator=gen)
+    raw, raw_head = scaled.fold_input_scale(s), head.fold_input_scale(s)
+    with torch.no_grad():
+        x_hat_s, f_s = scaled(s * x)
+        x_hat, f = raw(x)
+        torch.testing.assert_close(f, f_s / s)
+        torch.testing.assert_close(x_hat, x_hat_s / s)
+        torch.testing.assert_close(raw_head(f), head(f_s))
+        assert (f > 0).any() and (f == 0).any()  # not vacuous: some features fire, some do not
 
 
 def test_resume_equals_uninterrupted(store_path: Path, trained: Path, tmp_path: Path, dtype: str) -> None:
@@ -236,5 +247,5 @@ def test_augment_positives_and_paper_preset_warning(store_path: Path, tmp_path: 
     code, out = run("--store", str(store_path), "--layers", "0", "--out", str(tmp_path / "paper"), "--preset",
                     "paper", "--set", "tokens=1280", "--no-progress")
     assert code == 0 and "warning: warmup_steps (1000) exceeds the run's 2 steps" in out
-    info = json.loads((tmp_path / "paper" / "layer_0" / "train_config.json").read_text())
-    assert (info["expansion"], info["l1"], info["dtype"], info["lr"]) == (1, 0.04, "bfloat16", 1e-4)
+    info = LayerInfo.read(tmp_path / "paper" / "layer_0").config
+    assert (info.expansion, info.l1, info.dtype, info.lr) == (1, 0.04, "bfloat16", 1e-4)

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from shared.config.base import ConfigError
-from shared.config.train import TrainConfig, preset
-from train import losses
-from train.trainer import CSAETrainer, Runtime
+from csae.shared.config.base import ConfigError
+from csae.shared.config.train import TrainConfig, preset
+from csae.train import losses
+from csae.train.trainer import CSAETrainer, Runtime
 
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None)
 
@@ -19,7 +19,7 @@ def test_mse_and_l1_match_hand_computation() -> None:
     x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
     x_hat = torch.tensor([[0.0, 2.0], [1.0, 1.0]])
     # row 0: 1^2 + 0 = 1; row 1: 2^2 + 2^2 = 8; mean = 4.5
-    assert losses.mse(x, x_hat).item() == pytest.approx(4.5)
+    assert losses.reconstruction(x, x_hat).item() == pytest.approx(4.5)
     f = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
     # row sums 4 and 2, mean 3
     assert losses.l1(f).item() == pytest.approx(3.0)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from shared.cli import Group, params_option
-from shared.config.base import click_options, given, load_params, parse_assignment
-from shared.config.train import PRESETS, TrainConfig, preset
+from csae.shared.cli import Group, params_option, store_option
+from csae.shared.config.base import click_options, given, load_params, parse_assignment
+from csae.shared.config.train import PRESETS, TrainConfig, preset
 
 
 @click.group(cls=Group)
@@ -22,8 +22,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--store", type=click.Path(path_type=Path), default=Path("acts.zarr"), show_default=True,
-              help="Activation store written by `harvest run`.")
+@store_option("Activation store written by `harvest run`.")
 @click.option("--layers", type=int, multiple=True, help="Layers to train (several: --layers 5 12 19). "
               "Default: every layer in the store.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("checkpoints"), show_default=True,
@@ -41,12 +40,12 @@ def main() -> None:
 @click.option("--run", "run_name", default=None, help="With --params: the run whose section `runs.<RUN>` "
               "overrides `train` (e.g. csae, baseline).")
 @click_options(TrainConfig)
-def fit(store: Path, layers: tuple[int, ...], out: Path, preset_name: str | None, assignments: tuple[str, ...],
+def fit(store: str, layers: tuple[int, ...], out: Path, preset_name: str | None, assignments: tuple[str, ...],
         resume: bool, overwrite: bool, no_progress: bool, params: str | None, run_name: str | None,
         **options: object) -> None:
     """Train one CSAE per layer of STORE."""
-    from train.run import fit as run_fit
-    from train.run import resolve
+    from csae.train.run import fit as run_fit
+    from csae.train.run import resolve
 
     from_file: dict[str, object] = {}
     if params:
@@ -63,11 +62,6 @@ def fit(store: Path, layers: tuple[int, ...], out: Path, preset_name: str | None
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    if rank == 0:
-        for warning in cfg.warnings():
-            click.echo(f"warning: {warning}", err=True)
-        click.echo(f"training {cfg.steps} steps/layer, dtype {cfg.dtype}, device {cfg.device}, {world} rank(s)",
-                   err=True)
     try:
         results = run_fit(cfg, store, out, layers=sorted(set(layers)), resume=resume, overwrite=overwrite,
                           rank=rank, world=world, progress=not no_progress)

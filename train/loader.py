@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.schema import ActivationStore, bits_to_bf16
+from csae.shared.schema import ActivationStore, bits_to_bf16
 
 
 class NonFiniteActivations(Exception):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 
-def mse(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
+def reconstruction(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
     """Reconstruction error: mean over rows b of sum_d (x_bd - x_hat_bd)^2. Shapes (B, D), (B, D) -> ()."""
     return (x_BD.float() - x_hat_BD.float()).pow(2).sum(dim=1).mean()
 
@@ -21,15 +21,15 @@ def l1(f_BF: torch.Tensor) -> torch.Tensor:
     return f_BF.float().abs().sum(dim=1).mean()
 
 
-def info_nce(z_a_PC: torch.Tensor, z_p_PC: torch.Tensor, tau: float) -> torch.Tensor:
+def info_nce(z_a_PC: torch.Tensor, z_p_PC: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE over in-batch negatives. Shapes (P, C), (P, C) -> ().
 
-    s_ij = cos(z_a_i, z_p_j) / tau; loss = (CE(s, diag) + CE(s^T, diag)) / 2, i.e. for each anchor the
+    s_ij = cos(z_a_i, z_p_j) / temperature; loss = (CE(s, diag) + CE(s^T, diag)) / 2, i.e. for each anchor the
     positive must beat the other P-1 pairs' positives, and for each positive the other anchors.
     """
     a_PC = F.normalize(z_a_PC.float(), dim=1)
     p_PC = F.normalize(z_p_PC.float(), dim=1)
-    s_PP = a_PC @ p_PC.T / tau
+    s_PP = a_PC @ p_PC.T / temperature
     target_P = torch.arange(s_PP.shape[0], device=s_PP.device)
     return 0.5 * (F.cross_entropy(s_PP, target_P) + F.cross_entropy(s_PP.T, target_P))
 

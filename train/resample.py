@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from train.sae import SAE
+from csae.shared.sae import SAE
 
 
 def dead_mask(last_fired_F: torch.Tensor, step: int, window: int, *, distributed: bool) -> torch.Tensor:

@@ -6,6 +6,7 @@ first layer, so bad input fails fast and overwrites nothing.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -17,14 +18,17 @@ from typing import Any
 
 import torch
 
-from shared.config.base import to_dict
-from shared.config.train import TrainConfig
-from shared.errors import UserError
-from shared.models import resolve_device, resolve_dtype
-from shared.schema import ActivationStore
-from train.checkpoint import STATE_FILE, is_complete, layer_dir, load_state
-from train.loader import ChunkLoader, NonFiniteActivations
-from train.trainer import CSAETrainer, Runtime, train_layer
+from csae.shared.checkpoint import LayerInfo, is_complete, layer_dir
+from csae.shared.config.base import to_dict
+from csae.shared.config.train import TrainConfig
+from csae.shared.errors import UserError
+from csae.shared.models import resolve_device, resolve_dtype
+from csae.shared.schema import ActivationStore
+from csae.train.checkpoint import STATE_FILE, load_state
+from csae.train.loader import ChunkLoader, NonFiniteActivations
+from csae.train.trainer import CSAETrainer, Runtime, train_layer
+
+log = logging.getLogger(__name__)
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -52,15 +56,15 @@ def check_writable(out: Path) -> None:
             from None
 
 
-def plan(cfg: TrainConfig, store: ActivationStore, store_path: Path, layers: Sequence[int], out: Path, *,
+def plan(cfg: TrainConfig, store: ActivationStore, store_path: str | Path, layers: Sequence[int], out: Path, *,
          resume: bool, overwrite: bool) -> list[tuple[int, dict[str, Any] | None]]:
     """(layer, saved state or None) per layer still to train; raises UserError for any bad input."""
     for layer in layers:
         store.acts(layer)  # UserError naming the store's layers
-    train_rows = store.heldout_start(cfg.heldout_fraction)
+    train_rows = store.heldout_start(cfg.heldout_tail_fraction)
     if train_rows < cfg.batch_size:
         raise UserError(f"store {store_path} has {train_rows} training rows (after holding out "
-                        f"{cfg.heldout_fraction:.0%}), fewer than batch_size {cfg.batch_size}")
+                        f"{cfg.heldout_tail_fraction:.0%}), fewer than batch_size {cfg.batch_size}")
     check_writable(out)
     todo = []
     for layer in layers:
@@ -86,10 +90,17 @@ def plan(cfg: TrainConfig, store: ActivationStore, store_path: Path, layers: Seq
     return todo
 
 
-def fit(cfg: TrainConfig, store_path: Path, out: Path, *, layers: Sequence[int] = (), resume: bool = False,
+def fit(cfg: TrainConfig, store_path: str | Path, out: Path, *, layers: Sequence[int] = (), resume: bool = False,
         overwrite: bool = False, rank: int = 0, world: int = 1, progress: bool = True,
         stop_at: int | None = None, on_resample: Any = None) -> dict[int, dict[str, float]]:
-    """Train every requested layer (all the store's when `layers` is empty); returns final metrics per layer."""
+    """Train every requested layer (all the store's when `layers` is empty); returns final metrics per layer.
+
+    `auto` device and dtype are resolved here (see `resolve`), so a config built in Python works as is."""
+    cfg = resolve(cfg)
+    if rank == 0:
+        for warning in cfg.warnings():
+            log.warning(warning)
+        log.info("training %d steps/layer, dtype %s, device %s, %d rank(s)", cfg.steps, cfg.dtype, cfg.device, world)
     store = ActivationStore.open(store_path)
     layers = list(layers) or store.layers
     todo = plan(cfg, store, store_path, layers, out, resume=resume, overwrite=overwrite)
@@ -104,7 +115,7 @@ def fit(cfg: TrainConfig, store_path: Path, out: Path, *, layers: Sequence[int] 
         start = int(state["step"]) if state else 0
         trainer = CSAETrainer(cfg, store.d_model, rt)
         loader = ChunkLoader(store, layer, batch_size=cfg.batch_size, train_rows=store.heldout_start(
-            cfg.heldout_fraction), scale=scale, seed=cfg.seed + 7 * layer, pairs=cfg.contrastive and
+            cfg.heldout_tail_fraction), scale=scale, seed=cfg.seed + 7 * layer, pairs=cfg.contrastive and
             cfg.positives == "context", shuffle_rows=cfg.shuffle_rows, in_memory_max_bytes=cfg.in_memory_max_mb
             << 20, rank=rank, world=world, start_step=start, device=rt.device)
         if state:
@@ -114,9 +125,8 @@ def fit(cfg: TrainConfig, store_path: Path, out: Path, *, layers: Sequence[int] 
                 trainer.init_b_dec_(loader.sample(4096))
             except NonFiniteActivations as err:
                 raise UserError(f"layer {layer}, step 0: {err}; re-harvest the store") from None
-        info = {**to_dict(cfg), "store": str(store_path), "model": store.attrs.get("model"), "layer": layer,
-                "scale": scale,
-                "d_in": store.d_model, "d_sae": trainer.sae.d_sae, "train_rows": loader.train_rows}
-        results[layer] = train_layer(cfg, trainer, loader, d, layer=layer, scale=scale, info=info,
-                                     start_step=start, stop_at=stop_at, progress=progress, on_resample=on_resample)
+        info = LayerInfo(config=cfg, layer=layer, store=str(store_path), model=store.attrs.get("model") or {},
+                         scale=scale, d_in=store.d_model, d_sae=trainer.sae.d_sae, train_rows=loader.train_rows)
+        results[layer] = train_layer(cfg, trainer, loader, d, info, start_step=start, stop_at=stop_at,
+                                     progress=progress, on_resample=on_resample)
     return results

@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +20,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from shared.config.base import to_dict
-from shared.config.train import TrainConfig
-from shared.errors import UserError
-from train import losses
-from train.checkpoint import MetricsLog, all_finite, save_state, write_final
-from train.head import ContrastiveHead
-from train.loader import ChunkLoader, NonFiniteActivations
-from train.resample import dead_mask, resample_
-from train.sae import SAE
+from csae.shared.checkpoint import LayerInfo, write_final
+from csae.shared.config.base import to_dict
+from csae.shared.config.train import TrainConfig
+from csae.shared.errors import UserError
+from csae.shared.head import ContrastiveHead
+from csae.shared.sae import SAE
+from csae.train import losses
+from csae.train.checkpoint import STATE_FILE, MetricsLog, all_finite, save_state
+from csae.train.loader import ChunkLoader, NonFiniteActivations
+from csae.train.resample import dead_mask, resample_
 
-METRIC_NAMES = ("loss", "mse", "l1", "info_nce", "diversity", "l0", "fvu", "grad_norm")
+METRIC_NAMES = ("loss", "recon_loss", "l1", "info_nce", "diversity", "l0", "fvu", "grad_norm")
 
 
 def step_generator(seed: int, step: int, salt: int) -> torch.Generator:
@@ -108,23 +109,24 @@ class CSAETrainer:
         zero = x_BD.new_zeros(())
         with self._autocast():
             x_hat_BD, f_BF = self.sae(x_BD)
-            terms = {"mse": losses.mse(x_BD, x_hat_BD), "l1": losses.l1(f_BF), "info_nce": zero, "diversity": zero}
+            terms = {"recon_loss": losses.reconstruction(x_BD, x_hat_BD), "l1": losses.l1(f_BF), "info_nce": zero,
+                     "diversity": zero}
             if cfg.alpha > 0:
                 if cfg.positives == "context":  # rows [0, P) are anchors, [P, 2P) their positives
                     z_BC = self.head(f_BF)
                     half = len(x_BD) // 2
-                    terms["info_nce"] = losses.info_nce(z_BC[:half], z_BC[half:], cfg.tau)
+                    terms["info_nce"] = losses.info_nce(z_BC[:half], z_BC[half:], cfg.temperature)
                 else:
                     v1, v2 = self.views(x_BD[: len(x_BD) // 2], step)
                     z_BC = self.head(self.sae.encode(torch.cat([v1, v2])))
-                    terms["info_nce"] = losses.info_nce(z_BC[: len(v1)], z_BC[len(v1):], cfg.tau)
+                    terms["info_nce"] = losses.info_nce(z_BC[: len(v1)], z_BC[len(v1):], cfg.temperature)
             if cfg.beta > 0:
                 idx_S = None
                 if self.sae.d_sae > cfg.diversity_features:
                     g = step_generator(cfg.seed, step, 1)
                     idx_S = torch.randperm(self.sae.d_sae, generator=g)[: cfg.diversity_features].to(x_BD.device)
                 terms["diversity"] = losses.diversity(self.sae.W_dec, idx_S)
-        terms["loss"] = (terms["mse"] + cfg.l1 * terms["l1"] + cfg.alpha * terms["info_nce"]
+        terms["loss"] = (terms["recon_loss"] + cfg.l1 * terms["l1"] + cfg.alpha * terms["info_nce"]
                          + cfg.beta * terms["diversity"])
         return terms, x_hat_BD, f_BF
 
@@ -180,18 +182,18 @@ class CSAETrainer:
         self.last_fired_F.copy_(state["last_fired"])
 
 
-def train_layer(cfg: TrainConfig, trainer: CSAETrainer, loader: ChunkLoader, directory: Path, *, layer: int,
-                scale: float, info: dict[str, Any], start_step: int = 0, stop_at: int | None = None,
-                progress: bool = True, on_resample: Callable[[int, CSAETrainer], None] | None = None
-                ) -> dict[str, float]:
+def train_layer(cfg: TrainConfig, trainer: CSAETrainer, loader: ChunkLoader, directory: Path, info: LayerInfo, *,
+                start_step: int = 0, stop_at: int | None = None, progress: bool = True,
+                on_resample: Callable[[int, CSAETrainer], None] | None = None) -> dict[str, float]:
     """Train from `start_step` to cfg.steps; returns the last step's metrics.
 
     `stop_at` simulates a crash (for tests): the loop just stops there, after the last regular checkpoint.
+    A finished layer keeps its deliverables (csae.shared.checkpoint) and drops the resumable state.
 
     Only rank 0 writes. Raises UserError on non-finite activations or a diverged loss, before any
     checkpoint of the bad state is written.
     """
-    rt = trainer.rt
+    rt, layer = trainer.rt, info.layer
     writer = rt.rank == 0
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     log = MetricsLog(directory, start_step=start_step, enabled=writer)
@@ -227,20 +229,23 @@ def train_layer(cfg: TrainConfig, trainer: CSAETrainer, loader: ChunkLoader, dir
             log.write(last)
             bar.update(1)
             if step % 10 == 0 or step + 1 == end:
-                bar.set_postfix_str(f"tok/s {last['tokens_per_s']:,.0f} mse {values['mse']:.3g} "
+                bar.set_postfix_str(f"tok/s {last['tokens_per_s']:,.0f} recon {values['recon_loss']:.3g} "
                                     f"l1 {values['l1']:.3g} nce {values['info_nce']:.3g} "
                                     f"div {values['diversity']:.2g} L0 {values['l0']:.0f} fvu {values['fvu']:.3f}")
-            # 5. checkpoint
-            if writer and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            # 5. checkpoint (the last step's is the deliverables, written below)
+            if writer and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 if not all_finite(trainer.sae, trainer.head):
                     raise UserError(f"layer {layer}, step {step}: non-finite weights; not checkpointing")
                 log.flush()
                 save_state(directory, {"step": step + 1, "config": to_dict(cfg), "d_in": trainer.sae.d_in,
-                                       "scale": scale, **trainer.state_dict()})
+                                       "scale": info.scale, **trainer.state_dict()})
         if writer and end == cfg.steps:
+            if not all_finite(trainer.sae, trainer.head):
+                raise UserError(f"layer {layer}: non-finite weights after the last step; nothing written")
+            log.flush()
             final = {k: v for k, v in last.items() if k != "step"} if last else {}
-            write_final(directory, trainer.sae, trainer.head, scale=scale,
-                        info={**info, "steps": cfg.steps, "final_metrics": final})
+            write_final(directory, trainer.sae, trainer.head, replace(info, final_metrics=final))
+            (directory / STATE_FILE).unlink(missing_ok=True)
     finally:
         loader.close()
         bar.close()

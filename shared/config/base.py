@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 
 import click
 
-from shared.errors import UserError
+from csae.shared.errors import UserError
 
 C = TypeVar("C")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.config.base import ConfigError
+from csae.shared.config.base import ConfigError
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,9 @@ class EvalConfig:
     2 CPU cores), so this sets the unlearning cost: 60 points x 256 predictions ~ 1 minute per run and
     layer. 0: skip unlearning."""
 
-    taus: tuple[float, ...] = (0.001, 0.01)
-    """Unlearning sweep: retain firing-rate thresholds tau (features with nu_retain >= tau are never chosen)."""
+    retain_thresholds: tuple[float, ...] = (0.001, 0.01)
+    """Unlearning sweep: retain firing-rate thresholds (features firing on at least this share of retain tokens
+    are never chosen)."""
 
     ns: tuple[int, ...] = (10, 20, 50)
     """Unlearning sweep: numbers of features n clamped."""
@@ -79,7 +80,7 @@ class EvalConfig:
     """U_CE: only sweep points whose retain CE rises by at most this share of (CE_zero - CE_clean) count."""
 
     random_control: bool = True
-    """Also run the sweep with n random features (nu_retain < tau) and report U - U_random."""
+    """Also run the sweep with n random features (below the retain threshold) and report U - U_random."""
 
     model: str | None = None
     """Language model for downstream metrics; None: the model recorded in the store."""
@@ -111,10 +112,11 @@ class EvalConfig:
             raise ConfigError(f"dense_thresholds must be in (0, 1), got {list(self.dense_thresholds)}")
         if not 0.0 < self.topic_specific_ratio <= 1.0:
             raise ConfigError(f"topic_specific_ratio must be in (0, 1], got {self.topic_specific_ratio}")
-        if self.unlearn_tokens and not (self.taus and self.ns and self.cs):
-            raise ConfigError("taus, ns and cs need at least one value each (or --unlearn-tokens 0 to skip)")
-        if any(not 0.0 < t <= 1.0 for t in self.taus):
-            raise ConfigError(f"taus must be in (0, 1], got {list(self.taus)}")
+        if self.unlearn_tokens and not (self.retain_thresholds and self.ns and self.cs):
+            raise ConfigError("retain_thresholds, ns and cs need at least one value each (or --unlearn-tokens 0 to "
+                              "skip)")
+        if any(not 0.0 < t <= 1.0 for t in self.retain_thresholds):
+            raise ConfigError(f"retain_thresholds must be in (0, 1], got {list(self.retain_thresholds)}")
         if any(n < 1 for n in self.ns):
             raise ConfigError(f"ns must be positive, got {list(self.ns)}")
         if any(c <= 0 for c in self.cs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.config.base import ConfigError
+from csae.shared.config.base import ConfigError
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class HarvestConfig:
     split: Literal["train", "heldout"] = "train"
     """Which part of the corpus: documents are assigned to train or heldout by a hash of their key."""
 
-    heldout_fraction: float = 0.1
+    heldout_doc_fraction: float = 0.1
     """Share of documents assigned to the heldout split (deterministic, by document)."""
 
     layers: tuple[int, ...] = ()
@@ -62,8 +62,8 @@ class HarvestConfig:
             raise ConfigError(f"sort_window must be at least 1, got {self.sort_window}")
         if self.chunk_rows < 1:
             raise ConfigError(f"chunk_rows must be at least 1, got {self.chunk_rows}")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if not 0.0 < self.heldout_doc_fraction < 1.0:
+            raise ConfigError(f"heldout_doc_fraction must be in (0, 1), got {self.heldout_doc_fraction}")
         if any(layer < 0 for layer in self.layers):
             raise ConfigError(f"layers must be non-negative block indices, got {list(self.layers)}")
         if len(set(self.layers)) != len(self.layers) or list(self.layers) != sorted(self.layers):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from shared.config.base import ConfigError, from_dict
+from csae.shared.config.base import ConfigError, from_dict
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class TrainConfig:
     beta: float = 10.0
     """Weight of the decoder diversity penalty: mean squared cosine of distinct decoder rows."""
 
-    tau: float = 0.1
+    temperature: float = 0.1
     """InfoNCE temperature."""
 
     head_dim: int = 128
@@ -87,7 +87,7 @@ class TrainConfig:
     resample_until: float = 0.8
     """No resampling after this fraction of the steps, so late-resampled features still get trained."""
 
-    heldout_fraction: float = 0.1
+    heldout_tail_fraction: float = 0.1
     """Tail of the store (whole sequences) that training never reads; the evaluator uses it."""
 
     in_memory_max_mb: int = 2048
@@ -120,16 +120,16 @@ class TrainConfig:
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
-        if self.lr <= 0 or self.tau <= 0:
-            raise ConfigError(f"lr and tau must be positive, got lr={self.lr} tau={self.tau}")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ConfigError(f"lr and temperature must be positive, got lr={self.lr} temperature={self.temperature}")
         if self.alpha > 0 and (self.batch_size < 4 or self.batch_size % 2):
             raise ConfigError(f"with alpha > 0 batch_size must be even and at least 4 (anchor/positive pairs), "
                               f"got {self.batch_size}")
         for name in ("decay_fraction", "resample_until", "augment_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ConfigError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if not 0.0 <= self.heldout_tail_fraction < 1.0:
+            raise ConfigError(f"heldout_tail_fraction must be in [0, 1), got {self.heldout_tail_fraction}")
         if self.steps < 1:
             raise ConfigError(f"tokens ({self.tokens}) must be at least batch_size ({self.batch_size})")
 
@@ -155,7 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": {
         "expansion": 1, "batch_size": 512, "tokens": 100_000, "lr": 1e-4, "warmup_steps": 1000,
-        "decay_fraction": 0.0, "grad_clip": 1.0, "l1": 0.04, "alpha": 2.0, "tau": 0.1, "head_dim": 128,
+        "decay_fraction": 0.0, "grad_clip": 1.0, "l1": 0.04, "alpha": 2.0, "temperature": 0.1, "head_dim": 128,
         "dtype": "bfloat16", "resample_every": 100, "resample_scale": 0.2, "resample_until": 1.0,
     },
 }

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from train.sae import _atomic
+from csae.shared.files import atomic_write
 
 HEAD_FILE = "head.safetensors"
 
@@ -38,7 +38,7 @@ class ContrastiveHead(nn.Module):
     def save(self, directory: str | Path) -> None:
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
         meta = {"d_sae": str(self.d_sae), "d_out": str(self.d_out), "hidden": str(self.hidden)}
-        _atomic(Path(directory) / HEAD_FILE, lambda p: save_file(tensors, p, metadata=meta))
+        atomic_write(Path(directory) / HEAD_FILE, lambda p: save_file(tensors, p, metadata=meta))
 
     @classmethod
     def load(cls, directory: str | Path) -> ContrastiveHead:

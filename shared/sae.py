@@ -9,14 +9,14 @@ is folded into the weights before saving (see `fold_input_scale`).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from csae.shared.files import atomic_write
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
@@ -89,9 +89,9 @@ class SAE(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
-        _atomic(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p))
+        atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p))
         cfg = saelens_cfg(self.d_in, self.d_sae, metadata or {})
-        _atomic(directory / CFG_FILE, lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+        atomic_write(directory / CFG_FILE, lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
 
     @classmethod
     def load(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> SAE:
@@ -108,15 +108,3 @@ def saelens_cfg(d_in: int, d_sae: int, metadata: dict[str, Any]) -> dict[str, An
     return {"architecture": "standard", "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
             "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
             "metadata": metadata}
-
-
-def _atomic(path: Path, write: Any) -> None:
-    """Write via a temporary file in the same directory and rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -1,0 +1,105 @@
+"""The layout of a trained layer's directory, its writer and its readers (train writes, evaluate reads).
+
+    layer_<L>/cfg.json, sae_weights.safetensors   the SAE in SAELens' layout, taking RAW activations
+    layer_<L>/head.safetensors                    the contrastive head, taking that SAE's (raw-unit) features
+    layer_<L>/train_config.json                   `LayerInfo`: the TrainConfig and what it was trained on;
+                                                  written last, so its presence means the rest is there
+    layer_<L>/metrics.csv                         one row per training step (DVC plots it)
+
+Every file is written through a temporary file and a rename, so a crash leaves the previous version.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from csae.shared.config.base import ConfigError, from_dict, to_dict
+from csae.shared.config.train import TrainConfig
+from csae.shared.errors import UserError
+from csae.shared.files import atomic_write
+from csae.shared.head import ContrastiveHead
+from csae.shared.sae import SAE
+
+METRICS_FILE = "metrics.csv"
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
+def layer_dir(out: Path, layer: int) -> Path:
+    return Path(out) / f"layer_{layer}"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What train_config.json records: the training config (read back into TrainConfig) and the data."""
+
+    config: TrainConfig
+    layer: int
+    store: str
+    """The activation store trained on (path or URL)."""
+    model: dict[str, Any]
+    """The store's model identity (name plus revision / package version / file hash)."""
+    scale: float
+    """Inputs were multiplied by this in training (folded into the saved weights)."""
+    d_in: int
+    d_sae: int
+    train_rows: int
+    """Rows [0, train_rows) of the store were training rows; the tail after them is held out."""
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    """The last training step's metrics."""
+    complete: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps({**self.__dict__, "config": to_dict(self.config)}, indent=2)
+
+    @classmethod
+    def read(cls, directory: Path) -> LayerInfo:
+        """Read `directory`/train_config.json; one-line UserError when it is missing or not ours."""
+        path = Path(directory) / TRAIN_CONFIG_FILE
+        if not path.exists():
+            raise UserError(f"{directory} has no {TRAIN_CONFIG_FILE}: its training did not finish; resume it with "
+                            f"`train fit --resume`")
+        try:
+            data = json.loads(path.read_text())
+            return cls(**{**data, "config": from_dict(TrainConfig, data["config"])})
+        except (ValueError, KeyError, TypeError, ConfigError) as err:
+            raise UserError(f"{path} is not a train_config.json of this csae version ({type(err).__name__}: "
+                            f"{err}); re-train the layer with `train fit --overwrite`") from None
+
+
+def write_final(directory: Path, sae: SAE, head: ContrastiveHead, info: LayerInfo) -> None:
+    """The deliverables: SAE and head with the input scale folded in, then train_config.json (last, so
+    its presence with complete=true means the rest is there)."""
+    meta = {"hook_name": f"blocks.{info.layer}.hook_resid_post", "csae_layer": info.layer, "csae_store": info.store,
+            "csae_scale": info.scale}
+    sae.fold_input_scale(info.scale).save(directory, metadata=meta)
+    head.fold_input_scale(info.scale).save(directory)
+    text = info.to_json()
+    atomic_write(directory / TRAIN_CONFIG_FILE, lambda p: Path(p).write_text(text))
+
+
+def is_complete(directory: Path) -> bool:
+    path = directory / TRAIN_CONFIG_FILE
+    return path.exists() and bool(json.loads(path.read_text()).get("complete"))
+
+
+def load_layer(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[SAE, ContrastiveHead,
+                                                                                     LayerInfo]:
+    """(SAE taking raw activations, head taking its features, the LayerInfo) of a trained layer."""
+    directory = Path(directory)
+    info = LayerInfo.read(directory)
+    return SAE.load(directory, device=device), ContrastiveHead.load(directory).to(device), info
+
+
+def read_metrics(directory: Path) -> list[dict[str, float]]:
+    """The per-step metrics log of a layer directory, as numbers ('step' as int)."""
+    path = Path(directory) / METRICS_FILE
+    if not path.exists() or not path.stat().st_size:
+        return []
+    with open(path, newline="") as fh:
+        return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()} for row in csv.DictReader(fh)]
