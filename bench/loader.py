@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from csae.shared.checkpoint import read_metrics
+from csae.shared.checkpoint import layer_dir, read_metrics
 from csae.shared.config.train import TrainConfig
 from csae.shared.schema import ActivationStore, make_test_store
 from csae.train.loader import ChunkLoader
@@ -40,7 +40,7 @@ def loader_rows_per_s(store: ActivationStore, batches: int, *, in_memory: bool, 
 def trainer_rows_per_s(path: Path, out: Path, steps: int) -> float:
     cfg = resolve(TrainConfig(tokens=BATCH * steps, warmup_steps=5, checkpoint_every=10**9))
     fit(cfg, path, out, layers=[0], overwrite=True, progress=False)
-    log = read_metrics(out / "layer_0")
+    log = read_metrics(layer_dir(out, cfg.seeds[0], 0))
     return (len(log) - 6) * BATCH / (log[-1]["elapsed_s"] - log[5]["elapsed_s"])
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from csae.shared.checkpoint import read_metrics
+from csae.shared.checkpoint import layer_dir, read_metrics
 from csae.shared.config.train import TrainConfig
 from csae.shared.models import resolve_dtype
 from csae.shared.schema import ActivationStore, make_test_store
@@ -69,7 +69,7 @@ def trainer_run(store: Path, out: Path, steps: int, dtype: str, **overrides: obj
     cfg = resolve(TrainConfig(expansion=1, batch_size=BATCH, tokens=BATCH * steps, dtype=dtype,  # type: ignore[arg-type]
                               warmup_steps=10, checkpoint_every=10**9, **overrides))  # type: ignore[arg-type]
     fit(cfg, store, out, layers=[0], overwrite=True, progress=False)
-    log = read_metrics(out / "layer_0")
+    log = read_metrics(layer_dir(out, cfg.seeds[0], 0))
     return (len(log) - 1 - SKIP) / (log[-1]["elapsed_s"] - log[SKIP]["elapsed_s"])
 
 

@@ -6,7 +6,7 @@
     train("acts.zarr", "checkpoints/csae")                               # any TrainConfig field
     train("acts.zarr", "checkpoints/baseline", alpha=0.0, beta=0.0)      # the plain-SAE baseline
     metrics = evaluate("acts.zarr", ["checkpoints/csae", "checkpoints/baseline"], "eval")
-    sae, head, info = load_sae("checkpoints/csae/layer_8")
+    sae, head, info = load_sae("checkpoints/csae/seed_0/layer_8")
     features = sae.encode(store.read(8, 0, 1024).float())
 
 Each function takes a config (or builds one from the defaults) and keyword overrides of its fields; `auto`
@@ -55,9 +55,10 @@ def harvest(store: str | Path, cfg: HarvestConfig | None = None, *, overwrite: b
 
 def train(store: str | Path, out: str | Path, cfg: TrainConfig | None = None, *, preset_name: str = "default",
           layers: Sequence[int] = (), resume: bool = False, overwrite: bool = False, progress: bool = True,
-          **overrides: Any) -> dict[int, dict[str, float]]:
-    """Train one CSAE per layer (all the store's by default) into `out`/layer_<L>; returns each layer's last
-    training metrics. Without `cfg`, settings start from the preset `preset_name` (default or paper)."""
+          **overrides: Any) -> dict[tuple[int, int], dict[str, float]]:
+    """Train one CSAE per seed and layer (all the store's layers by default) into `out`/seed_<s>/layer_<L>;
+    returns each one's last training metrics, keyed (seed, layer). Without `cfg`, settings start from the
+    preset `preset_name` (default or paper)."""
     from csae.train.run import fit
 
     config = _config(TrainConfig, cfg, overrides) if cfg is not None else preset(preset_name, **overrides)
@@ -67,7 +68,7 @@ def train(store: str | Path, out: str | Path, cfg: TrainConfig | None = None, *,
 def evaluate(store: str | Path, checkpoints: Sequence[str | Path], out: str | Path = "eval",
              cfg: EvalConfig | None = None, *, progress: bool = True, **overrides: Any) -> dict[str, dict[str, Any]]:
     """Evaluate every trained layer of each checkpoint directory (a run each) and write `out`; returns
-    {"<run>/layer_<L>": {metric: value}}."""
+    {"<run>/seed_<s>/layer_<L>": {metric: value}}."""
     from csae.evaluate.run import evaluate as run
 
     return run(_config(EvalConfig, cfg, overrides), store, [Path(c) for c in checkpoints], Path(out),

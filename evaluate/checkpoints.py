@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from csae.shared.checkpoint import LayerInfo
+from csae.shared.checkpoint import LayerInfo, trained_layers
 from csae.shared.errors import UserError
 from csae.shared.head import HEAD_FILE, ContrastiveHead
 from csae.shared.sae import SAE, WEIGHTS_FILE
 from csae.shared.schema import ActivationStore
 
-_LAYER_DIR = re.compile(r"layer_(\d+)$")
 #: Identity fields that must agree between the checkpoint's store and the evaluated store.
 _IDENTITY_KEYS = ("name", "revision", "version", "sha256", "gguf_sha256")
 
@@ -24,37 +22,34 @@ _IDENTITY_KEYS = ("name", "revision", "version", "sha256", "gguf_sha256")
 class LayerCheckpoint:
     run: str
     """The run's name: its checkpoint directory's name (e.g. csae, baseline)."""
+    seed: int
     layer: int
     path: Path
     sae: SAE
     head: torch.nn.Module | None
     """The contrastive head, or None when the directory has none."""
     info: LayerInfo
-    """train_config.json: the training config plus store, layer, scale."""
+    """train_config.json: the training config plus store, seed, layer, scale."""
 
     @property
     def key(self) -> str:
-        return f"{self.run}/layer_{self.layer}"
+        return f"{self.run}/seed_{self.seed}/layer_{self.layer}"
 
 
-def layer_dirs(directory: Path) -> list[tuple[int, Path]]:
-    """(layer, dir) of each `layer_<L>` subdirectory holding an SAE, or of `directory` itself if it is one."""
+def layer_dirs(directory: Path) -> list[tuple[int, int, Path]]:
+    """(seed, layer, dir) of each trained SAE (seed_<s>/layer_<L>/ with weights) of a `train fit --out` run."""
     if not directory.is_dir():
         raise UserError(f"checkpoint directory {directory} does not exist; train with `train fit --out {directory}`")
-    match = _LAYER_DIR.search(directory.name)
-    if match and (directory / WEIGHTS_FILE).exists():
-        return [(int(match.group(1)), directory)]
-    found = sorted((int(m.group(1)), p) for p in directory.iterdir()
-                   if p.is_dir() and (m := _LAYER_DIR.search(p.name)) and (p / WEIGHTS_FILE).exists())
+    found = [(seed, layer, p) for seed, layer, p in trained_layers(directory) if (p / WEIGHTS_FILE).exists()]
     if not found:
-        raise UserError(f"{directory} holds no trained layers (no layer_<L>/{WEIGHTS_FILE}); pass the directory "
-                        f"`train fit --out` wrote")
+        raise UserError(f"{directory} holds no trained layers (no seed_<s>/layer_<L>/{WEIGHTS_FILE}); pass the "
+                        f"directory `train fit --out` wrote")
     return found
 
 
 def run_name(directory: Path) -> str:
-    """A run is named by its directory (for a single layer_<L> directory, by its parent)."""
-    return directory.parent.name if _LAYER_DIR.search(directory.name) else directory.name
+    """A run is named by its directory."""
+    return directory.resolve().name
 
 
 def _model_mismatch(want: dict[str, Any], got: dict[str, Any]) -> str | None:
@@ -84,7 +79,7 @@ def load_run(directory: Path, store: ActivationStore, store_path: str) -> list[L
     """Every trained layer of a run, checked against the store (layer, d_in, model)."""
     out = []
     name = run_name(directory)
-    for layer, path in layer_dirs(directory):
+    for seed, layer, path in layer_dirs(directory):
         info = LayerInfo.read(path)
         sae = SAE.load(path).eval().requires_grad_(False)
         head = ContrastiveHead.load(path).eval().requires_grad_(False) if (path / HEAD_FILE).exists() else None
@@ -93,8 +88,9 @@ def load_run(directory: Path, store: ActivationStore, store_path: str) -> list[L
         if sae.d_in != store.d_model:
             raise UserError(f"{path} takes inputs of width d_in={sae.d_in}, but store {store_path} has "
                             f"d_model={store.d_model}: the checkpoint is for another model")
-        if info.layer != layer:
-            raise UserError(f"{path} says it was trained on layer {info.layer}, not {layer}")
+        if (info.seed, info.layer) != (seed, layer):
+            raise UserError(f"{path} says it was trained with seed {info.seed} on layer {info.layer}, not seed "
+                            f"{seed}, layer {layer}; move it back to seed_{info.seed}/layer_{info.layer}")
         check_model(info, store, store_path, path)
-        out.append(LayerCheckpoint(name, layer, path, sae, head, info))
+        out.append(LayerCheckpoint(name, seed, layer, path, sae, head, info))
     return out

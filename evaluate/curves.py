@@ -2,9 +2,9 @@
 
 DVC renders every file of a plots directory, so each kind of curve gets a directory of CSVs only:
 
-    <out>/plots/training/<run>_layer_<L>.csv     step, loss terms, fvu, l0, dead_frac, lr (from training)
-    <out>/plots/unlearning/<run>_layer_<L>.csv   a row per sweep point: kind, retain_threshold, n, c, A, dCE
-    <out>/training_layer_<L>.png                 loss and FVU against step, runs overlaid
+    <out>/plots/training/<run>_seed_<s>_layer_<L>.csv    step, loss terms, fvu, l0, dead_frac, lr (training)
+    <out>/plots/unlearning/<run>_seed_<s>_layer_<L>.csv  a row per sweep point: kind, threshold, n, c, A, dCE
+    <out>/training_layer_<L>.png                         loss and FVU against step, runs and seeds overlaid
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ def write_curves(out: Path, ckpts: list[LayerCheckpoint], points: dict[str, Any]
         (out / "plots" / kind).mkdir(parents=True, exist_ok=True)
     logs: dict[int, list[tuple[str, list[dict[str, float]]]]] = defaultdict(list)
     for ckpt in ckpts:
-        name = f"{ckpt.run}_layer_{ckpt.layer}.csv"
+        name = f"{ckpt.run}_seed_{ckpt.seed}_layer_{ckpt.layer}.csv"
         log = read_metrics(ckpt.path)
         _write_csv(out / "plots" / "training" / name, TRAINING_COLUMNS, log)
-        logs[ckpt.layer].append((ckpt.run, log))
+        logs[ckpt.layer].append((f"{ckpt.run} seed {ckpt.seed}", log))
         sweep = points.get(ckpt.key) or {}
         rows = [{"kind": kind, **p} for kind in ("selected", "random") for p in sweep.get(kind) or []]
         if rows:

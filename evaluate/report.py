@@ -59,7 +59,7 @@ def write_plots(out: Path, densities: dict[str, np.ndarray], points: dict[str, A
             d = densities[key]
             live = d[d > 0]
             ax.hist(np.log10(live), bins=bins, histtype="step", linewidth=1.5,
-                    label=f"{key.split('/')[0]} ({(d == 0).sum()} dead of {len(d)})")
+                    label=f"{key.rsplit('/', 1)[0]} ({(d == 0).sum()} dead of {len(d)})")
         ax.set_xlabel("log10 firing density (held-out tokens)")
         ax.set_ylabel("features")
         ax.set_title(f"Feature density, layer {layer}")
@@ -71,7 +71,7 @@ def write_plots(out: Path, densities: dict[str, np.ndarray], points: dict[str, A
             continue
         fig, ax = plt.subplots(figsize=(5, 4))
         for (key, pts), color in zip(sweeps, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
-            run = key.split("/")[0]
+            run = key.rsplit("/", 1)[0]
             for kind, marker, fill in (("selected", "o", color), ("random", "x", color)):
                 p = pts.get(kind) or []
                 if p:

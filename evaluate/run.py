@@ -1,10 +1,10 @@
 """`evaluate run`: every metric for every trained layer of one or more runs, written to an output dir.
 
-    <out>/metrics.json      {"<run>/layer_<L>": {metric: number}}, the HEADLINE metrics (DVC metrics)
+    <out>/metrics.json      {"<run>/seed_<s>/layer_<L>": {metric: number}}, the HEADLINE metrics (DVC metrics)
     <out>/metrics_all.json  the same with every metric
     <out>/unlearning.json   the unlearning sweep points per run/layer (selected and random features)
     <out>/density_layer_<L>.png, <out>/unlearning_layer_<L>.png, <out>/training_layer_<L>.png
-    <out>/plots/{training,unlearning}/<run>_layer_<L>.csv   plot data for DVC (see evaluate/curves.py)
+    <out>/plots/{training,unlearning}/<run>_seed_<s>_layer_<L>.csv   plot data for DVC (evaluate/curves.py)
     <out>/report.md         side-by-side tables of the main metrics
     <out>/eval_config.json  the EvalConfig used, the store and the checkpoint directories
 """

@@ -28,7 +28,8 @@ def main(workdir: str | Path = "csae-quickstart", *, model: str = "gemma-3-270m"
     store = harvest(workdir / "acts.zarr", model=model, dataset=dataset, layers=(layer,), tokens=tokens,
                     chunk_rows=chunk_rows)
 
-    # 2. Train the CSAE and the baseline: the same settings but for the loss (alpha = beta = 0).
+    # 2. Train the CSAE and the baseline: the same settings but for the loss (alpha = beta = 0), each with
+    #    seeds 0 and 1 (one SAE per seed: the spread between seeds is part of any comparison).
     for run, loss in {"csae": {}, "baseline": {"alpha": 0.0, "beta": 0.0}}.items():
         train(workdir / "acts.zarr", workdir / "checkpoints" / run, tokens=train_tokens, overwrite=True, **loss)
 
@@ -40,7 +41,7 @@ def main(workdir: str | Path = "csae-quickstart", *, model: str = "gemma-3-270m"
               f"L0 {m['l0']:.1f}")
 
     # 4. Load the CSAE and find the feature that fires most on the first held-out rows.
-    sae, _head, info = load_sae(workdir / "checkpoints" / "csae" / f"layer_{layer}")
+    sae, _head, info = load_sae(workdir / "checkpoints" / "csae" / "seed_0" / f"layer_{layer}")
     x = store.read(layer, info.train_rows, min(info.train_rows + 512, store.n_rows)).float()
     with torch.no_grad():
         f = sae.encode(x)

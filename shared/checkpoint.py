@@ -1,10 +1,11 @@
 """The layout of a trained layer's directory, its writer and its readers (train writes, evaluate reads).
 
-    layer_<L>/cfg.json, sae_weights.safetensors   the SAE in SAELens' layout, taking RAW activations
-    layer_<L>/head.safetensors                    the contrastive head, taking that SAE's (raw-unit) features
-    layer_<L>/train_config.json                   `LayerInfo`: the TrainConfig and what it was trained on;
-                                                  written last, so its presence means the rest is there
-    layer_<L>/metrics.csv                         one row per training step (DVC plots it)
+    <out>/seed_<s>/layer_<L>/                     one trained SAE: run `out`, seed s, layer L
+        cfg.json, sae_weights.safetensors          the SAE in SAELens' layout, taking RAW activations
+        head.safetensors                           the contrastive head, taking that SAE's (raw-unit) features
+        train_config.json                          `LayerInfo`: the TrainConfig and what it was trained on;
+                                                   written last, so its presence means the rest is there
+        metrics.csv                                one row per training step (DVC plots it)
 
 Every file is written through a temporary file and a rename, so a crash leaves the previous version.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,23 @@ METRICS_FILE = "metrics.csv"
 TRAIN_CONFIG_FILE = "train_config.json"
 
 
-def layer_dir(out: Path, layer: int) -> Path:
-    return Path(out) / f"layer_{layer}"
+SEED_DIR = re.compile(r"seed_(\d+)$")
+LAYER_DIR = re.compile(r"layer_(\d+)$")
+
+
+def layer_dir(out: str | Path, seed: int, layer: int) -> Path:
+    """Where run directory `out` keeps the SAE of one seed and layer."""
+    return Path(out) / f"seed_{seed}" / f"layer_{layer}"
+
+
+def trained_layers(out: str | Path) -> list[tuple[int, int, Path]]:
+    """(seed, layer, directory) of every seed_<s>/layer_<L> directory under run directory `out`, sorted."""
+    found = []
+    for seed_path in Path(out).iterdir() if Path(out).is_dir() else []:
+        if seed_path.is_dir() and (seed := SEED_DIR.match(seed_path.name)):
+            found += [(int(seed.group(1)), int(layer.group(1)), p) for p in seed_path.iterdir()
+                      if p.is_dir() and (layer := LAYER_DIR.match(p.name))]
+    return sorted(found)
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,8 @@ class LayerInfo:
     """What train_config.json records: the training config (read back into TrainConfig) and the data."""
 
     config: TrainConfig
+    seed: int
+    """The seed this SAE was trained with (one of config.seeds)."""
     layer: int
     store: str
     """The activation store trained on (path or URL)."""

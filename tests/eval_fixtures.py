@@ -16,7 +16,7 @@ import pytest
 import torch
 import zarr
 
-from csae.shared.checkpoint import LayerInfo, write_final
+from csae.shared.checkpoint import LayerInfo, layer_dir, write_final
 from csae.shared.config.base import to_dict
 from csae.shared.config.harvest import HarvestConfig
 from csae.shared.config.train import TrainConfig
@@ -97,15 +97,15 @@ def make_store(path: Path, model_dir: Path, corpus: Path, *, layers: tuple[int, 
 
 
 def write_checkpoint(directory: Path, layer: int, sae: SAE, head: ContrastiveHead | None = None, *,
-                     model: dict[str, Any] | None = None, store: str = "", **config: Any) -> Path:
-    """A `train fit` layer directory (csae.shared.checkpoint.write_final, scale 1) whose TrainConfig holds
-    the defaults with `heldout_tail_fraction` 0.25, overridden by `config`."""
-    out = directory / f"layer_{layer}"
+                     model: dict[str, Any] | None = None, store: str = "", seed: int = 0, **config: Any) -> Path:
+    """A `train fit` seed_<seed>/layer_<layer> directory (csae.shared.checkpoint.write_final, scale 1) whose
+    TrainConfig holds the defaults with `heldout_tail_fraction` 0.25, overridden by `config`."""
+    out = layer_dir(directory, seed, layer)
     out.mkdir(parents=True, exist_ok=True)
     head = head or ContrastiveHead(sae.d_sae, 8)
     cfg = TrainConfig(**{"heldout_tail_fraction": 0.25, **config})
-    info = LayerInfo(config=cfg, layer=layer, store=store, model=model if model is not None else {}, scale=1.0,
-                     d_in=sae.d_in, d_sae=sae.d_sae, train_rows=0)
+    info = LayerInfo(config=cfg, seed=seed, layer=layer, store=store, model=model if model is not None else {},
+                     scale=1.0, d_in=sae.d_in, d_sae=sae.d_sae, train_rows=0)
     write_final(out, sae, head, info)
     return out
 

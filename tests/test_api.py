@@ -25,10 +25,10 @@ def test_the_example_runs_as_a_user_would(tmp_path: Path, tiny_gemma2: Path, tin
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     metrics = module.main(tmp_path, model=str(tiny_gemma2), dataset=str(tiny_corpus), layer=5, tokens=4000,
                           chunk_rows=128, train_tokens=512 * 8, ce_tokens=32)
-    assert set(metrics) == {"csae/layer_5", "baseline/layer_5"}
+    assert set(metrics) == {f"{run}/seed_{seed}/layer_5" for run in ("csae", "baseline") for seed in (0, 1)}
     assert all(math.isfinite(m["ce_score"]) and 0 < m["l0"] for m in metrics.values())
-    _, _, info = load_sae(tmp_path / "checkpoints" / "baseline" / "layer_5")
-    assert info.config.alpha == 0.0 and info.config.device == "cpu"  # `auto` was resolved by the library
+    _, _, info = load_sae(tmp_path / "checkpoints" / "baseline" / "seed_1" / "layer_5")
+    assert info.config.alpha == 0.0 and info.seed == 1 and info.config.device == "cpu"  # `auto` resolved
     assert "feature" in capsys.readouterr().out
 
 
@@ -44,6 +44,6 @@ def test_store_urls_harvest_and_train(tmp_path: Path, tiny_gemma2: Path, tiny_co
         reopened = ActivationStore.open(tmp_path / "acts.zarr")  # the same store as a plain path
         assert torch.equal(reopened.read(5, 0, 1000), store.read(5, 0, 1000))
     results = train(url, tmp_path / "ck", tokens=1024, batch_size=128, expansion=2, heldout_tail_fraction=0.1,
-                    progress=False)
-    assert math.isfinite(results[5]["loss"])
-    assert load_sae(tmp_path / "ck" / "layer_5")[2].store == url  # recorded unchanged
+                    seeds=(3,), progress=False)
+    assert math.isfinite(results[3, 5]["loss"])
+    assert load_sae(tmp_path / "ck" / "seed_3" / "layer_5")[2].store == url  # recorded unchanged

@@ -57,8 +57,9 @@ def test_run_compares_two_runs_end_to_end(store: Path, tmp_path: Path, dtype: st
     assert code == 0, output
     metrics = json.loads((out / "metrics_all.json").read_text())
     headline = json.loads((out / "metrics.json").read_text())
-    assert set(headline["csae/layer_1"]) <= set(metrics["csae/layer_1"]) and "ce_score" in headline["csae/layer_1"]
-    assert sorted(metrics) == ["baseline/layer_1", "baseline/layer_2", "csae/layer_1", "csae/layer_2"]
+    assert set(headline["csae/seed_0/layer_1"]) <= set(metrics["csae/seed_0/layer_1"])
+    assert "ce_score" in headline["csae/seed_0/layer_1"]
+    assert sorted(metrics) == [f"{run}/seed_0/layer_{layer}" for run in ("baseline", "csae") for layer in (1, 2)]
     for m in metrics.values():
         assert all(isinstance(v, (int, float)) for v in m.values())
         for key in ("fvu", "relative_bias", "l0", "dead_fraction", "dec_mean_abs_cos", "coactivation_mean_abs_corr",
@@ -66,23 +67,23 @@ def test_run_compares_two_runs_end_to_end(store: Path, tmp_path: Path, dtype: st
                     "unlearn_U_minus_random", "unlearn_U_CE"):
             assert key in m
         assert m["ce_predictions"] == 64 and m["unlearn_forget_predictions"] == 48
-    perfect = metrics["baseline/layer_1"]
+    perfect = metrics["baseline/seed_0/layer_1"]
     assert perfect["fvu"] == pytest.approx(0.0, abs=1e-10) and perfect["ce_score"] == pytest.approx(1.0, abs=1e-4)
 
     # Store metrics use exactly the held-out tail of the store (heldout_tail_fraction 0.25 in write_checkpoint).
     opened = ActivationStore.open(store)
     start = opened.heldout_start(0.25)
-    assert metrics["csae/layer_2"]["eval_rows"] == opened.n_rows - start
+    assert metrics["csae/seed_0/layer_2"]["eval_rows"] == opened.n_rows - start
     x = opened.read(2, start, opened.n_rows).float()
     sae = random_sae(D_MODEL, 128, seed=2)
     with torch.no_grad():
         want = fvu_pooled(x, sae(x)[0])
-    assert metrics["csae/layer_2"]["fvu"] == pytest.approx(want, rel=1e-5)
+    assert metrics["csae/seed_0/layer_2"]["fvu"] == pytest.approx(want, rel=1e-5)
 
     for name in ("report.md", "unlearning.json", "eval_config.json", "density_layer_1.png", "unlearning_layer_2.png"):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
-    assert "csae/layer_1" in report and "baseline/layer_2" in report and "CE score" in report
+    assert "csae/seed_0/layer_1" in report and "baseline/seed_0/layer_2" in report and "CE score" in report
 
 
 def test_checkpoint_for_another_width_is_refused(store: Path, tmp_path: Path) -> None:
@@ -131,5 +132,5 @@ def test_store_metrics_only_needs_no_model(store: Path, tmp_path: Path) -> None:
     code, output = evaluate("--store", store, "--checkpoints", tmp_path / "run", "--out", tmp_path / "e",
                             "--ce-tokens", "0", "--unlearn-tokens", "0", "--no-progress")
     assert code == 0, output
-    m = json.loads((tmp_path / "e" / "metrics_all.json").read_text())["run/layer_2"]
+    m = json.loads((tmp_path / "e" / "metrics_all.json").read_text())["run/seed_0/layer_2"]
     assert "fvu" in m and "ce_score" not in m and "unlearn_U" not in m

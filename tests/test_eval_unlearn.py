@@ -80,9 +80,9 @@ def test_planted_topic_feature_is_selected_and_scores(tiny_gemma3: Path, topic_c
     model.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(tiny_gemma3)
     sae, planted = planted_sae(model, tok, topic_corpus)
-    info = LayerInfo(config=TrainConfig(), layer=LAYER, store="", model={}, scale=1.0, d_in=sae.d_in, d_sae=sae.d_sae,
-                     train_rows=0)
-    ckpt = LayerCheckpoint("planted", LAYER, Path("."), sae, None, info)
+    info = LayerInfo(config=TrainConfig(), seed=0, layer=LAYER, store="", model={}, scale=1.0, d_in=sae.d_in,
+                     d_sae=sae.d_sae, train_rows=0)
+    ckpt = LayerCheckpoint("planted", 0, LAYER, Path("."), sae, None, info)
     cfg = EvalConfig(select_tokens=10**6, unlearn_tokens=10**6, ce_tokens=0, lm_batch_size=4)
     lm = LoadedModel(model=model, tokenizer=tok, identity={})
     metrics, points = unlearning_metrics(lm, [ckpt], TextSource(str(topic_corpus), 0.5, 33), cfg, progress=False)

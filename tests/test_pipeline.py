@@ -54,21 +54,22 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
 
     dvc(work, "repro")
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
-    assert set(metrics) == {f"{run}/layer_{layer}" for run in ("csae", "baseline") for layer in (5, 19)}
-    baseline = LayerInfo.read(work / "checkpoints" / "baseline" / "layer_5").config
+    assert set(metrics) == {f"{run}/seed_{seed}/layer_{layer}" for run in ("csae", "baseline")
+                            for seed in (0, 1) for layer in (5, 19)}
+    baseline = LayerInfo.read(work / "checkpoints" / "baseline" / "seed_0" / "layer_5").config
     assert baseline.alpha == 0.0 and baseline.beta == 0.0
-    csae = LayerInfo.read(work / "checkpoints" / "csae" / "layer_5").config
+    csae = LayerInfo.read(work / "checkpoints" / "csae" / "seed_0" / "layer_5").config
     assert csae.alpha > 0 and csae.tokens == 2048 and csae.dtype == dtype
     evaluated = json.loads((work / "eval" / "eval_config.json").read_text())
     assert evaluated["config"]["dtype"] == dtype
-    assert sorted(p.name for p in (work / "eval" / "plots" / "training").iterdir()) == [
-        "baseline_layer_19.csv", "baseline_layer_5.csv", "csae_layer_19.csv", "csae_layer_5.csv"]
-    assert len(list((work / "eval" / "plots" / "unlearning").iterdir())) == 4
-    assert "unlearn_U" in metrics["csae/layer_5"]
+    assert sorted(p.name for p in (work / "eval" / "plots" / "training").iterdir()) == sorted(
+        f"{run}_seed_{seed}_layer_{layer}.csv" for run in ("csae", "baseline") for seed in (0, 1) for layer in (5, 19))
+    assert len(list((work / "eval" / "plots" / "unlearning").iterdir())) == 8
+    assert "unlearn_U" in metrics["csae/seed_0/layer_5"]
 
     assert "up to date" in dvc(work, "repro")  # a second repro is a no-op
     shown = dvc(work, "metrics", "show")
-    assert "csae/layer_5" in shown or "layer_5" in shown
+    assert "csae/seed_0/layer_5" in shown or "seed_0/layer_5" in shown
 
     params["train"]["lr"] = 5e-4  # a train value changes: train and evaluate re-run, harvest does not
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -94,25 +95,26 @@ def test_dvc_experiments_keep_metrics_and_checkpoints(tmp_path: Path, tiny_gemma
     git(work, "add", "-A")
     git(work, "commit", "-qm", "baseline pipeline")
     base_lr = params["train"]["lr"]
-    base_weights = (work / "checkpoints" / "csae" / "layer_5" / "sae_weights.safetensors").read_bytes()
+    weights = work / "checkpoints" / "csae" / "seed_0" / "layer_5" / "sae_weights.safetensors"
+    base_weights = weights.read_bytes()
 
     dvc(work, "exp", "run", "-S", "train.lr=0.0005", "-S", "evaluate.ce_tokens=48", "--name", "lower-lr")
     shown = json.loads(dvc(work, "exp", "show", "--json"))
     runs = {exp.get("name") or exp["rev"]: exp for entry in shown
             for exp in [entry, *[e for ex in entry.get("experiments") or [] for e in ex.get("revs") or []]]}
     exp_metrics = runs["lower-lr"]["data"]["metrics"]["eval/metrics.json"]["data"]
-    assert exp_metrics["csae/layer_5"]["ce_score"] is not None and "baseline/layer_19" in exp_metrics
+    assert exp_metrics["csae/seed_0/layer_5"]["ce_score"] is not None and "baseline/seed_0/layer_19" in exp_metrics
     assert runs["lower-lr"]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.0005
 
     git(work, "reset", "-q", "--hard")  # back to the committed pipeline, outputs too
     dvc(work, "checkout", "--force")
-    assert LayerInfo.read(work / "checkpoints" / "csae" / "layer_5").config.lr == base_lr
-    assert (work / "checkpoints" / "csae" / "layer_5" / "sae_weights.safetensors").read_bytes() == base_weights
+    assert LayerInfo.read(work / "checkpoints" / "csae" / "seed_0" / "layer_5").config.lr == base_lr
+    assert weights.read_bytes() == base_weights
 
     dvc(work, "exp", "apply", "lower-lr")
-    applied = LayerInfo.read(work / "checkpoints" / "csae" / "layer_5")
+    applied = LayerInfo.read(work / "checkpoints" / "csae" / "seed_0" / "layer_5")
     assert applied.config.lr == 0.0005  # the experiment's SAE, restored from DVC's cache
-    assert (work / "checkpoints" / "csae" / "layer_5" / "sae_weights.safetensors").read_bytes() != base_weights
+    assert weights.read_bytes() != base_weights
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     assert metrics == exp_metrics and json.loads((work / "eval" / "metrics_all.json").read_text())[
-        "csae/layer_5"]["ce_predictions"] == 48
+        "csae/seed_0/layer_5"]["ce_predictions"] == 48

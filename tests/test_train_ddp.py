@@ -17,7 +17,7 @@ from csae.train.trainer import CSAETrainer
 
 #: strong sparsity and a wide dictionary so that features die and get resampled within the run
 CFG = {"expansion": 8, "batch_size": 128, "tokens": 128 * 60, "l1": 20.0, "lr": 1e-2, "warmup_steps": 2,
-       "resample_every": 5, "checkpoint_every": 1000, "beta": 1.0}
+       "resample_every": 5, "checkpoint_every": 1000, "beta": 1.0, "seeds": (0,)}
 
 
 def _worker(rank: int, tmp: str, dtype: str) -> None:
@@ -46,7 +46,7 @@ def test_two_ranks_agree(tmp_path: Path, dtype: str) -> None:
     assert len(r0) == len(r1) >= 4
     assert sum(len(e["features"]) for e in r0) >= 10  # something was actually resampled
     assert r0 == r1  # same features, same weights after every resampling
-    out = tmp_path / "ck" / "layer_0"
+    out = tmp_path / "ck" / "seed_0" / "layer_0"
     assert (out / "sae_weights.safetensors").exists() and (out / "train_config.json").exists()
     steps = [r["step"] for r in read_metrics(out)]
     assert steps == list(range(60))  # only rank 0 wrote the log

@@ -24,7 +24,7 @@ from csae.train.trainer import CSAETrainer, Runtime
 
 #: small but real: d 32, 128 features, 300 steps of 128 rows (~19 epochs of the 1,792 training rows)
 SMALL = {"expansion": 4, "batch_size": 128, "tokens": 128 * 300, "lr": 3e-3, "warmup_steps": 20,
-         "l1": 0.3, "resample_every": 50, "checkpoint_every": 50}
+         "l1": 0.3, "resample_every": 50, "checkpoint_every": 50, "seeds": (0,)}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def trained(store_path: Path, tmp_path_factory: pytest.TempPathFactory, dtype: s
 
 
 def test_fit_learns_and_writes_the_contract(store_path: Path, trained: Path, dtype: str) -> None:
-    d = trained / "layer_0"
+    d = trained / "seed_0" / "layer_0"
     for name in ("cfg.json", "sae_weights.safetensors", "head.safetensors", "train_config.json", "metrics.csv"):
         assert (d / name).exists(), name
     assert not (d / "state.pt").exists()  # a finished layer keeps its deliverables, not its resumable state
@@ -96,11 +96,11 @@ def test_resume_equals_uninterrupted(store_path: Path, trained: Path, tmp_path: 
     cfg = resolve(TrainConfig(**SMALL, dtype=dtype))
     out = tmp_path / "ck"
     fit(cfg, store_path, out, layers=[0], progress=False, stop_at=130)  # "crashes" after step 129
-    d = out / "layer_0"
+    d = out / "seed_0" / "layer_0"
     assert not (d / "train_config.json").exists()
     assert torch.load(d / "state.pt", weights_only=False)["step"] == 100
     fit(cfg, store_path, out, layers=[0], progress=False, resume=True)
-    ref_sae, ref_head, _ = load_layer(trained / "layer_0")
+    ref_sae, ref_head, _ = load_layer(trained / "seed_0" / "layer_0")
     sae, head, _ = load_layer(d)
     for a, b in zip(list(sae.parameters()) + list(head.parameters()),
                     list(ref_sae.parameters()) + list(ref_head.parameters()), strict=True):
@@ -112,7 +112,7 @@ def test_resume_equals_uninterrupted(store_path: Path, trained: Path, tmp_path: 
 def test_resampling_revives_dead_features() -> None:
     cfg = TrainConfig(expansion=4, batch_size=64, tokens=64 * 100, alpha=0.0, beta=0.0, resample_every=5,
                       warmup_steps=0, lr=1e-4)
-    trainer = CSAETrainer(cfg, 8, Runtime(torch.device("cpu"), None))
+    trainer = CSAETrainer(cfg, 8, Runtime(torch.device("cpu"), None), seed=0)
     dead = torch.arange(10)
     with torch.no_grad():
         trainer.sae.b_enc[dead] = -1e4  # these can never fire
@@ -178,7 +178,7 @@ def _first_epoch(loader: ChunkLoader) -> list[Buffer]:
 
 # ----- bad input, through the CLI -----
 
-ARGS = ["--set", "tokens=2560", "batch_size=128", "expansion=2", "warmup_steps=5", "--no-progress"]
+ARGS = ["--set", "tokens=2560", "batch_size=128", "expansion=2", "warmup_steps=5", "seeds=0", "--no-progress"]
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -210,22 +210,22 @@ def test_unwritable_out_and_existing_run(store_path: Path, tmp_path: Path) -> No
     assert blocker.read_text() == "x"
     ck = tmp_path / "ck"
     assert run("--store", str(store_path), "--layers", "0", "--out", str(ck), *ARGS)[0] == 0
-    before = (ck / "layer_0" / "sae_weights.safetensors").read_bytes()
+    before = (ck / "seed_0" / "layer_0" / "sae_weights.safetensors").read_bytes()
     code, out = run("--store", str(store_path), "--layers", "0", "--out", str(ck), *ARGS)
     assert code == 2 and "--resume" in out
-    assert (ck / "layer_0" / "sae_weights.safetensors").read_bytes() == before
+    assert (ck / "seed_0" / "layer_0" / "sae_weights.safetensors").read_bytes() == before
 
 
 def test_resume_with_other_d_in_refused(store_path: Path, tmp_path: Path) -> None:
     ck = tmp_path / "ck"
-    fit(resolve(TrainConfig(tokens=2560, batch_size=128, expansion=2, checkpoint_every=5)), store_path, ck,
+    fit(resolve(TrainConfig(tokens=2560, batch_size=128, expansion=2, checkpoint_every=5, seeds=(0,))), store_path, ck,
         layers=[0], progress=False, stop_at=12)
-    state = (ck / "layer_0" / "state.pt").read_bytes()
+    state = (ck / "seed_0" / "layer_0" / "state.pt").read_bytes()
     other = tmp_path / "other.zarr"
     make_test_store(other, layers=(0,), d_model=16, n_docs=16, seq_len=32)
     code, out = run("--store", str(other), "--layers", "0", "--out", str(ck), "--resume", *ARGS)
     assert code == 2 and "d_in=32" in out and "d_model=16" in out
-    assert (ck / "layer_0" / "state.pt").read_bytes() == state
+    assert (ck / "seed_0" / "layer_0" / "state.pt").read_bytes() == state
 
 
 def test_nan_activations_stop_with_step_and_layer(tmp_path: Path) -> None:
@@ -236,16 +236,17 @@ def test_nan_activations_stop_with_step_and_layer(tmp_path: Path) -> None:
     ck = tmp_path / "ck"
     code, out = run("--store", str(path), "--layers", "3", "--out", str(ck), *ARGS)
     assert code == 2 and "layer 3, step 0" in out and "row 40" in out
-    assert not (ck / "layer_3" / "state.pt").exists() and not (ck / "layer_3" / "sae_weights.safetensors").exists()
+    layer = ck / "seed_0" / "layer_3"
+    assert not (layer / "state.pt").exists() and not (layer / "sae_weights.safetensors").exists()
 
 
 def test_augment_positives_and_paper_preset_warning(store_path: Path, tmp_path: Path, dtype: str) -> None:
     cfg = resolve(TrainConfig(positives="augment", tokens=128 * 20, batch_size=128, expansion=2, warmup_steps=2,
-                              dtype=dtype))
-    last = fit(cfg, store_path, tmp_path / "aug", layers=[1], progress=False)[1]
+                              dtype=dtype, seeds=(0,)))
+    last = fit(cfg, store_path, tmp_path / "aug", layers=[1], progress=False)[0, 1]
     assert 0 < last["info_nce"] < 10 and last["diversity"] > 0
     code, out = run("--store", str(store_path), "--layers", "0", "--out", str(tmp_path / "paper"), "--preset",
                     "paper", "--set", "tokens=1280", "--no-progress")
     assert code == 0 and "warning: warmup_steps (1000) exceeds the run's 2 steps" in out
-    info = LayerInfo.read(tmp_path / "paper" / "layer_0").config
+    info = LayerInfo.read(tmp_path / "paper" / "seed_0" / "layer_0").config
     assert (info.expansion, info.l1, info.dtype, info.lr) == (1, 0.04, "bfloat16", 1e-4)

@@ -56,7 +56,7 @@ def test_diversity_matches_formula_and_subset() -> None:
 
 
 def test_decoder_norm_and_gradient_projection() -> None:
-    trainer = CSAETrainer(TrainConfig(expansion=2, tokens=64, batch_size=8), 4, CPU)
+    trainer = CSAETrainer(TrainConfig(expansion=2, tokens=64, batch_size=8), 4, CPU, seed=0)
     sae = trainer.sae
     with torch.no_grad():
         sae.W_dec.mul_(torch.arange(1, 9, dtype=torch.float32)[:, None])
@@ -85,7 +85,7 @@ def test_plain_step_equals_hand_written_sae_step(dtype: str) -> None:
     cfg = TrainConfig(expansion=2, tokens=512, batch_size=16, alpha=0.0, beta=0.0, l1=0.3, lr=1e-2,
                       warmup_steps=0, decay_fraction=0.0, grad_clip=0.5, resample_every=0, dtype=dtype)
     autocast = torch.bfloat16 if dtype == "bfloat16" else None
-    trainer = CSAETrainer(cfg, 6, Runtime(device=torch.device("cpu"), autocast_dtype=autocast))
+    trainer = CSAETrainer(cfg, 6, Runtime(device=torch.device("cpu"), autocast_dtype=autocast), seed=0)
     W_enc, b_enc = trainer.sae.W_enc.detach().clone(), torch.full((12,), 0.1)
     W_dec, b_dec = trainer.sae.W_dec.detach().clone(), torch.linspace(-1, 1, 6)
     with torch.no_grad():
@@ -119,7 +119,7 @@ def test_plain_step_equals_hand_written_sae_step(dtype: str) -> None:
 
 def test_lr_schedule_warmup_and_decay() -> None:
     cfg = TrainConfig(tokens=100 * 8, batch_size=8, lr=1.0, warmup_steps=10, decay_fraction=0.2)
-    trainer = CSAETrainer(cfg, 4, CPU)
+    trainer = CSAETrainer(cfg, 4, CPU, seed=0)
     assert trainer.lr_at(0) == pytest.approx(0.1)
     assert trainer.lr_at(9) == pytest.approx(1.0)
     assert trainer.lr_at(50) == pytest.approx(1.0)

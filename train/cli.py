@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from csae.shared.checkpoint import layer_dir
 from csae.shared.cli import Group, params_option, store_option
 from csae.shared.config.base import click_options, given, load_params, parse_assignment
 from csae.shared.config.train import PRESETS, TrainConfig, preset
@@ -26,7 +27,7 @@ def main() -> None:
 @click.option("--layers", type=int, multiple=True, help="Layers to train (several: --layers 5 12 19). "
               "Default: every layer in the store.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("checkpoints"), show_default=True,
-              help="Output directory; layer L goes to OUT/layer_L/.")
+              help="Output directory of the run; seed s, layer L goes to OUT/seed_s/layer_L/.")
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default=None,
               help="Starting settings: default (ours, minutes on a CPU) or paper (the reference setup). "
               "[default: default]")
@@ -71,10 +72,10 @@ def fit(store: str, layers: tuple[int, ...], out: Path, preset_name: str | None,
 
             dist.destroy_process_group()
     if rank == 0:
-        for layer, m in results.items():
+        for (seed, layer), m in results.items():
             if m:
-                click.echo(f"layer {layer}: fvu {m['fvu']:.4f}  L0 {m['l0']:.1f}  dead {m['dead_frac']:.3f}  "
-                           f"info_nce {m['info_nce']:.3f}  -> {out / f'layer_{layer}'}")
+                click.echo(f"seed {seed} layer {layer}: fvu {m['fvu']:.4f}  L0 {m['l0']:.1f}  dead "
+                           f"{m['dead_frac']:.3f}  info_nce {m['info_nce']:.3f}  -> {layer_dir(out, seed, layer)}")
 
 
 if __name__ == "__main__":

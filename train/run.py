@@ -6,6 +6,7 @@ first layer, so bad input fails fast and overwrites nothing.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from csae.shared.models import resolve_device, resolve_dtype
 from csae.shared.schema import ActivationStore
 from csae.train.checkpoint import STATE_FILE, load_state
 from csae.train.loader import ChunkLoader, NonFiniteActivations
-from csae.train.trainer import CSAETrainer, Runtime, train_layer
+from csae.train.trainer import DATA, CSAETrainer, Runtime, derive_seed, train_layer
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ def check_writable(out: Path) -> None:
 
 
 def plan(cfg: TrainConfig, store: ActivationStore, store_path: str | Path, layers: Sequence[int], out: Path, *,
-         resume: bool, overwrite: bool) -> list[tuple[int, dict[str, Any] | None]]:
-    """(layer, saved state or None) per layer still to train; raises UserError for any bad input."""
+         resume: bool, overwrite: bool) -> list[tuple[int, int, dict[str, Any] | None]]:
+    """(seed, layer, saved state or None) per SAE still to train; raises UserError for any bad input."""
     for layer in layers:
         store.acts(layer)  # UserError naming the store's layers
     train_rows = store.heldout_start(cfg.heldout_tail_fraction)
@@ -67,13 +68,13 @@ def plan(cfg: TrainConfig, store: ActivationStore, store_path: str | Path, layer
                         f"{cfg.heldout_tail_fraction:.0%}), fewer than batch_size {cfg.batch_size}")
     check_writable(out)
     todo = []
-    for layer in layers:
-        d = layer_dir(out, layer)
+    for seed, layer in itertools.product(cfg.seeds, layers):
+        d = layer_dir(out, seed, layer)
         existing = d.exists() and any(d.iterdir())
         if existing and not (resume or overwrite):
             raise UserError(f"{d} already holds a run; pass --resume to continue it or --overwrite to replace it")
         if overwrite and not resume:
-            todo.append((layer, None))
+            todo.append((seed, layer, None))
             continue
         if resume and is_complete(d):
             continue
@@ -82,51 +83,60 @@ def plan(cfg: TrainConfig, store: ActivationStore, store_path: str | Path, layer
             if state["d_in"] != store.d_model:
                 raise UserError(f"cannot resume {d / STATE_FILE}: it was trained on d_in={state['d_in']} but "
                                 f"layer {layer} of {store_path} has d_model={store.d_model}")
-            changed = sorted(k for k, v in to_dict(cfg).items() if state["config"].get(k) != v)
+            # the list of seeds may grow between runs; everything else must be what the state was trained with
+            changed = sorted(k for k, v in to_dict(cfg).items() if k != "seeds" and state["config"].get(k) != v)
             if changed:
                 raise UserError(f"cannot resume {d}: settings differ from the checkpoint's in {changed}; "
                                 f"resume with the original settings")
-        todo.append((layer, state))
+        todo.append((seed, layer, state))
     return todo
 
 
 def fit(cfg: TrainConfig, store_path: str | Path, out: Path, *, layers: Sequence[int] = (), resume: bool = False,
         overwrite: bool = False, rank: int = 0, world: int = 1, progress: bool = True,
-        stop_at: int | None = None, on_resample: Any = None) -> dict[int, dict[str, float]]:
-    """Train every requested layer (all the store's when `layers` is empty); returns final metrics per layer.
+        stop_at: int | None = None, on_resample: Any = None) -> dict[tuple[int, int], dict[str, float]]:
+    """Train one SAE per seed and layer (all the store's layers when `layers` is empty) into
+    out/seed_<s>/layer_<L>; returns each one's last training metrics, keyed (seed, layer).
 
     `auto` device and dtype are resolved here (see `resolve`), so a config built in Python works as is."""
     cfg = resolve(cfg)
     if rank == 0:
         for warning in cfg.warnings():
             log.warning(warning)
-        log.info("training %d steps/layer, dtype %s, device %s, %d rank(s)", cfg.steps, cfg.dtype, cfg.device, world)
+        log.info("training %d steps per seed and layer, seeds %s, dtype %s, device %s, %d rank(s)", cfg.steps,
+                 list(cfg.seeds), cfg.dtype, cfg.device, world)
     store = ActivationStore.open(store_path)
     layers = list(layers) or store.layers
     todo = plan(cfg, store, store_path, layers, out, resume=resume, overwrite=overwrite)
     rt = runtime(cfg, rank, world)
     results = {}
-    for layer, state in todo:
-        d = layer_dir(out, layer)
+    for seed, layer, state in todo:
+        d = layer_dir(out, seed, layer)
         if overwrite and state is None and rank == 0 and d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True, exist_ok=True)
-        scale = math.sqrt(store.d_model) / store.mean_norm(layer)
-        start = int(state["step"]) if state else 0
-        trainer = CSAETrainer(cfg, store.d_model, rt)
-        loader = ChunkLoader(store, layer, batch_size=cfg.batch_size, train_rows=store.heldout_start(
-            cfg.heldout_tail_fraction), scale=scale, seed=cfg.seed + 7 * layer, pairs=cfg.contrastive and
-            cfg.positives == "context", shuffle_rows=cfg.shuffle_rows, in_memory_max_bytes=cfg.in_memory_max_mb
-            << 20, rank=rank, world=world, start_step=start, device=rt.device)
-        if state:
-            trainer.load_state_dict(state)
-        else:
-            try:
-                trainer.init_b_dec_(loader.sample(4096))
-            except NonFiniteActivations as err:
-                raise UserError(f"layer {layer}, step 0: {err}; re-harvest the store") from None
-        info = LayerInfo(config=cfg, layer=layer, store=str(store_path), model=store.attrs.get("model") or {},
-                         scale=scale, d_in=store.d_model, d_sae=trainer.sae.d_sae, train_rows=loader.train_rows)
-        results[layer] = train_layer(cfg, trainer, loader, d, info, start_step=start, stop_at=stop_at,
-                                     progress=progress, on_resample=on_resample)
+        results[seed, layer] = _fit_one(cfg, store, str(store_path), d, seed, layer, state, rt, progress=progress,
+                                        stop_at=stop_at, on_resample=on_resample)
     return results
+
+
+def _fit_one(cfg: TrainConfig, store: ActivationStore, store_path: str, d: Path, seed: int, layer: int,
+             state: dict[str, Any] | None, rt: Runtime, **loop: Any) -> dict[str, float]:
+    """Train (or resume) the SAE of one seed and layer in directory `d`."""
+    scale = math.sqrt(store.d_model) / store.mean_norm(layer)
+    start = int(state["step"]) if state else 0
+    trainer = CSAETrainer(cfg, store.d_model, rt, seed)
+    loader = ChunkLoader(store, layer, batch_size=cfg.batch_size, train_rows=store.heldout_start(
+        cfg.heldout_tail_fraction), scale=scale, seed=derive_seed(seed, DATA, layer), pairs=cfg.contrastive and
+        cfg.positives == "context", shuffle_rows=cfg.shuffle_rows, in_memory_max_bytes=cfg.in_memory_max_mb << 20,
+        rank=rt.rank, world=rt.world, start_step=start, device=rt.device)
+    if state:
+        trainer.load_state_dict(state)
+    else:
+        try:
+            trainer.init_b_dec_(loader.sample(4096))
+        except NonFiniteActivations as err:
+            raise UserError(f"layer {layer}, step 0: {err}; re-harvest the store") from None
+    info = LayerInfo(config=cfg, seed=seed, layer=layer, store=store_path, model=store.attrs.get("model") or {},
+                     scale=scale, d_in=store.d_model, d_sae=trainer.sae.d_sae, train_rows=loader.train_rows)
+    return train_layer(cfg, trainer, loader, d, info, start_step=start, **loop)

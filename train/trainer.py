@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -34,9 +35,19 @@ from csae.train.resample import dead_mask, resample_
 METRIC_NAMES = ("loss", "recon_loss", "l1", "info_nce", "diversity", "l0", "fvu", "grad_norm")
 
 
-def step_generator(seed: int, step: int, salt: int) -> torch.Generator:
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed that depends only on `keys` (numpy's SeedSequence mixes them, so nearby keys give
+    unrelated streams: seed 1's initialisation is not seed 0's head initialisation)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+#: What each random stream is for (the second key of derive_seed).
+INIT_SAE, INIT_HEAD, DATA, DIVERSITY, VIEWS, RESAMPLE = range(6)
+
+
+def step_generator(seed: int, step: int, purpose: int) -> torch.Generator:
     """A generator that depends only on (seed, step, purpose): what makes resume exact."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 16 + salt)
+    return torch.Generator().manual_seed(derive_seed(seed, purpose, step))
 
 
 @dataclass(frozen=True)
@@ -53,13 +64,14 @@ class Runtime:
 
 
 class CSAETrainer:
-    def __init__(self, cfg: TrainConfig, d_in: int, rt: Runtime) -> None:
-        self.cfg, self.rt = cfg, rt
+    def __init__(self, cfg: TrainConfig, d_in: int, rt: Runtime, seed: int) -> None:
+        self.cfg, self.rt, self.seed = cfg, rt, seed
         d_sae = d_in * cfg.expansion
         self.sae = SAE(d_in, d_sae, device=rt.device)
-        self.sae.reset_parameters_(torch.Generator().manual_seed(cfg.seed))
+        # the same for every run with this seed (the CSAE and its baseline start from the same weights)
+        self.sae.reset_parameters_(torch.Generator().manual_seed(derive_seed(seed, INIT_SAE)))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed + 1)
+            torch.manual_seed(derive_seed(seed, INIT_HEAD))
             self.head = ContrastiveHead(d_sae, cfg.head_dim, cfg.head_hidden).to(rt.device)
         # the head only gets gradients (and optimiser state) when the contrastive term is on
         params = list(self.sae.parameters()) + (list(self.head.parameters()) if cfg.contrastive else [])
@@ -94,7 +106,7 @@ class CSAETrainer:
 
     def views(self, x_PD: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two SimCLR-style views of each row: dropout then Gaussian noise (augment positives)."""
-        g = step_generator(self.cfg.seed, step + self.rt.rank * 1_000_000_007, 2)
+        g = step_generator(self.seed, step + self.rt.rank * 1_000_000_007, VIEWS)
         out = []
         for _ in range(2):
             keep = torch.rand(x_PD.shape, generator=g).to(x_PD.device) >= self.cfg.augment_dropout
@@ -123,7 +135,7 @@ class CSAETrainer:
             if cfg.beta > 0:
                 idx_S = None
                 if self.sae.d_sae > cfg.diversity_features:
-                    g = step_generator(cfg.seed, step, 1)
+                    g = step_generator(self.seed, step, DIVERSITY)
                     idx_S = torch.randperm(self.sae.d_sae, generator=g)[: cfg.diversity_features].to(x_BD.device)
                 terms["diversity"] = losses.diversity(self.sae.W_dec, idx_S)
         terms["loss"] = (terms["recon_loss"] + cfg.l1 * terms["l1"] + cfg.alpha * terms["info_nce"]
@@ -162,7 +174,7 @@ class CSAETrainer:
             return None
         dead_F = dead_mask(self.last_fired_F, step, cfg.resample_every, distributed=self.rt.distributed)
         idx_S = resample_(self.sae, self.opt, x_BD, dead_F, scale=cfg.resample_scale,
-                          generator=step_generator(cfg.seed, step, 3), distributed=self.rt.distributed)
+                          generator=step_generator(self.seed, step, RESAMPLE), distributed=self.rt.distributed)
         self.last_fired_F[idx_S] = step  # a fresh window for the revived features
         self.resampled_S = idx_S
         return len(idx_S)

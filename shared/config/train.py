@@ -103,8 +103,10 @@ class TrainConfig:
     device: str = "auto"
     """torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
 
-    seed: int = 0
-    """Seed for initialisation, data order, augmentations and resampling."""
+    seeds: tuple[int, ...] = (0, 1)
+    """Training seeds: each trains its own SAE per layer (OUT/seed_<s>/layer_<L>/). A seed fixes the
+    initialisation, data order, augmentations and resampling; runs that share a seed (the CSAE and its
+    baseline) start from the same weights and read the same rows. Several seeds give seed-to-seed spread."""
 
     checkpoint_every: int = 500
     """Write a resumable checkpoint every this many steps (and at the end)."""
@@ -130,6 +132,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.heldout_tail_fraction < 1.0:
             raise ConfigError(f"heldout_tail_fraction must be in [0, 1), got {self.heldout_tail_fraction}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ConfigError(f"seeds must be distinct non-negative integers, at least one, got {list(self.seeds)}")
         if self.steps < 1:
             raise ConfigError(f"tokens ({self.tokens}) must be at least batch_size ({self.batch_size})")
 
