@@ -43,7 +43,7 @@ class DiskFull(UserError):
     """A write failed for lack of space; `need` and `free` are bytes (need may be an estimate)."""
 
     def __init__(self, path: str | Path, need: int | None, free: int | None, fix: str = "") -> None:
-        self.path, self.need, self.free = str(path), need, free
+        self.path, self.need, self.free, self.fix = str(path), need, free, fix
         needed = f"needs about {need / _MIB:,.1f} MiB, " if need else ""
         left = f"{free / _MIB:,.1f} MiB free" if free is not None else "free space unknown"
         super().__init__(f"disk full: cannot write {path} ({needed}{left}); free space there or write elsewhere"
@@ -75,7 +75,9 @@ def disk_full_as_error(path: str | Path, need: int | None = None, fix: str = "")
     """Turn a failed write under this block into `DiskFull` when the disk is the reason."""
     try:
         yield
-    except DiskFull:
+    except DiskFull as err:
+        if fix and not err.fix:  # a write deep down knew the path; this caller knows the fix
+            raise DiskFull(err.path, err.need, err.free, fix) from err
         raise
     except (OSError, RuntimeError) as err:
         if is_disk_full(err, path, need):

@@ -112,10 +112,13 @@ def load_model(name: str, *, cache_dir: Path, dtype: str = "bfloat16", device: s
         source, identity = name, {"name": name, "revision": revision}
     try:
         model, tokenizer = _from_pretrained(source, revision, getattr(torch, dtype))
+    except HubUnreachable:
+        raise UserError(f"cannot load model {name!r}: it is not a local directory or in the local cache, and the hub "
+                        f"is unreachable; the embedded model works offline (--model {EMBEDDED_MODEL})") from None
     except OSError as err:
         raise UserError(
-            f"cannot load model {name!r}: it is neither a local directory nor reachable on the hub; the "
-            f"embedded model works offline (--model {EMBEDDED_MODEL})"
+            f"cannot load model {name!r}: it is neither a local directory nor a model on the hub (or it needs a "
+            f"login); the embedded model works offline (--model {EMBEDDED_MODEL})"
         ) from err
     if isinstance(source, str):
         identity["revision"] = getattr(model.config, "_commit_hash", None) or revision
@@ -138,8 +141,12 @@ def _from_pretrained(source: str | Path, revision: str | None, dtype: torch.dtyp
         return load(local_files_only=True)
     except OSError:
         if not hub_reachable():
-            raise OSError("the hub is unreachable and the model is not in the local cache") from None
+            raise HubUnreachable from None
     return load()
+
+
+class HubUnreachable(Exception):
+    """The model is not local and the hub does not answer."""
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
