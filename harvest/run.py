@@ -89,7 +89,7 @@ def _harvest(cfg: HarvestConfig, path: str, cache_dir: Path, overwrite: bool, pr
     lm = lm or load_model(cfg.model, cache_dir=cache_dir, dtype=cfg.dtype, device=_device(cfg.device, ranks),
                           revision=cfg.revision)
     cfg = resolve_layers(cfg, lm)
-    plan = make_plan(cfg, lm.tokenizer, progress=progress and ranks.main)
+    plan = make_plan(cfg, lm.tokenizer, ranks=ranks, progress=progress and ranks.main)
     job = ranks.first(lambda: prepare(path, cfg, lm, plan, overwrite=overwrite, world=ranks.world))
     if job is None:
         log.info("%s is already complete for these settings; nothing to do", path)

@@ -21,14 +21,13 @@ import zarr
 from tqdm import tqdm
 
 from csae.harvest.batches import iter_windows, make_batch
-from csae.harvest.plan import Plan, sequences
+from csae.harvest.plan import Plan, sequences_from
 from csae.shared import progress, schema
 from csae.shared.config.harvest import HarvestConfig
 from csae.shared.errors import UserError
 from csae.shared.files import disk_full_as_error
 from csae.shared.models import LoadedModel
 from csae.shared.residual import resid_post
-from csae.shared.sequences import DocTable
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +140,11 @@ def _compute(writer: Writer, cfg: HarvestConfig, lm: LoadedModel, plan: Plan, ba
     end = max(s.stop for s in spans)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     device = next(lm.model.parameters()).device
-    k = 0
-    for window in iter_windows(sequences(cfg, lm.tokenizer, DocTable()), cfg.batch_size, cfg.sort_window):
+    first_batch = int(np.searchsorted(plan.offsets, min(s.start for s in spans), side="right")) - 1
+    first_window = first_batch // cfg.sort_window  # windows before it are neither tokenized nor computed
+    k = first_window * cfg.sort_window
+    seqs = sequences_from(cfg, lm.tokenizer, plan, first_window)
+    for window in iter_windows(seqs, cfg.batch_size, cfg.sort_window):
         for group in window:
             if k >= plan.n_batches or plan.offsets[k] >= end:
                 return

@@ -44,20 +44,6 @@ from csae.shared.schema import ActivationStore
 
 
 @pytest.fixture(scope="module")
-def src(tiny_gemma2: Path, tiny_corpus: Path) -> list[str]:
-    return ["--model", str(tiny_gemma2), "--dataset", str(tiny_corpus)]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, src: list[str]) -> Path:
-    """The store an uninterrupted `harvest run` writes."""
-    path = tmp_path_factory.mktemp("ref") / "acts.zarr"
-    proc = run("harvest", ["run", *src, *HARVEST, "--store", path])
-    assert proc.returncode == 0, proc.stderr
-    return path
-
-
-@pytest.fixture(scope="module")
 def reference_sae(tmp_path_factory: pytest.TempPathFactory, reference: Path) -> Path:
     """The layer directory an uninterrupted `train fit` on the reference store writes."""
     out = tmp_path_factory.mktemp("ref-ck") / "ck"

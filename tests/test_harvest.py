@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -19,10 +20,14 @@ from click.testing import CliRunner
 from tolerances import ROW_TOLERANCE, row_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from csae.harvest.batches import iter_windows, stored_rows
 from csae.harvest.cli import main
-from csae.shared import progress, schema
+from csae.harvest.plan import make_plan, sequences_from
+from csae.shared import corpora, progress, schema
+from csae.shared.config.harvest import HarvestConfig
 from csae.shared.errors import UserError
 from csae.shared.schema import TOKEN_FIELDS, ActivationStore
+from csae.shared.sequences import DocTable, iter_sequences
 
 SMALL = ["--context", "32", "--batch-size", "4", "--sort-window", "2", "--chunk-rows", "64", "--dtype", "float32",
          "--no-progress"]
@@ -250,3 +255,28 @@ def test_info_reports_incomplete_and_corrupt_stores(tmp_path: Path, full_store: 
 
     result = runner.invoke(main, ["info", str(tmp_path / "missing.zarr")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+@pytest.mark.parametrize("tokens", [1000, 10**6])
+def test_the_plan_counts_the_batches_harvest_builds(tiny_gemma2: Path, tiny_corpus: Path, tokens: int) -> None:
+    """The plan (token counts only) against the batches built from the real sequence stream; and a stream
+    started at a later window (documents before it skipped untokenized) against the full stream's tail."""
+    cfg = HarvestConfig(model=str(tiny_gemma2), dataset=str(tiny_corpus), tokens=tokens, context=32, batch_size=2,
+                        sort_window=3)
+    tok = AutoTokenizer.from_pretrained(tiny_gemma2)
+    table = DocTable()
+    docs = corpora.iter_documents(cfg.dataset, cfg.split, cfg.heldout_doc_fraction)
+    windows, rows = [], 0
+    for window in iter_windows(iter_sequences(docs, tok, cfg.context, table), cfg.batch_size, cfg.sort_window):
+        windows.append(window)
+        rows += sum(stored_rows(group) for group in window)
+        if rows >= tokens:
+            break
+    plan = make_plan(cfg, tok)
+    built = [stored_rows(group) for window in windows for group in window]
+    assert plan.offsets.tolist() == [0, *np.cumsum(built).tolist()] and plan.n_rows == min(rows, tokens)
+    assert plan.docs == table
+    for w in (1, 4, len(windows) - 1):
+        later = list(itertools.islice(iter_windows(sequences_from(cfg, tok, plan, w), cfg.batch_size,
+                                                   cfg.sort_window), len(windows) - w))
+        assert later == windows[w:]

@@ -35,20 +35,6 @@ def _torchrun_argv(*args: object) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def src(tiny_gemma2: Path, tiny_corpus: Path) -> list[str]:
-    return ["--model", str(tiny_gemma2), "--dataset", str(tiny_corpus)]
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory, src: list[str]) -> Path:
-    """The store one process writes."""
-    path = tmp_path_factory.mktemp("single") / "acts.zarr"
-    proc = run("harvest", ["run", *src, *HARVEST, "--store", path])
-    assert proc.returncode == 0, proc.stderr
-    return path
-
-
-@pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory, src: list[str]) -> Path:
     """The same store written by 2 ranks, through the console script launched by torchrun."""
     path = tmp_path_factory.mktemp("two") / "acts.zarr"
@@ -57,8 +43,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, src: list[str]) -> Path:
     return path
 
 
-def test_two_ranks_write_the_store_one_process_writes(two_ranks: Path, single: Path) -> None:
-    assert_same_store(two_ranks, single)
+def test_two_ranks_write_the_store_one_process_writes(two_ranks: Path, reference: Path) -> None:
+    assert_same_store(two_ranks, reference)
     store = ActivationStore.open(two_ranks)
     assert [h["ranks"] for h in store.attrs["history"]] == [2] and store.n_rows == 2000
     records = [dict(r.attrs) for _, r in store.group["progress"].arrays()]
@@ -86,7 +72,7 @@ def test_rows_of_both_ranks_equal_a_direct_transformers_forward(two_ranks: Path,
     assert worst <= ROW_TOLERANCE["float32"], worst
 
 
-def test_a_killed_rank_resumes_to_a_complete_store(tmp_path: Path, src: list[str], single: Path) -> None:
+def test_a_killed_rank_resumes_to_a_complete_store(tmp_path: Path, src: list[str], reference: Path) -> None:
     store = tmp_path / "acts.zarr"
     driver = tmp_path / "slow_harvest.py"
     driver.write_text(f"import os, signal, sys\n{textwrap.dedent(SLOW_WRITES)}\nfrom csae.harvest.cli import main\n"
@@ -105,7 +91,7 @@ def test_a_killed_rank_resumes_to_a_complete_store(tmp_path: Path, src: list[str
     assert not partial.attrs["complete"] and 0 < partial.rows_done() < 2000
     proc = torchrun("--no-python", BIN / "harvest", "run", *src, *HARVEST, "--store", store)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert_same_store(store, single)  # every sequence once, in order: none duplicated, none missing
+    assert_same_store(store, reference)  # every sequence once, in order: none duplicated, none missing
     done = ActivationStore.open(store)
     seq, pos = done.tokens("seq").astype(np.int64), done.tokens("pos").astype(np.int64)
     assert len(np.unique(seq * 10**6 + pos)) == done.n_rows  # no (sequence, position) twice
@@ -134,20 +120,20 @@ def _children(pid: int) -> list[int]:
     return sorted(out)
 
 
-def test_appending_with_two_ranks_equals_one_longer_harvest(tmp_path: Path, src: list[str], single: Path) -> None:
+def test_appending_with_two_ranks_equals_one_longer_harvest(tmp_path: Path, src: list[str], reference: Path) -> None:
     store = tmp_path / "acts.zarr"
     shorter = [*HARVEST, "--tokens", "1000"]  # the last --tokens counts
     assert run("harvest", ["run", *src, *shorter, "--store", store]).returncode == 0
     proc = torchrun("--no-python", BIN / "harvest", "run", *src, *HARVEST, "--store", store)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert_same_store(store, single)
+    assert_same_store(store, reference)
     info = run("harvest", ["info", store])
     assert "rows 0-1,000 by 1 rank(s)" in info.stdout and "rows 1,000-2,000 by 2 rank(s)" in info.stdout
 
 
-def test_layer_parallel_training_equals_one_process_bit_for_bit(tmp_path: Path, single: Path) -> None:
+def test_layer_parallel_training_equals_one_process_bit_for_bit(tmp_path: Path, reference: Path) -> None:
     assert TRAIN[2] == "--set"
-    args = ["--store", single, "--layers", "5", "12", *TRAIN[2:], "--set", "seeds=0 1"]
+    args = ["--store", reference, "--layers", "5", "12", *TRAIN[2:], "--set", "seeds=0 1"]
     one = run("train", ["fit", *args, "--out", tmp_path / "one"])
     assert one.returncode == 0, one.stderr
     two = torchrun("-m", "csae.train.cli", "fit", *args, "--out", tmp_path / "two", "--distribute", "layers")
