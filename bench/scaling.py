@@ -1,15 +1,15 @@
 """Figures for the README's plan for 10^9 tokens, measured on a scaled-down store at d = 2304.
 
-    python bench/scaling.py [--source acts.zarr] [--rows 262144] [--cold]
+    python bench/scaling.py [--source acts.zarr] [--rows 196608] [--cold]
 
-Writes the same bfloat16 activations (rows of a real store, cut to width 2304, when --source is given; else
-heavy-tailed synthetic values) as csae stores them: blosc lz4 + bitshuffle + crc32c, chunks of 1024 rows,
-once unsharded and once with 16 and 64 chunks per shard file. For each: bytes per row on disk, files per
-10^9 rows, and read speed with zarr-python as the loader reads (whole random chunks, one or two threads;
-and whole shards). --cold drops the page cache before each read (root only), so reads come from the disk.
-Also: the tokenizer's speed (the harvest plan tokenizes the stream once per rank), and the read bandwidth a
-GPU training at batch 4096 needs, extrapolated from FLOPs (marked as such). Last line: `ratio <sharded
-random-chunk read / unsharded>` (64 chunks per shard).
+Writes the same bfloat16 activations (the rows of a real store, cut to width 2304, with --source; else
+heavy-tailed synthetic values) as csae stores them: blosc lz4 + bitshuffle + crc32c, chunks of 1024 rows;
+unsharded, with 16 and with 64 chunks per shard file, and with 16 but no compression (checksum only).
+For each: bytes per row on disk, files per 10^9 rows, and read speed with zarr-python as the loader reads
+(whole random chunks, one or two threads; and whole shards). --cold drops the page cache before each read
+(root only), so reads come from the disk. Also: the tokenizer's speed (harvest tokenizes every document
+twice) and the read bandwidth a GPU training at batch 4096 needs, extrapolated from FLOPs (marked as
+such). Last line: `ratio <random-chunk read with 64 chunks per shard / unsharded>`.
 """
 
 from __future__ import annotations
@@ -33,22 +33,22 @@ GIGA_ROWS = 10**9
 
 
 def activations(source: str | None, rows: int) -> np.ndarray:
-    """(rows, 2304) uint16 bfloat16 bits."""
+    """(rows, 2304) uint16 bfloat16 bits: the source's activations (all its layers, in order) cut to width 2304."""
     if source:
-        arr = zarr.open_group(source, mode="r")[f"resid_post/{zarr.open_group(source, mode='r').attrs['layers'][1]}"]
-        need = -(-rows * D // arr.shape[1])
-        if need > arr.shape[0]:
-            raise SystemExit(f"{source} has {arr.shape[0]} rows; --rows {rows} needs {need}")
-        return np.asarray(arr[:need]).reshape(-1)[: rows * D].reshape(rows, D)
+        group = zarr.open_group(source, mode="r")
+        flat = np.concatenate([np.asarray(group[f"resid_post/{layer}"]).reshape(-1) for layer in group.attrs["layers"]])
+        if len(flat) < rows * D:
+            raise SystemExit(f"{source} holds {len(flat) // D:,} rows of width {D}; pass a smaller --rows")
+        return flat[: rows * D].reshape(rows, D)
     rng = np.random.default_rng(0)
     x = (rng.standard_t(4, size=(rows, D)) * 2).astype(np.float32)
     return (x.view(np.uint32) >> 16).astype(np.uint16)
 
 
-def write(path: Path, data: np.ndarray, shard_chunks: int) -> float:
-    """Seconds to write `data` as csae writes activations."""
-    codecs = [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=2),
-              zarr.codecs.Crc32cCodec()]
+def write(path: Path, data: np.ndarray, shard_chunks: int, compress: bool = True) -> float:
+    """Seconds to write `data` as csae writes activations (or with the checksum only)."""
+    codecs = [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=2)] if compress else []
+    codecs.append(zarr.codecs.Crc32cCodec())
     arr = zarr.create_array(str(path), shape=data.shape, chunks=(CHUNK, D), dtype="uint16", compressors=codecs,
                             shards=(CHUNK * shard_chunks, D) if shard_chunks > 1 else None, fill_value=0)
     t0 = time.perf_counter()
@@ -104,7 +104,7 @@ def tokenizer_rate() -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--source", default=None, help="A csae store whose second layer supplies real values.")
+    ap.add_argument("--source", default=None, help="A csae store whose activations supply real values.")
     ap.add_argument("--rows", type=int, default=262_144)
     ap.add_argument("--cold", action="store_true", help="Drop the page cache before each read (root).")
     ap.add_argument("--dir", default=None, help="Where to write the test stores (default: a temporary directory).")
@@ -116,18 +116,19 @@ def main() -> None:
           f"{os.cpu_count()} cores, load {load:.1f}; {'cold' if args.cold else 'warm'} page cache")
     rates = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        for shards in (1, 16, 64):
-            path = Path(tmp) / f"s{shards}.zarr"
-            secs = write(path, data, shards)
+        for shards, compress in ((1, True), (16, True), (64, True), (16, False)):
+            path = Path(tmp) / f"s{shards}{compress}.zarr"
+            secs = write(path, data, shards, compress)
             files = sum(1 for p in path.rglob("*") if p.is_file() and p.name != "zarr.json")
             size = int(subprocess.check_output(["du", "-sb", str(path)]).split()[0])
             per_row = size / args.rows
             chunk1 = read_rate(path, CHUNK, 1, args.cold)
             chunk2 = read_rate(path, CHUNK, 2, args.cold)
             whole = read_rate(path, CHUNK * shards, 1, args.cold) if shards > 1 else chunk1
-            rates[shards] = chunk1
+            rates[shards, compress] = chunk1
             disk = disk_rate(path, args.cold)
-            print(f"chunks/shard {shards:3d}: {per_row:7.1f} B/row ({per_row / (2 * D):.3f} of raw), "
+            name = f"{shards:3d}{'' if compress else ' uncompressed'}"
+            print(f"chunks/shard {name}: {per_row:7.1f} B/row ({per_row / (2 * D):.3f} of raw), "
                   f"{files:5d} files here -> {GIGA_ROWS / (CHUNK * shards):12,.0f} per layer at 1e9 rows, "
                   f"{per_row * GIGA_ROWS / 1e12:.2f} TB per layer at 1e9 rows; write {raw / secs / 1e6:5.0f} MB/s; "
                   f"read random chunks {chunk1:5.0f} MB/s (1 thread) {chunk2:5.0f} MB/s (2 threads), "
@@ -144,7 +145,7 @@ def main() -> None:
             steps = tflops / flops
             print(f"extrapolated: expansion {expansion}, {name}: {steps:,.0f} steps/s at batch 4096 -> needs "
                   f"{steps * 4096 * D * 2 / 1e9:.1f} GB/s of decoded activations")
-    print(f"ratio {rates[64] / rates[1]:.3f}")
+    print(f"ratio {rates[64, True] / rates[1, True]:.3f}")
 
 
 if __name__ == "__main__":

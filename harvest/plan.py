@@ -62,8 +62,9 @@ def make_plan(cfg: HarvestConfig, tokenizer: Any, *, ranks: Ranks | None = None,
     counts: list[int] = []  # rows per batch
     total = consumed = position = 0
     docs = corpora.iter_documents(cfg.dataset, cfg.split, cfg.heldout_doc_fraction)
-    with tqdm(total=cfg.tokens, unit="tok", unit_scale=True, desc="plan (tokenizing)", disable=not progress,
-              leave=False) as bar:
+    # short-lived, so only on a terminal (disable=None), where it does not leave a line behind
+    with tqdm(total=cfg.tokens, unit="tok", unit_scale=True, desc="plan (tokenizing)",
+              disable=None if progress else True, leave=False) as bar:
         while total < cfg.tokens and (block := list(islice(docs, _BLOCK))):
             for doc, n in zip(block, _token_counts(block, tokenizer, ranks), strict=True):
                 if n:
