@@ -33,10 +33,9 @@ indexing is ~100x slower).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +45,16 @@ import zarr.codecs
 from csae.shared.config.base import ConfigError, from_dict, to_dict
 from csae.shared.config.harvest import HarvestConfig
 from csae.shared.errors import UserError
-from csae.shared.files import replace_dir
+from csae.shared.locations import (  # noqa: F401 - where a store lives is part of the store's API
+    display_name,
+    exists,
+    fs_of,
+    is_url,
+    open_group,
+    remove,
+    replace,
+    sibling,
+)
 from csae.shared.progress import PROGRESS, chunk_sums, mean_norms, rows_done
 from csae.shared.verify import checked_read
 
@@ -54,69 +62,6 @@ SCHEMA_VERSION = 1
 ACTS = "resid_post"
 TOKEN_FIELDS = ("token_id", "seq", "pos", "doc")
 LOGICAL_DTYPE = "bfloat16"
-
-
-# ----- where a store lives: a local path or an fsspec URL (s3://, gs://, file://, memory://), passed through -----
-
-def is_url(location: str | Path) -> bool:
-    return "://" in str(location)
-
-
-def _fs(location: str | Path) -> tuple[Any, str]:
-    import fsspec
-
-    return fsspec.core.url_to_fs(str(location))
-
-
-def open_group(location: str | Path, mode: Literal["r", "r+", "w"],
-               attributes: dict[str, Any] | None = None) -> zarr.Group:
-    """The store's root group; a local path or any URL zarr's fsspec store takes, unchanged."""
-    # fsspec's local filesystem does not create parent directories unless asked to (file:// URLs)
-    options = {"auto_mkdir": True} if str(location).startswith("file://") else None
-    return zarr.open_group(str(location), mode=mode, zarr_format=3 if mode == "w" else None,
-                           storage_options=options, attributes=attributes)
-
-
-def exists(location: str | Path) -> bool:
-    if not is_url(location):
-        return Path(location).exists()
-    fs, path = _fs(location)
-    return bool(fs.exists(path))
-
-
-def remove(location: str | Path) -> None:
-    """Delete a whole store (callers check first that it is one)."""
-    if not is_url(location):
-        shutil.rmtree(location)
-        return
-    fs, path = _fs(location)
-    fs.rm(path, recursive=True)
-
-
-def replace(new: str, target: str) -> None:
-    """Put the finished store `new` where `target` is. Local: the two names are exchanged atomically where
-    Linux can (readers see the old store or the new one, never neither); URLs: remove, then move (object
-    stores cannot rename, so readers may briefly find nothing)."""
-    if not is_url(target) or str(target).startswith("file://"):
-        replace_dir(Path(str(new).removeprefix("file://")), Path(str(target).removeprefix("file://")))
-        return
-    fs, src = _fs(new)
-    _, dst = _fs(target)
-    if fs.exists(dst):
-        fs.rm(dst, recursive=True)
-    fs.mv(src, dst, recursive=True)
-
-
-def display_name(location: str | Path) -> str:
-    """The store's last path component, for progress bars."""
-    return str(location).rstrip("/").rsplit("/", 1)[-1]
-
-
-def sibling(location: str | Path, suffix: str) -> str:
-    """A hidden location beside the store: `<parent>/.<name><suffix>` (where --overwrite builds a replacement)."""
-    text = str(location).rstrip("/")
-    parent, _, name = text.rpartition("/")
-    return f"{parent}/.{name}{suffix}" if parent or text.startswith("/") else f".{name}{suffix}"
 
 
 def acts_name(layer: int) -> str:
@@ -225,7 +170,7 @@ def is_unfinished(location: str | Path) -> bool:
     if attrs or not set(group.keys()) <= {ACTS, "tokens", "docs", PROGRESS}:
         return False
     if is_url(location):
-        fs, root = _fs(location)
+        fs, root = fs_of(location)
         files = fs.find(root)
     else:
         files = [str(p) for p in Path(location).rglob("*") if p.is_file()]
