@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from csae.shared.schema import ActivationStore, bits_to_bf16
+from csae.shared.schema import ActivationStore
 
 
 class NonFiniteActivations(Exception):
@@ -100,13 +100,13 @@ class ChunkLoader:
         start, stop = c * self.chunk_rows, c * self.chunk_rows + self._chunk_len(c)
         if self.in_memory:
             if self._cache is None:
-                self._cache = bits_to_bf16(self.store.acts(self.layer)[: self.train_rows])
-                self._seq_cache = self.store.tokens("seq")[: self.train_rows]
+                self._cache = self.store.read(self.layer, 0, self.train_rows)
+                self._seq_cache = self.store.read_tokens("seq", 0, self.train_rows)
                 self._check(self._cache, 0)
             return self._cache[start:stop], self._seq_cache[start:stop]  # type: ignore[index]
-        acts = bits_to_bf16(self.store.acts(self.layer)[start:stop])
+        acts = self.store.read(self.layer, start, stop)  # a damaged chunk: one line naming it (DamagedStore)
         self._check(acts, start)
-        return acts, np.asarray(self.store.group["tokens/seq"][start:stop])
+        return acts, self.store.read_tokens("seq", start, stop)
 
     def _check(self, acts_ND: torch.Tensor, first_row: int) -> None:
         bad = ~torch.isfinite(acts_ND).all(dim=1)
