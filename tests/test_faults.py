@@ -286,7 +286,7 @@ def test_damaged_chunks_are_found_named_and_repaired(tmp_path: Path, reference: 
     assert listed == ["damaged   chunk 3 of resid_post/12 (rows 192-255) fails its checksum",
                       "damaged   chunk 30 of tokens/seq (rows 1,920-1,983) fails its checksum"]
     evaluate = run("evaluate", ["run", "--store", store, "--checkpoints", reference_sae.parent.parent, "--out",
-                                tmp_path / "eval", "--ce-tokens", "0", "--unlearn-tokens", "0", "--no-progress"])
+                                tmp_path / "eval", "--ce-tokens", "0", "--unlearn-known", "0", "--no-progress"])
     line = one_error(evaluate.stderr)
     assert evaluate.returncode == 2 and "chunk 30 of tokens/seq (rows 1,920-1,983)" in line
     repair = run("harvest", ["repair", store, "--no-progress"])
@@ -301,7 +301,7 @@ def test_a_damaged_checkpoint_file_is_named(tmp_path: Path, reference: Path, ref
     weights = ck / "seed_0" / "layer_12" / "sae_weights.safetensors"
     truncate(weights)
     proc = run("evaluate", ["run", "--store", reference, "--checkpoints", ck, "--out", tmp_path / "eval",
-                            "--ce-tokens", "0", "--unlearn-tokens", "0", "--no-progress"])
+                            "--ce-tokens", "0", "--unlearn-known", "0", "--no-progress"])
     line = one_error(proc.stderr)
     assert proc.returncode == 2 and str(weights) in line and "damaged" in line and "--overwrite" in line
     state = ck / "seed_0" / "layer_12" / "state.pt"
