@@ -144,56 +144,67 @@ def windows(f_FL: torch.Tensor, centre_FK: torch.Tensor, window: int) -> torch.T
     return torch.where(inside, got, 0.0)
 
 
-def _block_candidates(f_FL: torch.Tensor, core: slice, first_row: int, k_top: int, k_sample: int, window: int,
-                      gen: torch.Generator) -> tuple[_Kept, _Kept]:
-    """The block's own top-k entries per feature, and its k_sample firing entries of largest random key."""
+def encode_features_first(sae: SAE, x_BD: torch.Tensor) -> torch.Tensor:
+    """sae.encode(x).T, computed in that layout: (features, rows), each feature's activations contiguous."""
+    return torch.relu(torch.addmm(sae.b_enc.unsqueeze(1), sae.W_enc.T, (x_BD - sae.b_dec).T))
+
+
+def _top_candidates(f_FL: torch.Tensor, core: slice, first_row: int, k: int, window: int) -> _Kept:
+    """The block's own k largest activations per feature (a zero one is not a context: key -1)."""
     act = f_FL[:, core]
-    out = []
-    for key, k in ((act, k_top), (torch.where(act > 0, torch.rand(act.shape, generator=gen), -1.0), k_sample)):
-        k = min(k, act.shape[1])
-        top = key.topk(k, dim=1)
-        # top contexts: the key is the activation, so a zero key means a non-firing row
-        keys = top.values if key is not act else torch.where(top.values > 0, top.values, -1.0)
-        out.append(_Kept(keys, act.gather(1, top.indices), top.indices + first_row,
-                         windows(f_FL, top.indices + core.start, window)))
-    return out[0], out[1]
+    top = act.topk(min(k, act.shape[1]), dim=1)
+    return _Kept(torch.where(top.values > 0, top.values, -1.0), top.values, top.indices + first_row,
+                 windows(f_FL, top.indices + core.start, window))
+
+
+def _sample_candidates(f_FL: torch.Tensor, core: slice, first_row: int, k: int, window: int, feat: torch.Tensor,
+                       pos: torch.Tensor, gen: torch.Generator) -> _Kept:
+    """Per feature, its k firing entries of the block with the largest i.i.d. uniform keys (priority sampling)."""
+    f = f_FL.shape[0]
+    key = torch.rand(len(feat), generator=gen, dtype=torch.float64)
+    order = torch.argsort(feat.double() + key)  # by feature, then key (key < 1)
+    counts = torch.bincount(feat, minlength=f)
+    j = torch.arange(k)
+    sel = order[(counts.cumsum(0).unsqueeze(1) - 1 - j).clamp_min(0)]  # largest keys first
+    valid = j < counts.unsqueeze(1)
+    centre = pos[sel]
+    return _Kept(torch.where(valid, key[sel].float(), -1.0), f_FL[:, core].gather(1, centre), centre + first_row,
+                 windows(f_FL, centre + core.start, window))
 
 
 @torch.inference_mode()
 def collect(store: ActivationStore, layer: int, sae: SAE, rows: Rows, topic_D: np.ndarray | None, n_topics: int,
             cfg: BrowseConfig, dtype: torch.dtype, device: torch.device, progress: object = None) -> Collected:
-    """One pass of `sae`'s encoder over `rows` of `layer` (see the module docstring)."""
-    f, w = sae.d_sae, cfg.window
+    """One pass of `sae`'s encoder over `rows` of `layer` (see the module docstring). Per block, one dense top-k;
+    counts, histogram and sample work on the firing entries only."""
+    f, w, n_bins, n_t = sae.d_sae, cfg.window, cfg.histogram_bins, max(n_topics, 1)
     enc = copy.deepcopy(sae).to(device, dtype)
     gen = torch.Generator().manual_seed(cfg.seed)
     top, sample = _Kept.empty(f, 2 * w + 1), _Kept.empty(f, 2 * w + 1)
-    fires, topic_fires = torch.zeros(f, dtype=torch.long), torch.zeros(f, max(n_topics, 1), dtype=torch.float64)
+    fires, topic_fires, hist = (torch.zeros(f * m, dtype=torch.long) for m in (1, n_t, n_bins))
     scale = store.mean_norm(layer)
-    edges = np.geomspace(HIST_RANGE[0] * scale, HIST_RANGE[1] * scale, cfg.histogram_bins + 1)
+    edges = np.geomspace(HIST_RANGE[0] * scale, HIST_RANGE[1] * scale, n_bins + 1)
     log_lo, log_step = np.log(edges[0]), np.log(edges[1] / edges[0])
-    hist = torch.zeros(f * cfg.histogram_bins, dtype=torch.float64)
     row_topic = (torch.from_numpy(topic_D[rows.doc_N].astype(np.int64)) if topic_D is not None
                  else torch.full((rows.n,), -1, dtype=torch.long))
     for start in range(0, rows.n, cfg.batch_size):
         stop = min(start + cfg.batch_size, rows.n)
         lo, hi = max(0, start - w), min(rows.n, stop + w)
         x = read_rows(store, layer, rows, lo, hi).to(device, dtype)
-        f_FL = enc.encode(x).float().cpu().T.contiguous()
+        f_FL = encode_features_first(enc, x).float().cpu()
         core = slice(start - lo, stop - lo)
-        act = f_FL[:, core]
-        fire = act > 0
-        fires += fire.sum(dim=1)
-        t = row_topic[start:stop]
-        onehot = torch.nn.functional.one_hot(t.clamp_min(0), topic_fires.shape[1]).float() * (t >= 0).unsqueeze(1)
-        topic_fires += (fire.float() @ onehot).double()  # exact: each block's counts are < 2^24
-        feat, _ = fire.nonzero(as_tuple=True)
-        bins = ((act[fire].log() - log_lo) / log_step).floor().clamp(0, cfg.histogram_bins - 1).long()
-        hist.index_add_(0, feat * cfg.histogram_bins + bins, torch.ones(len(bins), dtype=torch.float64))
-        new_top, new_sample = _block_candidates(f_FL, core, start, cfg.top_contexts, cfg.sample_contexts, w, gen)
-        top, sample = top.merge(new_top, cfg.top_contexts), sample.merge(new_sample, cfg.sample_contexts)
+        feat, pos = (f_FL[:, core] > 0).nonzero(as_tuple=True)
+        fires += torch.bincount(feat, minlength=f)
+        t = row_topic[start:stop][pos]
+        topic_fires += torch.bincount(feat[t >= 0] * n_t + t[t >= 0], minlength=f * n_t)
+        bins = ((f_FL[:, core][feat, pos].log() - log_lo) / log_step).floor().clamp(0, n_bins - 1).long()
+        hist += torch.bincount(feat * n_bins + bins, minlength=f * n_bins)
+        top = top.merge(_top_candidates(f_FL, core, start, cfg.top_contexts, w), cfg.top_contexts)
+        if len(feat) and cfg.sample_contexts:
+            sample = sample.merge(_sample_candidates(f_FL, core, start, cfg.sample_contexts, w, feat, pos, gen),
+                                  cfg.sample_contexts)
         if progress is not None:
             progress.update(stop - start)  # type: ignore[attr-defined]
     tv, tr, tw = top.valid()
     sv, sr, sw = sample.valid()
-    return Collected(tv, tr, tw, sv, sr, sw, fires, topic_fires.round().long(),
-                     hist.view(f, cfg.histogram_bins).round().long(), edges, rows.n)
+    return Collected(tv, tr, tw, sv, sr, sw, fires, topic_fires.view(f, n_t), hist.view(f, n_bins), edges, rows.n)
