@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 LOGIT_NOTE = ("Logit effect: W_U (g * d), d the feature's unit decoder direction, g the final norm's elementwise "
               "gain, W_U the unembedding: how the feature's direction, written into the final residual, moves "
               "each token's logit (per unit of norm input; the norm's per-token scale, the blocks after the layer "
-              "and the logit soft-cap are left out).")
+              "and the logit soft-cap are left out). Ranked among {vocab}.")
 
 
 @dataclass
@@ -84,16 +84,22 @@ def token_strings(tokenizer: Any, ids: np.ndarray) -> dict[str, str]:
     return {str(int(i)): t for i, t in zip(ids, texts, strict=True)}
 
 
-def geometry(ckpts: list[LayerCheckpoint], lm: LoadedModel, cfg: BrowseConfig,
-             dtype: torch.dtype) -> dict[str, tuple[Any, Any, dict[str, Any]]]:
+def geometry(ckpts: list[LayerCheckpoint], lm: LoadedModel, cfg: BrowseConfig, dtype: torch.dtype,
+             rows: Rows) -> dict[str, tuple[Any, Any, dict[str, Any]]]:
     """Per checkpoint key: (logit effects, nearest features, best matches in the other runs of its layer)."""
     gain = norm_gain(lm.model)
     w_u = lm.model.get_output_embeddings().weight.detach()
+    vocab = None
+    if cfg.logit_vocabulary == "store":
+        vocab = torch.from_numpy(np.unique(rows.token_N).astype(np.int64))
+        w_u = w_u[vocab.to(w_u.device)]
     out = {}
     for c in ckpts:
         others = {o.run: best_match(c.sae.W_dec, o.sae.W_dec) for o in ckpts if o.layer == c.layer and o.run != c.run}
-        out[c.key] = (logit_effects(c.sae.W_dec, gain, w_u, cfg.logit_tokens, dtype),
-                      nearest(c.sae.W_dec, cfg.neighbours), others)
+        effects = logit_effects(c.sae.W_dec, gain, w_u, min(cfg.logit_tokens, len(w_u)), dtype)
+        if vocab is not None:  # positions in the store's tokens -> token ids
+            effects = replace(effects, up_ids_FK=vocab[effects.up_ids_FK], down_ids_FK=vocab[effects.down_ids_FK])
+        out[c.key] = (effects, nearest(c.sae.W_dec, cfg.neighbours), others)
     return out
 
 
@@ -107,9 +113,13 @@ def build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: 
     fractions = {c.info.config.heldout_tail_fraction for c in ckpts}
     rows = choose_rows(store, store.heldout_start(max(fractions)), cfg.rows)
     check_tokens(rows, str(store_path))
+    t1 = time.perf_counter()
     lm = lm or load_lm(store, cfg, cache_dir)
     topic_D = store.docs("topic").astype(np.int64) if "docs/topic" in store.group and store.topics else None
-    geo = geometry(ckpts, lm, cfg, dtype)
+    t2 = time.perf_counter()
+    geo = geometry(ckpts, lm, cfg, dtype, rows)
+    log.info("browse: model loaded in %.1f s, logit effects and neighbours in %.1f s (%s)", t2 - t1,
+             time.perf_counter() - t2, cfg.dtype)
     dicts = []
     bar = tqdm(total=rows.n * len(ckpts), unit="row", unit_scale=True, desc="browse: encoding", disable=not progress)
     for c in ckpts:
@@ -117,6 +127,7 @@ def build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: 
         effects, nb, matches = geo[c.key]
         dicts.append(Dictionary(c.run, c.layer, collected, effects, nb, matches))
     bar.close()
+    t3 = time.perf_counter()
     common = common_payload(store, str(store_path), rows, dicts, lm, cfg, checkpoint_dirs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +135,7 @@ def build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: 
         written = write_site(Path(tmp) / "site", common, dicts)
         size = sum(p.stat().st_size for p in written)
         replace_dir(Path(tmp) / "site", out)
+    log.info("browse: token strings and site written in %.1f s", time.perf_counter() - t3)
     return Built(out / "index.html", size, time.perf_counter() - t0, [d.key for d in dicts])
 
 
@@ -142,7 +154,9 @@ def common_payload(store: ActivationStore, store_path: str, rows: Rows, dicts: l
         "titles": [str(t) for t in titles], "doc_topic": [int(t) for t in topic_D],
         "vocab": token_strings(lm.tokenizer, shown_tokens(dicts, rows.token_N)),
         "about": {"store": store_path, "model": (store.attrs.get("model") or {}).get("name"),
-                  "checkpoints": [str(p) for p in checkpoint_dirs], "config": to_dict(cfg), "logit_note": LOGIT_NOTE,
+                  "checkpoints": [str(p) for p in checkpoint_dirs], "config": to_dict(cfg),
+                  "logit_note": LOGIT_NOTE.format(vocab="the whole vocabulary" if cfg.logit_vocabulary == "all" else
+                                                  f"the {len(np.unique(rows.token_N)):,} token ids of the rows read"),
                   "rows_note": f"{rows.n:,} store rows read: the held-out tail first, then training rows from the "
                                f"store's start ({', '.join(f'[{a:,}, {b:,})' for a, b in rows.ranges)})"},
     }
