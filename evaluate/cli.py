@@ -1,4 +1,4 @@
-"""`evaluate run`. Thin: parse options, build the config, call evaluate.run."""
+"""`evaluate run` and `evaluate browse`. Thin: parse options, build the config, call the library."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import click
 
 from csae.shared.cli import Group, cache_dir, params_option, store_option
 from csae.shared.config.base import click_options, from_dict, given, load_params
+from csae.shared.config.browse import BrowseConfig
 from csae.shared.config.evaluate import EvalConfig
 
 
@@ -46,6 +47,32 @@ def run(store: str, checkpoints: tuple[Path, ...], out: Path, no_progress: bool,
                           for k in ("explained_variance", "ce_score", "l0", "unlearn_U") if k + "_lo" in m)
         click.echo(f"{key}: {shown}")
     click.echo(f"wrote {out / 'metrics.json'}, {out / 'comparison.json'} and {out / 'report.md'}")
+
+
+@main.command()
+@click_options(BrowseConfig)
+@store_option("The activation store the checkpoints were trained on (the rows whose contexts the pages show).")
+@click.option("--checkpoints", "checkpoints", type=click.Path(path_type=Path), multiple=True,
+              help="A `train fit --out` directory (seed_<s>/layer_<L>/ inside). Several: each run gets its pages and "
+                   "each feature links its best match in the others; runs are named by their directory name.  "
+                   "[default: checkpoints]")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("eval/browser"), show_default=True,
+              help="Output directory: index.html (open it in a browser, no server needed) with browser.js, "
+                   "browser.css and data/*.js. Replaced as a whole when the build is complete.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@params_option("browse")
+def browse(store: str, checkpoints: tuple[Path, ...], out: Path, no_progress: bool, params: str | None,
+           **options: object) -> None:
+    """Write a static feature browser of every run's SAEs (one seed): per dictionary an index of its features,
+    per feature its top and sampled contexts, activation histogram, logit effects, topics and neighbours."""
+    from csae.evaluate.browse.build import build
+
+    cfg = from_dict(BrowseConfig, {**(load_params(params, "browse") if params else {}),
+                                   **given(BrowseConfig, options)})
+    built = build(cfg, store, list(checkpoints) or [Path("checkpoints")], out, cache_dir=cache_dir(),
+                  progress=not no_progress)
+    click.echo(f"wrote {built.index} ({len(built.dictionaries)} dictionaries, {built.bytes / 2**20:.1f} MiB) in "
+               f"{built.seconds:.0f} s; open it in a browser")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from csae.harvest.cli import main as harvest_main
 from csae.shared import models
 from csae.shared.cli import expand_variadic
 from csae.shared.config.base import ConfigError, field_docs, from_dict, load_params, parse_assignment, to_dict
+from csae.shared.config.browse import BrowseConfig
 from csae.shared.config.evaluate import EvalConfig
 from csae.shared.config.harvest import HarvestConfig
 from csae.shared.config.train import TrainConfig, preset
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_field_has_a_docstring_and_it_is_the_help() -> None:
-    for cls in (HarvestConfig, TrainConfig):
+    for cls in (HarvestConfig, TrainConfig, EvalConfig, BrowseConfig):
         docs = field_docs(cls)
         assert set(docs) == set(cls.__dataclass_fields__), cls
     text = CliRunner().invoke(harvest_main, ["run", "--help"], terminal_width=400).output
@@ -100,7 +101,8 @@ def test_params_files_list_every_config_field(name: str) -> None:
     """Every field of every stage config is in the params file (so `dvc exp run -S <stage>.<key>=...` works for
     each), nothing else is, and each section builds its config."""
     params = yaml.safe_load((ROOT / name).read_text())
-    for section, cls in (("harvest", HarvestConfig), ("train", TrainConfig), ("evaluate", EvalConfig)):
+    for section, cls in (("harvest", HarvestConfig), ("train", TrainConfig), ("evaluate", EvalConfig),
+                         ("browse", BrowseConfig)):
         fields = [f.name for f in dataclasses.fields(cls)]
         assert list(params[section]) == fields, f"{name} [{section}] differs from {cls.__name__}'s fields"
         from_dict(cls, params[section])

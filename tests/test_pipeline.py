@@ -71,6 +71,9 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     # tiny Gemma 3 of tests/test_eval_*.py covers it); its declared plot directory is still there for DVC
     assert (work / "eval" / "plots" / "unlearning").is_dir()
     assert (work / "eval" / "comparison.json").is_file() and (work / "eval" / "report.md").is_file()
+    browser = work / "eval" / "browser"  # the browse stage: both runs' seed-0 SAEs of each layer
+    assert (browser / "index.html").is_file() and sorted(p.name for p in (browser / "data").iterdir()) == sorted(
+        ["common.js"] + [f"{run}_layer_{layer}.js" for run in ("csae", "baseline") for layer in (5, 19)])
 
     assert "up to date" in dvc(work, "repro")  # a second repro is a no-op
     shown = dvc(work, "metrics", "show")

@@ -1,0 +1,109 @@
+"""Write the browser: index.html, browser.js, browser.css (copied from assets/) and the data as JavaScript files
+that index.html loads with <script> tags (file:// forbids fetch of local files; scripts are allowed).
+
+    <out>/index.html, browser.js, browser.css
+    <out>/data/common.js          the runs and dictionaries, the rows read (token id, sequence, document of
+                                  each), document titles, the strings of every token shown, what was computed
+    <out>/data/<run>_layer_<L>.js one dictionary: per feature its statistics, contexts, logit effects,
+                                  neighbours and matches (loaded when the dictionary is opened)
+
+Arrays are base64 of little-endian typed arrays (int32, float32, uint8) to keep the files small: a context's
+window is stored as uint8 activations relative to the feature's largest (its exact centre value alongside).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from csae.evaluate.browse.collect import Collected
+from csae.evaluate.browse.logits import LogitEffects
+
+ASSETS = Path(__file__).parent / "assets"
+DATA = "data"
+
+
+def b64(values: np.ndarray | torch.Tensor, dtype: str) -> str:
+    arr = values.numpy() if isinstance(values, torch.Tensor) else values
+    return base64.b64encode(np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()).decode()
+
+
+def data_file(run: str, layer: int) -> str:
+    return f"{DATA}/{run}_layer_{layer}.js"
+
+
+@dataclass
+class Dictionary:
+    """One run's SAE at one layer, with everything its pages show."""
+
+    run: str
+    layer: int
+    collected: Collected
+    effects: LogitEffects
+    neighbours: tuple[torch.Tensor, torch.Tensor]
+    matches: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    """{other run: (best matching feature, cosine)} at the same layer."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.run}/layer_{self.layer}"
+
+
+def _quantised(win_FKW: torch.Tensor, max_F: torch.Tensor) -> np.ndarray:
+    """Window activations as uint8 fractions of the feature's largest activation (0: not firing)."""
+    rel = win_FKW / max_F.clamp_min(1e-30).view(-1, 1, 1)
+    return (rel.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def dictionary_payload(d: Dictionary) -> dict[str, Any]:
+    c = d.collected
+    max_F = c.top_val_FK[:, 0].clamp_min(0) if c.top_val_FK.shape[1] else torch.zeros(len(c.fires_F))
+    e = d.effects
+    ids, cos = d.neighbours
+    return {
+        "key": d.key, "run": d.run, "layer": d.layer, "n_features": len(c.fires_F), "n_rows": c.n_rows,
+        "k_top": c.top_row_FK.shape[1], "k_sample": c.sample_row_FK.shape[1], "width": c.top_win_FKW.shape[2],
+        "edges": [float(f"{x:.4g}") for x in c.edges], "fires": b64(c.fires_F, "int32"),
+        "max": b64(max_F, "float32"), "topics": b64(c.topic_fires_FT, "int32"), "hist": b64(c.hist_FB, "int32"),
+        "top_rows": b64(c.top_row_FK, "int32"), "top_val": b64(c.top_val_FK, "float32"),
+        "top_win": b64(_quantised(c.top_win_FKW, max_F), "uint8"),
+        "sample_rows": b64(c.sample_row_FK, "int32"), "sample_val": b64(c.sample_val_FK, "float32"),
+        "sample_win": b64(_quantised(c.sample_win_FKW, max_F), "uint8"),
+        "k_logits": e.up_ids_FK.shape[1], "up_ids": b64(e.up_ids_FK, "int32"), "up": b64(e.up_FK, "float32"),
+        "down_ids": b64(e.down_ids_FK, "int32"), "down": b64(e.down_FK, "float32"),
+        "k_nb": ids.shape[1], "nb_ids": b64(ids, "int32"), "nb_cos": b64(cos, "float32"),
+        "matches": {run: {"ids": b64(m_ids, "int32"), "cos": b64(m_cos, "float32")}
+                    for run, (m_ids, m_cos) in d.matches.items()},
+    }
+
+
+def shown_tokens(dicts: list[Dictionary], token_N: np.ndarray) -> np.ndarray:
+    """Every token id a page can show: the rows' tokens and the logit lists' tokens."""
+    ids = [np.unique(token_N)] + [np.unique(t.numpy()) for d in dicts
+                                  for t in (d.effects.up_ids_FK, d.effects.down_ids_FK)]
+    return np.unique(np.concatenate(ids))
+
+
+def write_site(out: Path, common: dict[str, Any], dicts: list[Dictionary]) -> list[Path]:
+    """Write the browser into the (new, empty) directory `out`; returns the files written."""
+    (out / DATA).mkdir(parents=True)
+    written = []
+    for name in ("index.html", "browser.js", "browser.css"):
+        shutil.copyfile(ASSETS / name, out / name)
+        written.append(out / name)
+    path = out / DATA / "common.js"
+    path.write_text(f"CSAE.common = {json.dumps(common, ensure_ascii=False, separators=(',', ':'))};\n")
+    written.append(path)
+    for d in dicts:
+        path = out / data_file(d.run, d.layer)
+        payload = json.dumps(dictionary_payload(d), ensure_ascii=False, separators=(",", ":"))
+        path.write_text(f"CSAE.addDictionary({payload});\n")
+        written.append(path)
+    return written
