@@ -9,6 +9,7 @@ repeats an uninterrupted one exactly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -30,9 +31,9 @@ from csae.shared.sae import SAE
 from csae.train import losses
 from csae.train.checkpoint import STATE_FILE, MetricsLog, all_finite, save_state
 from csae.train.loader import ChunkLoader, NonFiniteActivations
-from csae.train.resample import dead_mask, resample_
+from csae.train.resample import choose_directions, dead_mask, resample_, squared_errors
 
-METRIC_NAMES = ("loss", "recon_loss", "l1", "info_nce", "diversity", "l0", "fvu", "grad_norm")
+METRIC_NAMES = ("loss", "recon_loss", "l1", "info_nce", "diversity", "l0", "fvu", "grad_norm_sae", "grad_norm_head")
 
 
 def derive_seed(*keys: int) -> int:
@@ -74,9 +75,9 @@ class CSAETrainer:
             torch.manual_seed(derive_seed(seed, INIT_HEAD))
             self.head = ContrastiveHead(d_sae, cfg.head_dim, cfg.head_hidden).to(rt.device)
         # the head only gets gradients (and optimiser state) when the contrastive term is on
-        params = list(self.sae.parameters()) + (list(self.head.parameters()) if cfg.contrastive else [])
-        self.params = params
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.head_params = list(self.head.parameters()) if cfg.contrastive else []
+        self.params = list(self.sae.parameters()) + self.head_params
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.last_fired_F = torch.full((d_sae,), -1, dtype=torch.long, device=rt.device)
 
     @torch.no_grad()
@@ -156,8 +157,13 @@ class CSAETrainer:
                     p.grad.div_(self.rt.world)
         # move decoder rows along the unit sphere only; renormalising after the step fixes the rest
         self.sae.remove_gradient_parallel_to_decoder_directions_()
+        # The SAE and the head are clipped each by its own norm: under one global norm, the head's and
+        # InfoNCE's gradients would shrink the SAE's step, and the CSAE's SAE would take smaller steps than
+        # its baseline's for a reason that is not its loss.
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        terms["grad_norm_sae"] = torch.nn.utils.clip_grad_norm_(list(self.sae.parameters()), max_norm)
+        terms["grad_norm_head"] = (torch.nn.utils.clip_grad_norm_(self.head_params, max_norm) if self.head_params
+                                   else x_BD.new_zeros(()))
         self.opt.step()
         self.sae.set_decoder_norm_to_unit_norm_()
         with torch.no_grad():
@@ -167,17 +173,25 @@ class CSAETrainer:
             terms["fvu"] = losses.fvu(x_BD, x_hat_BD)
         return terms
 
-    def maybe_resample(self, x_BD: torch.Tensor, step: int) -> int | None:
-        """Resample after step `step` if it ends a window; returns how many features (None: not due)."""
+    def maybe_resample(self, step: int, pool: Callable[[], torch.Tensor]) -> int | None:
+        """Resample after step `step` if it ends a window; returns how many features (None: not due).
+        `pool()` reads the rows to draw new directions from (only called when some feature is dead)."""
         cfg = self.cfg
         if not cfg.resample_every or (step + 1) % cfg.resample_every or step >= cfg.resample_until * cfg.steps:
             return None
         dead_F = dead_mask(self.last_fired_F, step, cfg.resample_every, distributed=self.rt.distributed)
-        idx_S = resample_(self.sae, self.opt, x_BD, dead_F, scale=cfg.resample_scale,
-                          generator=step_generator(self.seed, step, RESAMPLE), distributed=self.rt.distributed)
+        n_dead = int(dead_F.sum())
+        self.resampled_S = dead_F.nonzero().squeeze(1)
+        if n_dead == 0:
+            return 0
+        pool_ND = pool()
+        err_N = squared_errors(self.sae, pool_ND, distributed=self.rt.distributed, autocast=self._autocast())
+        dirs_SD = choose_directions(pool_ND, err_N, self.sae.b_dec.detach(), n_dead,
+                                    step_generator(self.seed, step, RESAMPLE))
+        idx_S = resample_(self.sae, self.opt, dirs_SD, dead_F, scale=cfg.resample_scale,
+                          distributed=self.rt.distributed)
         self.last_fired_F[idx_S] = step  # a fresh window for the revived features
-        self.resampled_S = idx_S
-        return len(idx_S)
+        return n_dead
 
     def dead_fraction(self, step: int) -> float:
         window = self.cfg.resample_every or 1000
@@ -228,8 +242,11 @@ def train_layer(cfg: TrainConfig, trainer: CSAETrainer, loader: ChunkLoader, dir
             if not math.isfinite(values["loss"]):
                 raise UserError(f"layer {layer}, step {step}: the loss is {values['loss']} (training diverged); "
                                 f"lower lr or l1. The last checkpoint is kept.")
-            # 3. dead-feature resampling
-            resampled = trainer.maybe_resample(x_BD, step)
+            # 3. dead-feature resampling, from a pool of training rows
+            try:
+                resampled = trainer.maybe_resample(step, functools.partial(loader.pool, cfg.resample_pool, step))
+            except NonFiniteActivations as err:
+                raise UserError(f"layer {layer}, step {step}: {err}; re-harvest the store") from None
             if resampled is not None and on_resample is not None:
                 on_resample(step, trainer)
             # 4. log

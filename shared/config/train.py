@@ -26,8 +26,9 @@ class TrainConfig:
     """Dictionary size as a multiple of d_model (paper: 1, i.e. 2304 features for Gemma-2-2B)."""
 
     batch_size: int = 512
-    """Activation rows per optimiser step, over all ranks. With contrastive pairs this is batch_size/2
-    anchor/positive pairs; every row is reconstructed."""
+    """Activation rows per optimiser step, over all ranks: batch_size/2 anchor/positive pairs (two tokens
+    of one sequence) for every run, contrastive or not, so runs with the same seed read the same rows;
+    every row is reconstructed. Even, and divisible by 2 x the number of ranks."""
 
     tokens: int = 409_600
     """Training rows per layer; steps = tokens // batch_size. More than the store holds means several epochs."""
@@ -45,7 +46,8 @@ class TrainConfig:
     """AdamW decoupled weight decay."""
 
     grad_clip: float = 1.0
-    """Clip the total gradient norm to this (0: no clipping)."""
+    """Clip the SAE's gradient norm to this, and the contrastive head's, each by its own norm (0: no
+    clipping)."""
 
     l1: float = 1.0
     """lambda: weight of the L1 sparsity term sum_i |f_i| (inputs scaled to mean norm sqrt(d_model))."""
@@ -81,6 +83,10 @@ class TrainConfig:
     resample_every: int = 250
     """Every this many steps, features that did not fire in that window are resampled (0: never)."""
 
+    resample_pool: int = 65_536
+    """Training rows read (uniformly, or whole random chunks when streaming) to draw resampled directions
+    from: without replacement, in proportion to squared reconstruction error."""
+
     resample_scale: float = 0.2
     """Encoder norm of a resampled feature, as a multiple of the mean living encoder norm."""
 
@@ -113,7 +119,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ("expansion", "batch_size", "tokens", "head_dim", "diversity_features", "checkpoint_every",
-                    "shuffle_rows")
+                    "shuffle_rows", "resample_pool")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -124,9 +130,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.lr <= 0 or self.temperature <= 0:
             raise ConfigError(f"lr and temperature must be positive, got lr={self.lr} temperature={self.temperature}")
-        if self.alpha > 0 and (self.batch_size < 4 or self.batch_size % 2):
-            raise ConfigError(f"with alpha > 0 batch_size must be even and at least 4 (anchor/positive pairs), "
-                              f"got {self.batch_size}")
+        if self.batch_size < 4 or self.batch_size % 2:
+            raise ConfigError(f"batch_size must be even and at least 4 (anchor/positive pairs), got {self.batch_size}")
         for name in ("decay_fraction", "resample_until", "augment_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
