@@ -218,3 +218,20 @@ def test_scaling_the_heads_gradient_does_not_change_the_sae_update() -> None:
             assert all(torch.equal(a, b) for a, b in zip(plain.sae.parameters(), scaled.sae.parameters(), strict=True))
     for a, b in zip(plain.sae.parameters(), scaled.sae.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_near_parallel_rows_and_living_directions_are_drawn_last() -> None:
+    """The highest-error rows are 50 near-parallel outliers and 20 rows along a living feature; 100 draws
+    take one outlier, none along the living feature, and no two directions within cosine 0.9."""
+    gen = torch.Generator().manual_seed(0)
+    d = 32
+    outlier, living = F.normalize(torch.randn(2, d, generator=gen), dim=1)
+    typical = torch.randn(4000, d, generator=gen)
+    outliers = 30 * outlier + 0.05 * torch.randn(50, d, generator=gen)
+    along = 10 * living + 0.05 * torch.randn(20, d, generator=gen)
+    pool = torch.cat([typical, outliers, along])
+    err = torch.cat([torch.ones(4000), torch.full((70,), 1000.0)])  # the 70 would take ~all of 100 draws
+    dirs = choose_directions(pool, err, torch.zeros(d), 100, torch.Generator().manual_seed(3), living[None])
+    assert int(((dirs @ outlier) > 0.99).sum()) == 1
+    assert float((dirs @ living).max()) < 0.9
+    assert _off_diagonal_max_cos(dirs) <= 0.9

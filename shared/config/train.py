@@ -52,6 +52,9 @@ class TrainConfig:
     l1: float = 1.0
     """lambda: weight of the L1 sparsity term sum_i |f_i| (inputs scaled to mean norm sqrt(d_model))."""
 
+    l1_warmup_steps: int = 0
+    """Ramp the L1 weight linearly from 0 to l1 over this many steps (0: full weight from the start)."""
+
     alpha: float = 2.0
     """Weight of the InfoNCE contrastive term (0 with beta 0: a plain ReLU SAE)."""
 
@@ -102,6 +105,11 @@ class TrainConfig:
     shuffle_rows: int = 65_536
     """When streaming: rows of whole random chunks read and shuffled together (the shuffle buffer)."""
 
+    sparse: Literal["auto", "on", "off"] = "auto"
+    """Run the SAE's decoder and the gradients on the active features only (same math, less work; see
+    train/sparse.py). auto: on a CPU, whenever the previous step's feature density was below the measured
+    break-even (train/sparse.py SPARSE_BELOW); on: always; off: the dense path."""
+
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Autocast dtype of the forward; auto: bfloat16 where the hardware has fast bfloat16 matmuls (GPUs,
     CPUs with AVX512-BF16/AMX), else float32. Parameters and optimiser state are always float32."""
@@ -123,7 +131,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        nonneg = ("warmup_steps", "weight_decay", "grad_clip", "l1", "alpha", "beta", "head_hidden",
+        nonneg = ("warmup_steps", "l1_warmup_steps", "weight_decay", "grad_clip", "l1", "alpha", "beta", "head_hidden",
                   "augment_noise", "resample_every", "resample_scale", "in_memory_max_mb")
         for name in nonneg:
             if getattr(self, name) < 0:
@@ -178,6 +186,7 @@ PAPER: dict[str, Any] = {
 
 #: Values the paper preset needs that the paper does not give: ours (README, "The paper preset").
 PAPER_OURS: dict[str, Any] = {
+    "l1_warmup_steps": 0,  # no L1 warmup described
     "decay_fraction": 0.0,  # no decay described: constant after warmup
     "weight_decay": 0.0,  # AdamW's decoupled decay not given; 0 keeps the loss the only pull on the weights
     "beta": 10.0,  # the diversity penalty's weight is not given: our default's, stated, not inherited
@@ -191,6 +200,7 @@ PAPER_OURS: dict[str, Any] = {
     "heldout_tail_fraction": 0.1,
     "in_memory_max_mb": 2048,
     "shuffle_rows": 65_536,
+    "sparse": "auto",  # engineering: the same math either way
     "device": "auto",
     "seeds": (0, 1),
     "checkpoint_every": 500,
