@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from csae.harvest.batches import iter_batches
+from csae.harvest.batches import iter_windows, make_batch
 from csae.harvest.run import harvest, resolve_layers
 from csae.shared import corpora
 from csae.shared.cli import cache_dir
@@ -35,9 +35,11 @@ def bare(cfg: HarvestConfig, lm: object) -> float:
     seqs = iter_sequences(corpora.iter_documents(cfg.dataset, cfg.split, cfg.heldout_doc_fraction), lm.tokenizer,
                           cfg.context, DocTable())
     batches, rows = [], 0
-    for batch in iter_batches(seqs, cfg.batch_size, cfg.sort_window, lm.tokenizer.pad_token_id):
-        batches.append(batch.input_ids_BT)
-        rows += len(batch.rows["seq"])
+    for window in iter_windows(seqs, cfg.batch_size, cfg.sort_window):
+        for group in window:
+            batch = make_batch(group, lm.tokenizer.pad_token_id)
+            batches.append(batch.input_ids_BT)
+            rows += len(batch.rows["seq"])
         if rows >= cfg.tokens:
             break
     start = time.perf_counter()

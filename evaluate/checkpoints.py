@@ -94,3 +94,37 @@ def load_run(directory: Path, store: ActivationStore, store_path: str) -> list[L
         check_model(info, store, store_path, path)
         out.append(LayerCheckpoint(name, seed, layer, path, sae, head, info))
     return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What is compared: runs in the order given (the last is the reference), their common seeds and layers."""
+
+    runs: list[str]
+    seeds: list[int]
+    layers: list[int]
+
+    @property
+    def reference(self) -> str | None:
+        return self.runs[-1] if len(self.runs) > 1 else None
+
+    def key(self, run: str, seed: int, layer: int) -> str:
+        return f"{run}/seed_{seed}/layer_{layer}"
+
+
+def layout(ckpts: list[LayerCheckpoint]) -> Layout:
+    """Every run must hold the same (seed, layer) SAEs, else comparisons would pair unlike things: one-line error
+    naming what is missing where."""
+    runs = list(dict.fromkeys(c.run for c in ckpts))
+    have = {r: {(c.seed, c.layer) for c in ckpts if c.run == r} for r in runs}
+    union = set().union(*have.values())
+    missing = {r: sorted(union - h) for r, h in have.items() if union - h}
+    if missing:
+        def lacks(m: list[tuple[int, int]]) -> str:
+            seeds = sorted({s for s, _ in m})
+            return ", ".join(f"seed {s} (layers {' '.join(str(lay) for t, lay in m if t == s)})" for s in seeds)
+
+        where = "; ".join(f"run {r} lacks {lacks(m)}" for r, m in missing.items())
+        raise UserError(f"the runs do not hold the same seeds and layers ({where}); train the missing ones "
+                        f"(`train fit --resume` with the same seeds) or evaluate runs trained alike")
+    return Layout(runs, sorted({s for s, _ in union}), sorted({lay for _, lay in union}))

@@ -3,7 +3,7 @@
 DVC renders every file of a plots directory, so each kind of curve gets a directory of CSVs only:
 
     <out>/plots/training/<run>_seed_<s>_layer_<L>.csv    step, loss terms, fvu, l0, dead_frac, lr (training)
-    <out>/plots/unlearning/<run>_seed_<s>_layer_<L>.csv  a row per sweep point: kind, threshold, n, c, A, dCE
+    <out>/plots/unlearning/<run>_seed_<s>_layer_<L>.csv  a row per sweep point (selection split): tau, n, c, A
     <out>/training_layer_<L>.png                         loss and FVU against step, runs and seeds overlaid
 """
 
@@ -19,7 +19,7 @@ from csae.evaluate.report import save_figure
 from csae.shared.checkpoint import read_metrics
 
 TRAINING_COLUMNS = ("step", "loss", "recon_loss", "l1", "info_nce", "diversity", "fvu", "l0", "dead_frac", "lr")
-SWEEP_COLUMNS = ("kind", "retain_threshold", "n", "c", "A_forget", "A_retain", "dCE_forget", "dCE_retain")
+SWEEP_COLUMNS = ("retain_threshold", "n", "c", "A_forget", "A_retain")
 
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
@@ -45,8 +45,7 @@ def write_curves(out: Path, ckpts: list[LayerCheckpoint], points: dict[str, Any]
         log = read_metrics(ckpt.path)
         _write_csv(out / "plots" / "training" / name, TRAINING_COLUMNS, log)
         logs[ckpt.layer].append((f"{ckpt.run} seed {ckpt.seed}", log))
-        sweep = points.get(ckpt.key) or {}
-        rows = [{"kind": kind, **p} for kind in ("selected", "random") for p in sweep.get(kind) or []]
+        rows = (points.get(ckpt.key) or {}).get("sweep") or []
         if rows:
             _write_csv(out / "plots" / "unlearning" / name, SWEEP_COLUMNS, rows)
     written = []

@@ -14,6 +14,7 @@ Shape suffixes: B sequences, T positions, D model width, N selected positions, V
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -162,38 +163,49 @@ class TokenStats:
     """Whether argmax of the logits is the target."""
     kl_N: torch.Tensor | None = None
     """KL(p_reference || p) per position (when a reference was given)."""
+    top_NK: torch.Tensor | None = None
+    """The `topk` highest-scoring token ids per position, best first (when asked for)."""
 
 
 @torch.inference_mode()
 def token_stats(model: Any, targets_N: torch.Tensor, hs: list[torch.Tensor], chunk: int,
-                reference: int | None = None) -> list[TokenStats]:
+                reference: int | None = None, topk: int = 0) -> list[TokenStats]:
     """Next-token statistics for several final-hidden-state sets (each (N, D), same positions and
     targets), with the log-softmax over the vocabulary computed `chunk` positions at a time. When
-    `reference` is an index into `hs`, every set also gets its KL from that set's distribution."""
+    `reference` is an index into `hs`, every set also gets its KL from that set's distribution; `topk`
+    keeps the best token ids of each position."""
     n = len(targets_N)
     logp = [torch.empty(n) for _ in hs]
     correct = [torch.empty(n, dtype=torch.bool) for _ in hs]
     kl = [torch.empty(n) for _ in hs] if reference is not None else None
+    top = [torch.empty(n, topk, dtype=torch.long) for _ in hs] if topk else None
+    order = sorted(range(len(hs)), key=lambda i: i != reference)  # the reference first: the others need it
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         tgt = targets_N[start:stop].unsqueeze(1)
-        ref_lp = None
-        if reference is not None:
-            ref_lp = torch.log_softmax(head_logits(model, hs[reference][start:stop]), dim=-1).cpu()
-        for i, h in enumerate(hs):
-            if ref_lp is None:  # fast path: no full log-softmax tensor, just logsumexp, gather, argmax
-                logits = head_logits(model, h[start:stop]).cpu()
-                logp[i][start:stop] = (logits.gather(1, tgt) - torch.logsumexp(logits, dim=1, keepdim=True)).squeeze(1)
-                correct[i][start:stop] = logits.argmax(dim=1) == tgt.squeeze(1)
-                del logits
+        p_ref = neg_h_ref = None
+        for i in order:
+            # argmax and top-k of the logits themselves: subtracting the log-normaliser may round two
+            # nearly equal logits to a tie, and the unlearning shortcut reproduces the logits' argmax
+            logits = head_logits(model, hs[i][start:stop]).cpu()
+            correct[i][start:stop] = logits.argmax(dim=1) == tgt.squeeze(1)
+            if top is not None:
+                top[i][start:stop] = logits.topk(topk, dim=1).indices
+            lse = torch.logsumexp(logits, dim=1)
+            logp[i][start:stop] = logits.gather(1, tgt).squeeze(1) - lse
+            if kl is None:
                 continue
-            lp = ref_lp if i == reference else torch.log_softmax(head_logits(model, h[start:stop]), dim=-1).cpu()
-            logp[i][start:stop] = lp.gather(1, tgt).squeeze(1)
-            correct[i][start:stop] = lp.argmax(dim=1) == tgt.squeeze(1)
-            if kl is not None:
-                kl[i][start:stop] = (ref_lp.exp() * (ref_lp - lp)).sum(dim=1).clamp_min(0)
-            del lp
-    return [TokenStats(logp[i], correct[i], kl[i] if kl is not None else None) for i in range(len(hs))]
+            # KL(p_ref || p) = sum_v p_ref,v log p_ref,v - sum_v p_ref,v logits_v + lse: one pass over the
+            # vocabulary per set instead of materialising its log-softmax
+            if p_ref is None:
+                lp_ref = logits - lse.unsqueeze(1)
+                p_ref = lp_ref.exp()
+                neg_h_ref = torch.einsum("nv,nv->n", p_ref, lp_ref)
+                del lp_ref
+            kl[i][start:stop] = (neg_h_ref - torch.einsum("nv,nv->n", p_ref, logits) + lse).clamp_min(0)
+            del logits
+    return [TokenStats(logp[i], correct[i], kl[i] if kl is not None else None, top[i] if top is not None else None)
+            for i in range(len(hs))]
 
 
 @torch.inference_mode()
@@ -213,3 +225,97 @@ def check_head(model: Any, batch: TextBatch) -> None:
         raise RuntimeError(f"computing logits from the final hidden state disagrees with the model's own "
                            f"forward (relative error {err:.2g}, tolerance {tolerance:.2g} in {param.dtype}); "
                            f"this architecture is not supported yet")
+
+
+# ----- exact top-1 accuracy without the full head -----------------------------------------------------------
+#
+# A known token stays right under an intervention when its logit still beats every other token's. For the
+# clean top-k tokens (candidates) the new logits are computed exactly; any other token v had a clean logit
+# at most the (k+1)-th largest, and a change d of the final hidden state moves it by W_v . d <= |W_v| |d|
+# <= M |d| (M: the largest unembedding row norm). So the target stays first when it beats the other
+# candidates and the (k+1)-th clean logit plus M |d|; it is certainly wrong when another candidate beats it;
+# only in between does the full head run. Margins allow for the head's rounding in the model's dtype, so
+# the verdict equals `head_logits(...).argmax() == target` (tested in both dtypes).
+
+#: Clean candidates kept per known position: their logits cost k x d instead of the head's V x d.
+SHORTCUT_CANDIDATES = 64
+
+
+@dataclass
+class Top1Reference:
+    """What the shortcut needs at each known position (clean argmax = target)."""
+
+    h_ND: torch.Tensor
+    """Clean final hidden state (float32)."""
+    cand_NK: torch.Tensor
+    """The clean top-k token ids, target first."""
+    out_N: torch.Tensor
+    """Exact clean logit (float64) of the (k+1)-th token: no token outside the candidates scored higher,
+    up to the head's rounding."""
+
+
+def _unembedding(model: Any) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(W (V, D) as the model holds it, its bias or None, the largest row norm M (computed once per model))."""
+    head = model.get_output_embeddings()
+    w = head.weight.detach()
+    b = head.bias.detach() if getattr(head, "bias", None) is not None else None
+    m = getattr(model, "_csae_unembedding_norm", None)
+    if m is None:
+        m = max(float(w[s:s + 65536].double().norm(dim=1).max()) for s in range(0, len(w), 65536))
+        model._csae_unembedding_norm = m
+    return w, b, m
+
+
+def _exact_logits(model: Any, h_ND: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
+    """Logits of the given token ids in float64 (exact up to float64 rounding), shape (N, K)."""
+    w, b, _ = _unembedding(model)
+    ids = ids_NK.to(w.device)
+    out = torch.einsum("nkd,nd->nk", w[ids].double(), h_ND.to(w.device).double()).cpu()
+    return out + b[ids].double().cpu() if b is not None else out
+
+
+def _rounding(model: Any, h_ND: torch.Tensor, scale_N: torch.Tensor) -> torch.Tensor:
+    """Bound on |computed - exact| of one logit: the output rounding to the model's dtype (u |logit|) plus
+    float32 accumulation over d terms (d 2^-24 M |h|)."""
+    _, _, m = _unembedding(model)
+    u = float(torch.finfo(next(model.parameters()).dtype).eps) / 2
+    return u * scale_N + h_ND.shape[1] * 2.0**-24 * m * h_ND.double().norm(dim=1)
+
+
+def top1_reference(model: Any, h_ND: torch.Tensor, targets_N: torch.Tensor, top_NK: torch.Tensor) -> Top1Reference:
+    """From the clean final states of known positions (argmax = target), their targets and their clean
+    top-(k+1) ids. The target goes first (top-k may order tied logits differently from argmax); when top_NK
+    holds the whole vocabulary, every token is a candidate and nothing lies outside."""
+    others = torch.stack([row[row != t][: top_NK.shape[1] - 1] for row, t in zip(top_NK, targets_N, strict=True)]) \
+        if len(top_NK) else top_NK[:, 1:]
+    ids = torch.cat([targets_N.unsqueeze(1), others], dim=1)
+    exact = _exact_logits(model, h_ND, ids)
+    if top_NK.shape[1] >= model.get_output_embeddings().weight.shape[0]:
+        return Top1Reference(h_ND.float(), ids, torch.full((len(h_ND),), -math.inf, dtype=torch.float64))
+    slack = 2 * _rounding(model, h_ND, exact.abs().max(dim=1).values)  # computed order vs exact order
+    return Top1Reference(h_ND.float(), ids[:, :-1].clone(), exact[:, -1] + slack)
+
+
+@torch.inference_mode()
+def still_top1(model: Any, ref: Top1Reference, h_new_ND: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
+    """(whether each known position's target is still the argmax of the logits of h_new, how many
+    positions needed the full head)."""
+    _, _, m = _unembedding(model)
+    exact = _exact_logits(model, h_new_ND, ref.cand_NK)
+    target = exact[:, 0]
+    other = exact[:, 1:].max(dim=1).values if exact.shape[1] > 1 else torch.full_like(target, -math.inf)
+    out = ref.out_N + m * (h_new_ND.double() - ref.h_ND.double()).norm(dim=1)
+    finite = [v.abs().nan_to_num(0.0, posinf=0.0) for v in (target, other, out)]  # -inf: no such token
+    scale = torch.stack(finite).max(dim=0).values
+    err = 2 * _rounding(model, h_new_ND, scale)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    saturated = (scale > 4 * cap) if cap else torch.zeros_like(target, dtype=torch.bool)  # tanh flattens ties
+    right = (target > other + err) & (target > out + err) & ~saturated
+    wrong = (other > target + err) & ~saturated
+    result = right.clone()
+    unsure = torch.nonzero(~(right | wrong)).squeeze(1)
+    for s in range(0, len(unsure), chunk):
+        idx = unsure[s:s + chunk]
+        logits = head_logits(model, h_new_ND[idx])
+        result[idx] = logits.argmax(dim=1).cpu() == ref.cand_NK[idx, 0]
+    return result, len(unsure)

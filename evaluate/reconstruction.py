@@ -1,12 +1,21 @@
-"""Reconstruction metrics of an SAE on a set of activations, and the downstream CE/KL scores.
+"""Reconstruction/sparsity family: how well an SAE reconstructs the held-out rows and how sparsely it fires.
 
-Pure functions of tensors; inputs are promoted to float64 so sums over many tokens stay exact enough.
-Shape suffixes: N tokens, D model width.
+`reconstruction_figures` turns one SAE pass's per-document sums (evaluate/heldout.py) into figures the
+bootstrap can recompute on resampled documents; the pure functions below are the same formulas on
+tensors (the definitions, and what the tests check the figures against). Inputs are promoted to float64
+so sums over many tokens stay exact enough.
+Shape suffixes: N tokens, D model width (documents: the figures' resampling unit).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
+
+from csae.evaluate.heldout import SaePass
+from csae.evaluate.stats import Figure, additive, ratio
 
 
 def _f64(*xs: torch.Tensor) -> list[torch.Tensor]:
@@ -70,3 +79,28 @@ def ce_score(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
 def kl_score(kl_sae: float, kl_zero: float) -> float:
     """(KL_zero - KL_sae) / KL_zero, each KL the mean over tokens of KL(p_clean || p_intervened)."""
     return (kl_zero - kl_sae) / kl_zero
+
+
+def reconstruction_figures(p: SaePass, dense_thresholds: Sequence[float]) -> dict[str, Figure]:
+    """FVU, explained variance, MSE, cosine, relative bias, l2 ratio, L0, L1, dead and dense shares."""
+    d_model = p.x_DM.shape[1]
+    sums = np.concatenate([np.stack([p.err_D, p.xx_D, p.n_D], axis=1), p.x_DM], axis=1)
+
+    def fvu(t: np.ndarray) -> np.ndarray:  # sum ||x - x_bar||^2 = sum ||x||^2 - ||sum x||^2 / N
+        return t[:, 0] / (t[:, 1] - (t[:, 3:] ** 2).sum(axis=1) / t[:, 2])
+
+    fires = p.fires_DF.astype(np.float64)
+    present = (p.fires_DF > 0).astype(np.float64)
+
+    def dense(threshold: float) -> Figure:
+        value = float(((fires.sum(axis=0) / p.n_D.sum()) > threshold).mean())
+        return Figure(value, lambda w: ((w @ fires) / (w @ p.n_D)[:, None] > threshold).mean(axis=1))
+
+    figs = {"fvu": additive(sums, fvu), "explained_variance": additive(sums, lambda t: 1 - fvu(t)),
+            "mse": ratio(p.err_D, p.n_D * d_model), "cosine": ratio(p.cos_D, p.n_D),
+            "relative_bias": ratio(p.hh_D, p.xh_D), "l2_ratio": ratio(p.l2r_D, p.nonzero_D),
+            "l0": ratio(p.l0_D, p.n_D), "l1": ratio(p.l1_D, p.n_D),
+            "dead_fraction": Figure(float((present.sum(axis=0) == 0).mean()),
+                                    lambda w: ((w @ present) == 0).mean(axis=1))}
+    figs.update({f"dense_fraction_{t:g}": dense(t) for t in dense_thresholds})
+    return figs

@@ -1,7 +1,8 @@
-"""Plots (matplotlib, Agg backend) and the human-readable report.md."""
+"""Plots (matplotlib, Agg backend) and the human-readable report.md, which opens with the verdict table."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -9,21 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from csae.evaluate.checkpoints import Layout
+from csae.evaluate.headline import HEADLINE, SECONDARY, Column
+from csae.evaluate.stats import Interval, Summary, verdict
 from csae.shared.config.evaluate import EvalConfig
-
-#: (metric key, column title, format) of the report's main table.
-COLUMNS = [
-    ("explained_variance", "expl. var", "{:.3f}"), ("fvu", "FVU", "{:.3f}"), ("cosine", "cos", "{:.3f}"),
-    ("relative_bias", "rel. bias", "{:.3f}"), ("l2_ratio", "l2 ratio", "{:.3f}"), ("ce_score", "CE score", "{:.3f}"),
-    ("kl_score", "KL score", "{:.3f}"), ("ce_loss_increase", "dCE (nats)", "{:.3f}"), ("l0", "L0", "{:.1f}"),
-    ("dead_fraction", "dead", "{:.3f}"), ("dense_fraction_0.01", "dense>1%", "{:.3f}"),
-    ("heldout_infonce", "InfoNCE", "{:.3f}"), ("heldout_sim_gap", "sim gap", "{:.3f}"),
-    ("dec_mean_abs_cos", "dec mean|cos|", "{:.3f}"), ("dec_max_cos", "dec max cos", "{:.3f}"),
-    ("coactivation_mean_abs_corr", "coact |corr|", "{:.3f}"), ("topic_entropy_ratio", "topic H ratio", "{:.3f}"),
-    ("topic_specific_fraction", "topic-specific", "{:.3f}"),
-    ("unlearn_U", "U", "{:.3f}"), ("unlearn_U_minus_random", "U - U_rand", "{:.3f}"),
-    ("unlearn_U_CE", "U_CE", "{:.3f}"), ("unlearn_U_CE_minus_random", "U_CE - rand", "{:.3f}"),
-]
 
 
 def _layer_of(key: str) -> int:
@@ -41,8 +31,9 @@ def save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
-def write_plots(out: Path, densities: dict[str, np.ndarray], points: dict[str, Any]) -> list[Path]:
-    """One log-density histogram and one unlearning sweep plot per layer, runs overlaid."""
+def write_plots(out: Path, densities: dict[str, np.ndarray], points: dict[str, Any],
+                retain_accuracy: float) -> list[Path]:
+    """One log-density histogram and one unlearning sweep plot per layer, runs and seeds overlaid."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,65 +48,136 @@ def write_plots(out: Path, densities: dict[str, np.ndarray], points: dict[str, A
         bins = np.linspace(-7, 0, 57)
         for key in keys:
             d = densities[key]
-            live = d[d > 0]
-            ax.hist(np.log10(live), bins=bins, histtype="step", linewidth=1.5,
+            ax.hist(np.log10(d[d > 0]), bins=bins, histtype="step", linewidth=1.2,
                     label=f"{key.rsplit('/', 1)[0]} ({(d == 0).sum()} dead of {len(d)})")
         ax.set_xlabel("log10 firing density (held-out tokens)")
         ax.set_ylabel("features")
         ax.set_title(f"Feature density, layer {layer}")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         written.append(save_figure(fig, out / f"density_layer_{layer}.png"))
 
         sweeps = [(k, points[k]) for k in keys if k in points]
         if not sweeps:
             continue
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for (key, pts), color in zip(sweeps, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
-            run = key.rsplit("/", 1)[0]
-            for kind, marker, fill in (("selected", "o", color), ("random", "x", color)):
-                p = pts.get(kind) or []
-                if p:
-                    ax.scatter([q["A_retain"] for q in p], [q["A_forget"] for q in p], marker=marker, s=22,
-                               color=fill, alpha=0.75, label=f"{run} {kind}")
-        ax.axvline(0.99, color="grey", linestyle=":", linewidth=1)
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for (key, pts), color in zip(sweeps, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, strict=False):
+            name = key.rsplit("/", 1)[0]
+            done = [q for q in pts["sweep"] if q["A_forget"] is not None]  # the others failed the retain rule
+            ax.scatter([q["A_retain"] for q in done], [q["A_forget"] for q in done], s=14, color=color, alpha=0.5,
+                       label=f"{name} sweep (selection)")
+            if pts.get("chosen"):
+                ax.scatter([pts["test"]["A_retain"]], [pts["test"]["A_forget"]], marker="*", s=120, color=color,
+                           edgecolor="black", label=f"{name} chosen, test split")
+        ax.axvline(retain_accuracy, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel("A_retain (known retain tokens kept)")
         ax.set_ylabel("A_forget (known forget tokens kept)")
-        ax.set_title(f"Unlearning sweep, layer {layer}")
-        ax.legend(fontsize=7)
+        ax.set_title(f"Unlearning, layer {layer}")
+        ax.legend(fontsize=6)
         written.append(save_figure(fig, out / f"unlearning_layer_{layer}.png"))
     return written
 
 
-def _cell(value: Any, fmt: str) -> str:
-    if value is None:
+def _signed(fmt: str, value: float) -> str:
+    return ("+" if value >= 0 else "") + fmt.format(value)
+
+
+def _cell(iv: Interval | None, fmt: str) -> str:
+    if iv is None or not math.isfinite(iv.value):
         return "-"
-    return fmt.format(value) if isinstance(value, (int, float)) else str(value)
+    if not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
+        return fmt.format(iv.value)
+    return f"{fmt.format(iv.value)} [{fmt.format(iv.lo)}, {fmt.format(iv.hi)}]"
 
 
-def write_report(path: Path, metrics: dict[str, dict[str, Any]], cfg: EvalConfig, plots: list[Path],
-                 timings: dict[str, float], store: Path) -> None:
-    """A markdown report: main metrics side by side per layer, token counts, plots."""
-    keys = sorted(metrics, key=lambda k: (_layer_of(k), k))
-    cols = [c for c in COLUMNS if any(c[0] in metrics[k] for k in keys)]
-    lines = ["# Evaluation report", "", f"Store: `{store}`. Formulas: the Metrics section of the README.", ""]
-    lines += ["| run/layer | " + " | ".join(c[1] for c in cols) + " |",
-              "|---|" + "---|" * len(cols)]
-    for k in keys:
-        lines.append(f"| {k} | " + " | ".join(_cell(metrics[k].get(c[0]), c[2]) for c in cols) + " |")
-    first = metrics[keys[0]] if keys else {}
-    lines += ["", "## Tokens per metric", "",
-              f"- reconstruction, sparsity, co-activation, topic purity: {first.get('eval_rows', '-')} held-out "
-              f"store rows per layer (`recon_tokens` = {cfg.recon_tokens})",
-              f"- held-out InfoNCE: {first.get('contrastive_pairs', '-')} context pairs in batches of "
-              f"{cfg.contrastive_batch}",
-              f"- downstream CE/KL: {first.get('ce_predictions', '-')} next-token predictions of held-out corpus text "
-              f"(`ce_tokens` = {cfg.ce_tokens})",
-              f"- unlearning: {cfg.select_tokens} selection tokens each of forget and retain text; "
-              f"{first.get('unlearn_forget_predictions', '-')} forget and "
-              f"{first.get('unlearn_retain_predictions', '-')} retain predictions for the sweep "
-              f"({first.get('unlearn_forget_known', '-')} / {first.get('unlearn_retain_known', '-')} known tokens); "
-              f"{len(cfg.retain_thresholds) * len(cfg.ns) * len(cfg.cs)} sweep points"
-              f"{' plus as many for the random control' if cfg.random_control else ''}", ""]
+def verdict_table(summary: Summary, lay: Layout) -> list[str]:
+    """Markdown: per headline figure and layer, the verdict and the paired difference with its interval."""
+    lines = []
+    for run in lay.runs[:-1]:
+        lines += [f"## {run} vs {lay.reference}: verdicts", "",
+                  f"Difference {run} - {lay.reference} with its paired interval; a verdict is better/worse when the "
+                  "interval excludes 0.", "",
+                  "| figure | better | " + " | ".join(f"layer {x}" for x in lay.layers) + " |",
+                  "|---|---|" + "---|" * len(lay.layers)]
+        for col in HEADLINE:
+            cells = []
+            for layer in lay.layers:
+                d = summary.diffs[run, layer].get(col.name)
+                if d is None:
+                    cells.append("-")
+                    continue
+                v = verdict(d, bool(col.higher_is_better))
+                shown = f"**{v}**" if v != "no detectable difference" else v
+                fmt = "{:.3g}"
+                cells.append(f"{shown} {_signed(fmt, d.value)} [{_signed(fmt, d.lo)}, {_signed(fmt, d.hi)}]")
+            better = "higher" if col.higher_is_better else "lower"
+            lines.append(f"| {col.title} | {better} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def figure_table(summary: Summary, lay: Layout, columns: tuple[Column, ...]) -> list[str]:
+    keys = [(r, layer) for layer in lay.layers for r in lay.runs]
+    lines = ["| figure | " + " | ".join(f"{r} L{layer}" for r, layer in keys) + " |", "|---|" + "---|" * len(keys)]
+    for col in columns:
+        if any(col.name in summary.pooled[k] for k in keys):
+            lines.append(f"| {col.title} | " + " | ".join(_cell(summary.pooled[k].get(col.name), col.fmt)
+                                                          for k in keys) + " |")
+    return lines
+
+
+def _counts(summary: Summary, lay: Layout, cfg: EvalConfig) -> list[str]:
+    c = summary.counts[lay.runs[0], lay.layers[0]]
+
+    def get(name: str) -> str:
+        return f"{c[name]:,.0f}" if name in c else "-"
+
+    return [
+        "## What each figure rests on", "",
+        f"- {len(lay.seeds)} training seeds per run ({', '.join(map(str, lay.seeds))}); intervals: "
+        f"{cfg.confidence:.0%} percentile bootstrap, {cfg.bootstrap_resamples} replicates, documents and seeds "
+        "resampled, runs paired. Figures without document dependence (decoder geometry, topic-significant) vary "
+        "by seed only; co-activation and U_rand sd have no interval.",
+        f"- reconstruction, sparsity, topic, co-activation: {get('eval_rows')} held-out store rows from "
+        f"{get('eval_docs')} documents per layer (`recon_tokens` = {cfg.recon_tokens}); topic: "
+        f"{get('topic_features')} features firing >= {cfg.topic_min_fires} times, {cfg.topic_permutations} "
+        f"permutations of the documents' topics",
+        f"- held-out InfoNCE: {get('contrastive_pairs')} pairs in batches of {get('contrastive_batch_used')} distinct "
+        f"sequences (chance {c.get('heldout_infonce_chance', math.nan):.3f}); fresh head: {cfg.head_steps} Adam "
+        f"steps on {cfg.head_rows} training rows",
+        f"- downstream CE/KL: {get('ce_predictions')} predictions from {get('ce_docs')} held-out documents "
+        f"(at most {cfg.ce_doc_predictions} each)",
+        f"- unlearning, test split: {get('unlearn_forget_known')} known forget tokens ({get('unlearn_forget_docs')} "
+        f"documents), {get('unlearn_retain_known')} known retain tokens ({get('unlearn_retain_docs')} documents); "
+        f"selection split: {cfg.select_tokens} tokens and {cfg.sweep_predictions} sweep predictions per side; "
+        f"retain rule A_retain >= {cfg.retain_accuracy}; control: {cfg.random_draws} matched draws", ""]
+
+
+def _unlearning_choices(summary: Summary, lay: Layout) -> list[str]:
+    rows = []
+    for key, v in sorted(summary.per_seed.items(), key=lambda kv: (_layer_of(kv[0]), kv[0])):
+        if "unlearn_U" in v:
+            setting = (f"tau {v['unlearn_tau']:g}, n {v['unlearn_n']:.0f}, c {v['unlearn_c']:g}"
+                       if "unlearn_tau" in v else "none qualified (U = 0)")
+            rows.append(f"| {key} | {setting} | {v.get('unlearn_sweep_A_forget', math.nan):.3f} / "
+                        f"{v.get('unlearn_sweep_A_retain', math.nan):.3f} | {v['unlearn_U']:.3f} | "
+                        f"{v.get('unlearn_A_retain', math.nan):.3f} |")
+    if not rows:
+        return []
+    return ["## Unlearning: chosen settings", "", "| SAE | chosen on selection split | A_forget / A_retain there | "
+            "U (test) | A_retain (test) |", "|---|---|---|---|---|", *rows, ""]
+
+
+def write_report(path: Path, summary: Summary, lay: Layout, cfg: EvalConfig, plots: list[Path],
+                 timings: dict[str, float], store: str | Path) -> None:
+    """report.md: the verdict table, then every figure with its interval, what it rests on, time, plots."""
+    lines = ["# Evaluation report", "", f"Store: `{store}`. Runs: {', '.join(lay.runs)} (reference: "
+             f"{lay.reference or '-'}). Formulas: the Metrics section of the README.", ""]
+    if lay.reference is not None:
+        lines += verdict_table(summary, lay)
+    lines += [f"## Headline figures (seed mean [{cfg.confidence:.0%} interval])", "",
+              *figure_table(summary, lay, HEADLINE), "", "## Further figures", "",
+              *figure_table(summary, lay, SECONDARY), ""]
+    lines += _counts(summary, lay, cfg) + _unlearning_choices(summary, lay)
     if timings:
         lines += ["## Time", "", ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()), ""]
     if plots:

@@ -1,26 +1,40 @@
-"""Offline unlearning protocol (SAEBench's feature selection and clamping, scored by next-token accuracy
-and CE on held-out text of a forget topic and of retain topics). Formulas in the README, section Metrics.
+"""The mechanics of the unlearning protocol: feature selection (SAEBench's), the matched random control, the
+clamp, and scoring an intervention on evaluation text per document. The protocol itself (splits, sweep,
+choice, test) is evaluate/unlearning.py; formulas in the README, section Metrics.
 
 Only predictions at or after the first position where the intervention changes the residual are
 recomputed (causal attention leaves earlier ones exactly clean); sequences without a change are skipped.
+Top-1 accuracy alone uses the exact shortcut of evaluate/lm.py (`still_top1`), so the 262k-way head runs
+only where CE is asked for or the shortcut's bound cannot decide.
 
-Shape suffixes: N tokens, F features, K selected features, B sequences, T positions, D model width.
+Shape suffixes: N tokens, F features, K selected features, B sequences, T positions, D documents.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from csae.evaluate.lm import Restart, clean_pass, token_stats
+from csae.evaluate.lm import (
+    SHORTCUT_CANDIDATES,
+    Restart,
+    Top1Reference,
+    clean_pass,
+    still_top1,
+    token_stats,
+    top1_reference,
+)
 from csae.evaluate.text import TextBatch
 
 #: x (N, D) at text positions -> (intervened x (N, D), changed (N,) bool)
 Intervention = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: Matched control: each selected feature's stand-in is drawn uniformly from this many unused features
+#: nearest to it in log forget firing rate.
+MATCH_POOL = 10
 
 
 @dataclass(frozen=True)
@@ -53,18 +67,29 @@ def selection_stats(sae: Any, forget_x_ND: torch.Tensor, retain_x_ND: torch.Tens
 
 
 def select_features(nu_forget_F: torch.Tensor, nu_retain_F: torch.Tensor, tau: float, n: int) -> torch.Tensor:
-    """Indices of the n features with the highest nu_forget among those with nu_retain < tau (fewer if
-    fewer qualify); ties broken by feature index."""
-    candidates = torch.nonzero(nu_retain_F < tau).squeeze(1)
+    """Indices of the n features with the highest nu_forget among those with nu_retain < tau and nu_forget > 0
+    (fewer if fewer qualify); ties broken by feature index."""
+    candidates = torch.nonzero((nu_retain_F < tau) & (nu_forget_F > 0)).squeeze(1)
     order = torch.argsort(-nu_forget_F[candidates].double(), stable=True)
     return candidates[order[:n]]
 
 
-def random_features(nu_retain_F: torch.Tensor, tau: float, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n features drawn uniformly without replacement from those with nu_retain < tau (sorted)."""
-    candidates = torch.nonzero(nu_retain_F < tau).squeeze(1)
-    pick = torch.randperm(len(candidates), generator=generator)[:n]
-    return candidates[pick].sort().values
+def matched_features(nu_forget_F: torch.Tensor, selected_K: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """The random control: for each selected feature, a different feature that fires on forget selection
+    text at about the same rate (uniform among the MATCH_POOL unused ones nearest in log rate); sorted."""
+    nu = nu_forget_F.double().numpy()
+    chosen = set(selected_K.tolist())
+    available = np.array([j for j in np.flatnonzero(nu > 0) if j not in chosen])
+    picked: list[int] = []
+    for j in selected_K.tolist():
+        if not len(available):
+            break
+        distance = np.abs(np.log(nu[available]) - np.log(nu[j]))
+        nearest = np.argsort(distance, kind="stable")[:MATCH_POOL]
+        k = int(rng.choice(nearest))
+        picked.append(int(available[k]))
+        available = np.delete(available, k)
+    return torch.tensor(sorted(picked), dtype=torch.long)
 
 
 @torch.inference_mode()
@@ -83,120 +108,130 @@ def clamp_intervention(x_ND: torch.Tensor, sae: Any, feats_K: torch.Tensor, a_K:
     return torch.where(changed_N.unsqueeze(1), out, x).to(x_ND.dtype), changed_N
 
 
+def zero_intervention(x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros_like(x_ND), torch.ones(len(x_ND), dtype=torch.bool)
+
+
 @dataclass
-class _CleanBatch:
+class Score:
+    """An intervention's effect on a text, summed per document (the bootstrap's unit)."""
+
+    kept_D: np.ndarray
+    """Known tokens (the clean model's argmax is right) still right."""
+    known_D: np.ndarray
+    nll_D: np.ndarray | None
+    """Sum of -log p(target) over all predictions (only when CE was asked for)."""
+    n_D: np.ndarray
+    """Predictions."""
+    head_predictions: int = 0
+    """Predictions that ran the full LM head (CE, or where the top-1 shortcut's bound did not decide)."""
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.kept_D.sum() / max(self.known_D.sum(), 1))
+
+
+@dataclass
+class _Clean:
     batch: TextBatch
     resid: dict[int, torch.Tensor]
     logp_BT: torch.Tensor
     correct_BT: torch.Tensor
+    known_index_BT: torch.Tensor
+    """Index into `ref` of each known position, -1 elsewhere."""
+    ref: Top1Reference
 
 
 class EvalText:
-    """Evaluation text with its clean pass cached: residuals at the layers, clean log p and correctness."""
+    """Evaluation text with its clean pass cached: residuals at the layers, clean log p, known tokens and
+    what the top-1 shortcut needs."""
 
-    def __init__(self, model: Any, text: list[TextBatch], layers: list[int], chunk: int) -> None:
-        self.model, self.chunk = model, chunk
-        self.items: list[_CleanBatch] = []
+    def __init__(self, model: Any, layers: list[int], chunk: int) -> None:
+        self.model, self.layers, self.chunk = model, layers, chunk
+        self.items: list[_Clean] = []
         self.tuple_out = False
-        for batch in text:
-            clean = clean_pass(model, batch, layers)
-            self.tuple_out = clean.tuple_out
-            pred = batch.pred_BT
-            (st,) = token_stats(model, batch.targets_BT[pred], [clean.final_BTD[pred]], chunk)
-            logp, correct = torch.zeros(pred.shape), torch.zeros(pred.shape, dtype=torch.bool)
-            logp[pred], correct[pred] = st.logp_N, st.correct_N
-            self.items.append(_CleanBatch(batch, clean.resid, logp, correct))
+
+    def add(self, batch: TextBatch) -> None:
+        clean = clean_pass(self.model, batch, self.layers)
+        self.tuple_out = clean.tuple_out
+        pred = batch.pred_BT
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        (st,) = token_stats(self.model, batch.targets_BT[pred], [clean.final_BTD[pred]], self.chunk,
+                            topk=min(SHORTCUT_CANDIDATES + 1, vocab))
+        logp, correct = torch.zeros(pred.shape), torch.zeros(pred.shape, dtype=torch.bool)
+        logp[pred], correct[pred] = st.logp_N, st.correct_N
+        known = st.correct_N
+        index = torch.full(pred.shape, -1, dtype=torch.long)
+        index[pred & correct] = torch.arange(int(known.sum()))
+        ref = top1_reference(self.model, clean.final_BTD[pred][known], batch.targets_BT[pred][known],
+                             st.top_NK[known])  # type: ignore[index]
+        self.items.append(_Clean(batch, clean.resid, logp, correct, index, ref))
 
     @property
-    def n_predictions(self) -> int:
-        return sum(it.batch.n_predictions for it in self.items)
+    def n_docs(self) -> int:
+        return 1 + max((int(it.batch.doc_B.max()) for it in self.items), default=-1)
 
     @property
     def n_known(self) -> int:
         return int(sum(int(it.correct_BT.sum()) for it in self.items))
 
     @property
-    def ce_clean(self) -> float:
-        return -float(sum(float(it.logp_BT.double().sum()) for it in self.items)) / max(self.n_predictions, 1)
+    def n_predictions(self) -> int:
+        return sum(it.batch.n_predictions for it in self.items)
+
+    def clean(self) -> Score:
+        """The clean model's own score (every known token kept)."""
+        return self.score(None, self.layers[0], None, ce=True)
 
     def residuals(self, layer: int) -> torch.Tensor:
-        """All text-position residuals at `layer`, (N, D)."""
         return torch.cat([it.resid[layer][it.batch.text_BT] for it in self.items])
 
-    def evaluate(self, restart: Restart, layer: int, intervention: Intervention) -> tuple[float, float]:
-        """(A, CE): share of known tokens (clean argmax correct) still correct, and mean CE, under the
-        intervention at `layer`."""
-        kept, known, nll, n = 0, 0, 0.0, 0
+    def score(self, restart: Restart | None, layer: int, intervention: Intervention | None, *, ce: bool) -> Score:
+        """Known tokens kept per document under the intervention at `layer` (and CE sums when `ce`)."""
+        d = self.n_docs
+        kept, known, nll, n = np.zeros(d), np.zeros(d), np.zeros(d), np.zeros(d)
+        head = 0
         for it in self.items:
-            text, pred = it.batch.text_BT, it.batch.pred_BT
+            b = it.batch
+            text, pred = b.text_BT, b.pred_BT
             logp, correct = it.logp_BT, it.correct_BT
-            out, changed = intervention(it.resid[layer][text])
-            if changed.any():
-                changed_BT = torch.zeros_like(text)
-                changed_BT[text] = changed
-                rows = torch.nonzero(changed_BT.any(dim=1)).squeeze(1)
-                first_B = changed_BT[rows].float().argmax(dim=1)
-                t = torch.arange(text.shape[1])
-                redo_RT = pred[rows] & (t >= first_B.unsqueeze(1))
-                resid = it.resid[layer].clone()
-                resid[text] = out.float()
-                final = restart(it.batch.ids_BT[rows], layer, resid[rows])
-                (st,) = token_stats(self.model, it.batch.targets_BT[rows][redo_RT], [final[redo_RT]], self.chunk)
-                logp, correct = logp.clone(), correct.clone()
-                sub_lp, sub_c = logp[rows], correct[rows]
-                sub_lp[redo_RT], sub_c[redo_RT] = st.logp_N, st.correct_N
-                logp[rows], correct[rows] = sub_lp, sub_c
+            if intervention is not None and restart is not None:
+                out, changed = intervention(it.resid[layer][text])
+                if changed.any():
+                    logp, correct, used = self._rescore(it, restart, layer, out, changed, ce)
+                    head += used
+            doc_BT = b.doc_B.unsqueeze(1).expand_as(b.ids_BT)
             known_BT = it.correct_BT & pred
-            kept += int((correct & known_BT).sum())
-            known += int(known_BT.sum())
-            nll -= float(logp[pred].double().sum())
-            n += int(pred.sum())
-        return kept / max(known, 1), nll / max(n, 1)
+            kept += np.bincount(doc_BT[known_BT].numpy(), weights=correct[known_BT].double().numpy(), minlength=d)
+            known += np.bincount(doc_BT[known_BT].numpy(), minlength=d)
+            nll -= np.bincount(doc_BT[pred].numpy(), weights=logp[pred].double().numpy(), minlength=d)
+            n += np.bincount(doc_BT[pred].numpy(), minlength=d)
+        return Score(kept, known, nll if ce else None, n, head)
 
-
-def zero_intervention(x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.zeros_like(x_ND), torch.ones(len(x_ND), dtype=torch.bool)
-
-
-def sweep(sae: Any, sel: Selection, forget: EvalText, retain: EvalText, restart: Restart, layer: int,
-          thresholds: tuple[float, ...], ns: tuple[int, ...], cs: tuple[float, ...],
-          choose: Callable[[float, int], torch.Tensor], progress: Any = None) -> list[dict[str, Any]]:
-    """One point per (threshold, n, c): the features `choose(threshold, n)` clamped with multiplier c; A and CE on
-    forget and retain text. Identical (features, c) pairs are evaluated once."""
-    cache: dict[tuple[tuple[int, ...], float], tuple[float, float, float, float]] = {}
-    points = []
-    for threshold, n in itertools.product(thresholds, ns):
-        feats = choose(threshold, n)
-        for c in cs:
-            key = (tuple(int(j) for j in feats), float(c))
-            if key not in cache:
-                a_K = sel.mean_act_F[feats]
-
-                def clamp(x: torch.Tensor, feats: torch.Tensor = feats, a_K: torch.Tensor = a_K,
-                          c: float = c) -> tuple[torch.Tensor, torch.Tensor]:
-                    return clamp_intervention(x, sae, feats, a_K, c)
-
-                a_f, ce_f = forget.evaluate(restart, layer, clamp)
-                a_r, ce_r = retain.evaluate(restart, layer, clamp)
-                cache[key] = (a_f, a_r, ce_f, ce_r)
-            a_f, a_r, ce_f, ce_r = cache[key]
-            points.append({"retain_threshold": threshold, "n": n, "c": c, "features": [int(j) for j in feats],
-                           "A_forget": a_f, "A_retain": a_r, "dCE_forget": ce_f - forget.ce_clean,
-                           "dCE_retain": ce_r - retain.ce_clean})
-            if progress is not None:
-                progress.update(1)
-    return points
-
-
-def unlearning_score(points: list[dict[str, Any]], retain_accuracy: float) -> float:
-    """U = 1 - min A_forget over points with A_retain >= retain_accuracy; 0 when no point qualifies."""
-    ok = [p["A_forget"] for p in points if p["A_retain"] >= retain_accuracy]
-    return 1.0 - min(ok) if ok else 0.0
-
-
-def unlearning_ce_score(points: list[dict[str, Any]], forget_gap: float, retain_gap: float,
-                        tolerance: float) -> float:
-    """U_CE = max dCE_forget / forget_gap over points with dCE_retain <= tolerance * retain_gap, where
-    *_gap = CE_zero - CE_clean on that text; 0 when no point qualifies."""
-    ok = [p["dCE_forget"] / forget_gap for p in points if p["dCE_retain"] <= tolerance * retain_gap]
-    return max(ok) if ok else 0.0
+    def _rescore(self, it: _Clean, restart: Restart, layer: int, out: torch.Tensor, changed: torch.Tensor,
+                 ce: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(log p, correct) of a batch after the intervention, recomputing positions from the first change."""
+        b = it.batch
+        text, pred = b.text_BT, b.pred_BT
+        changed_BT = torch.zeros_like(text)
+        changed_BT[text] = changed
+        rows = torch.nonzero(changed_BT.any(dim=1)).squeeze(1)
+        first_R = changed_BT[rows].float().argmax(dim=1)
+        redo_RT = pred[rows] & (torch.arange(text.shape[1]) >= first_R.unsqueeze(1))
+        if not ce:  # only known tokens count for accuracy
+            redo_RT &= it.correct_BT[rows]
+        resid = it.resid[layer].clone()
+        resid[text] = out.float()
+        final_RTD = restart(b.ids_BT[rows], layer, resid[rows])
+        logp, correct = it.logp_BT.clone(), it.correct_BT.clone()
+        sub_lp, sub_c = logp[rows], correct[rows]
+        if ce:
+            (st,) = token_stats(self.model, b.targets_BT[rows][redo_RT], [final_RTD[redo_RT]], self.chunk)
+            sub_lp[redo_RT], sub_c[redo_RT] = st.logp_N, st.correct_N
+            used = int(redo_RT.sum())
+        else:
+            idx = it.known_index_BT[rows][redo_RT]
+            sub_ref = Top1Reference(it.ref.h_ND[idx], it.ref.cand_NK[idx], it.ref.out_N[idx])
+            sub_c[redo_RT], used = still_top1(self.model, sub_ref, final_RTD[redo_RT], self.chunk)
+        logp[rows], correct[rows] = sub_lp, sub_c
+        return logp, correct, used

@@ -1,4 +1,4 @@
-"""Token sequences -> padded batches, deterministically (resume depends on it)."""
+"""Token sequences -> windows -> padded batches, deterministically (resume and multi-rank harvest depend on it)."""
 
 from __future__ import annotations
 
@@ -20,27 +20,24 @@ class Batch:
     """Per stored row (BOS and padding dropped): token_id, seq, pos, doc, and b/t (where in the batch)."""
 
 
-def iter_batches(seqs: Iterable[Seq], batch_size: int, window: int, pad_id: int,
-                 skip_windows: int = 0) -> Iterator[Batch]:
-    """Padded batches of `batch_size` sequences; stored rows skip BOS and padding.
-
-    Sequences come in windows of `window` batches, sorted by length within the window so that each
-    batch pads little (measured on wiki-vital: 63% of computed positions were real tokens unsorted,
-    97% with windows of 32 batches). Windows are fixed blocks of the sequence stream, so a resumed run
-    that restarts at a window boundary builds the same batches (same shapes, same numerics) as an
-    uninterrupted one; the first `skip_windows` windows are not built.
-    """
+def iter_windows(seqs: Iterable[Seq], batch_size: int, window: int) -> Iterator[list[list[Seq]]]:
+    """The sequence stream as windows of `window` batches of `batch_size` sequences each (the last ones
+    shorter), sorted by length within the window so that each batch pads little (measured on wiki-vital: 63%
+    of computed positions were real tokens unsorted, 97% with windows of 32 batches). Windows are fixed blocks
+    of the stream, so any process that reads the same stream builds the same batches (same shapes, same
+    numerics), whichever of them it computes."""
     seq_iter = iter(seqs)
-    index = 0
     while block := list(islice(seq_iter, batch_size * window)):
-        if index >= skip_windows:
-            block.sort(key=lambda s: -len(s.ids))  # stable: ties keep stream order
-            for start in range(0, len(block), batch_size):
-                yield _make_batch(block[start:start + batch_size], pad_id)
-        index += 1
+        block.sort(key=lambda s: -len(s.ids))  # stable: ties keep stream order
+        yield [block[start:start + batch_size] for start in range(0, len(block), batch_size)]
 
 
-def _make_batch(group: list[Seq], pad_id: int) -> Batch:
+def stored_rows(group: list[Seq]) -> int:
+    """Rows a batch of these sequences adds to the store (BOS and padding are not stored)."""
+    return sum(len(s.ids) - s.first_stored for s in group)
+
+
+def make_batch(group: list[Seq], pad_id: int) -> Batch:
     longest = max(len(s.ids) for s in group)
     ids = torch.full((len(group), longest), pad_id, dtype=torch.long)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("token_id", "seq", "pos", "doc", "b", "t")}
@@ -54,4 +51,3 @@ def _make_batch(group: list[Seq], pad_id: int) -> Batch:
         cols["b"].append(np.full(len(t), b))
         cols["t"].append(t)
     return Batch(input_ids_BT=ids, rows={k: np.concatenate(v) for k, v in cols.items()})
-

@@ -1,36 +1,39 @@
-"""`harvest run`: one truncated forward per batch, rows streamed into the store by a writer thread.
+"""`harvest run`: lock the store, plan every row, fill what is missing (on one rank or many), finish once.
 
-Resumability: rows are written in whole chunks, and `rows_written` is advanced only after a chunk's
-data is on disk (zarr's local store writes each file atomically). A restarted run regenerates the same
-sequence stream, restarts at the batch holding the first unwritten row, and drops the rows it already
-has, so the finished store equals an uninterrupted run's bit for bit.
+What happens to an existing store (all under its lock, decided by rank 0):
+- the same settings, complete: nothing to do;
+- the same settings but for `tokens`, or an interrupted run: fill the missing rows in place (resume, or
+  append when the budget grew; rows already there are exactly what a fresh run would write);
+- other settings, with --overwrite: build the new store beside it (`.<name>.new`), and swap it in only
+  when complete; until then the old store stays readable and complete, and a failure leaves it untouched;
+- an unfinished store (creation interrupted before any row was written): restarted.
+A directory that is not a csae store is never deleted.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import zarr
-from tqdm import tqdm
-
 from csae import __version__
-from csae.harvest.batches import iter_batches
-from csae.shared import corpora, schema
+from csae.harvest.plan import Plan, assign, make_plan
+from csae.harvest.write import fill
+from csae.shared import corpora, files, progress, schema
 from csae.shared.config.base import to_dict
 from csae.shared.config.harvest import HarvestConfig
 from csae.shared.errors import UserError
-from csae.shared.models import LoadedModel, load_model, preset_layers, resolve_dtype
-from csae.shared.residual import resid_post
-from csae.shared.sequences import DocTable, iter_sequences
+from csae.shared.locks import Lock, local_target
+from csae.shared.models import LoadedModel, load_model, preset_layers, resolve_device, resolve_dtype
+from csae.shared.progress import chunk_sums
+from csae.shared.ranks import Ranks
 
 log = logging.getLogger(__name__)
+
+STAGING = ".new"
 
 
 def resolve_layers(cfg: HarvestConfig, lm: LoadedModel) -> HarvestConfig:
@@ -40,6 +43,9 @@ def resolve_layers(cfg: HarvestConfig, lm: LoadedModel) -> HarvestConfig:
     bad = [x for x in layers if x >= n]
     if bad:
         raise UserError(f"layer(s) {bad} out of range: {cfg.model} has {n} blocks, so valid layers are 0-{n - 1}")
+    if cfg.context > lm.max_positions:
+        raise UserError(f"--context {cfg.context} exceeds the {lm.max_positions:,} positions {cfg.model} was built "
+                        f"for; pass --context {lm.max_positions} or less")
     return dataclasses.replace(cfg, layers=tuple(layers))
 
 
@@ -48,126 +54,175 @@ def store_attrs(cfg: HarvestConfig, lm: LoadedModel) -> dict[str, Any]:
             "context": cfg.context, "csae_version": __version__, "config": to_dict(cfg)}
 
 
-def _prepare_store(path: str, cfg: HarvestConfig, lm: LoadedModel, overwrite: bool) -> zarr.Group | None:
-    """Open the store to resume, create it, or refuse. None means: already complete, nothing to do."""
-    if schema.exists(path):
-        try:
-            old = schema.ActivationStore.open(path, require_complete=False)
-        except UserError:
-            raise UserError(f"{path} exists and is not a csae store; choose another --store path "
-                            f"(it is not deleted, even with --overwrite)") from None
-        if old.attrs.get("config") == to_dict(cfg):  # same settings: resume, or nothing to do
-            return None if old.attrs.get("complete") else schema.open_group(path, mode="r+")
-        if not overwrite:
-            diff = sorted(k for k, v in to_dict(cfg).items() if old.attrs.get("config", {}).get(k) != v)
-            raise UserError(f"{path} was made with other settings (differing: {', '.join(diff)}); pass "
-                            f"--overwrite to replace it or choose another --store")
-        schema.remove(path)
-    return schema.create(path, layers=cfg.layers, d_model=lm.d_model, capacity=min(cfg.tokens, 64 * cfg.chunk_rows),
-                         chunk_rows=cfg.chunk_rows, attrs=store_attrs(cfg, lm))
-
-
-def _resume_point(group: zarr.Group, seqs_per_window: int) -> tuple[int, int, int]:
-    """(rows written, first window to run, rows of that window already written).
-
-    Windows are fixed blocks of the sequence stream and rows are stored window by window, so the rows
-    before window w are exactly those whose sequence index is below w * seqs_per_window.
-    """
-    written = int(group.attrs["rows_written"])
-    if written == 0:
-        return 0, 0, 0
-    seq = np.asarray(group["tokens/seq"][:written])
-    window = int(seq[-1]) // seqs_per_window
-    first_row = int(np.count_nonzero(seq < window * seqs_per_window))
-    return written, window, written - first_row
+@dataclass(frozen=True)
+class Job:
+    target: str
+    """Where rows are written: the store, or its replacement beside it."""
+    ranges: list[list[tuple[int, int]]]
+    """Per rank, the (first chunk, chunks) ranges it writes."""
+    replacing: bool
+    rows_before: int
 
 
 def harvest(cfg: HarvestConfig, store: str | Path, *, cache_dir: Path, overwrite: bool = False,
-            progress: bool = True, lm: LoadedModel | None = None) -> schema.ActivationStore:
-    """Fill `store` with cfg.tokens rows of residual-stream activations per layer (or resume it)."""
-    path = str(store)
-    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, cfg.device))
-    lm = lm or load_model(cfg.model, cache_dir=cache_dir, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision)
-    cfg = resolve_layers(cfg, lm)
-    table = DocTable()
-    seqs = iter_sequences(corpora.iter_documents(cfg.dataset, cfg.split, cfg.heldout_doc_fraction), lm.tokenizer,
-                          cfg.context, table)
-    first = next(seqs, None)  # an empty corpus is reported before anything is written
-    if first is None:
-        raise UserError(f"corpus {cfg.dataset!r} has no non-empty documents in its {cfg.split} split; "
-                        f"check the file or choose another --dataset/--split")
-    group = _prepare_store(path, cfg, lm, overwrite)
-    if group is None:
-        log.info("%s is already complete for these settings; nothing to do", path)
-        return schema.ActivationStore.open(path)
-    written, first_window, skip_rows = _resume_point(group, cfg.batch_size * cfg.sort_window)
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    device = next(lm.model.parameters()).device
-    all_seqs = itertools.chain([first], seqs)
-
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer")
-    pending: list[Future[None]] = []
-    buffer: list[tuple[dict[int, torch.Tensor], dict[str, np.ndarray]]] = []
-    buffered = 0
-    bar = tqdm(total=cfg.tokens, initial=written, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"harvest {schema.display_name(path)}", smoothing=0.05)
-
-    def flush(rows: int) -> None:
-        """Hand the first `rows` buffered rows to the writer thread, keeping the rest buffered."""
-        nonlocal buffer, buffered, written
-        acts = {layer: torch.cat([b[0][layer] for b in buffer]) for layer in cfg.layers}
-        toks = {k: np.concatenate([b[1][k] for b in buffer]) for k in schema.TOKEN_FIELDS}
-        head = ({k: v[:rows] for k, v in acts.items()}, {k: v[:rows] for k, v in toks.items()})
-        buffer = [({k: v[rows:] for k, v in acts.items()}, {k: v[rows:] for k, v in toks.items()})]
-        buffered -= rows
-        start, written = written, written + rows
-        pending.append(writer.submit(_write_chunks, group, start, head))
-        while len(pending) > 2:  # bounded queue: the forward never runs far ahead of the disk
-            pending.pop(0).result()
-
+            progress: bool = True, lm: LoadedModel | None = None, ranks: Ranks | None = None) -> schema.ActivationStore:
+    """Fill `store` with cfg.tokens rows of residual-stream activations per layer (or resume, append, or keep
+    it). Under torchrun every rank calls this with its `ranks`; they share rank 0's lock."""
+    path, ranks = str(store), ranks or Ranks()
+    lock = Lock(path, command="harvest run", pid=ranks.launcher_pid, ranks=ranks.world, what="store", option="--store")
+    ranks.first(lambda: bool(lock.acquire()))
     try:
-        for batch in iter_batches(all_seqs, cfg.batch_size, cfg.sort_window, pad_id, skip_windows=first_window):
-            rows = batch.rows
-            if skip_rows:  # resuming: drop the rows of this window that are already on disk
-                drop = min(skip_rows, len(rows["seq"]))
-                rows, skip_rows = {k: v[drop:] for k, v in rows.items()}, skip_rows - drop
-                if not len(rows["seq"]):
-                    continue
-            take = min(len(rows["seq"]), cfg.tokens - written - buffered)
-            hidden = resid_post(lm.model, batch.input_ids_BT.to(device), cfg.layers)
-            b, t = torch.from_numpy(rows["b"][:take]), torch.from_numpy(rows["t"][:take])
-            buffer.append(({layer: hidden[layer][b, t].to("cpu", torch.bfloat16) for layer in cfg.layers},
-                           {k: rows[k][:take] for k in schema.TOKEN_FIELDS}))
-            buffered += take
-            bar.update(take)
-            if buffered >= cfg.chunk_rows:
-                flush(buffered - buffered % cfg.chunk_rows)
-            if written + buffered >= cfg.tokens:
-                break
-        if buffered:
-            flush(buffered)
-        for fut in pending:
-            fut.result()
+        _harvest(cfg, path, cache_dir, overwrite, progress, lm, ranks)
     except KeyboardInterrupt:
-        for fut in pending:
-            fut.result()
-        bar.close()
-        raise UserError(f"interrupted after {group.attrs['rows_written']} rows were saved; run the same "
-                        f"command again to resume") from None
+        raise UserError("interrupted; the rows written so far are kept: run the same command again to resume") \
+            from None
     finally:
-        writer.shutdown(wait=True)
-        bar.close()
-    if written < cfg.tokens:
-        log.warning("the corpus ran out after %d of %d tokens; the store holds %d", written, cfg.tokens, written)
-    topics = sorted(set(table.topic))
-    schema.write_docs_(group, table.source_index, [topics.index(t) for t in table.topic], table.title)
-    group.attrs.update({"topics": topics})
-    schema.finish_(group, written)
+        lock.release()
+    ranks.barrier()
     return schema.ActivationStore.open(path)
 
 
-def _write_chunks(group: zarr.Group, start: int, rows: tuple[dict[int, torch.Tensor], dict[str, np.ndarray]]) -> None:
-    schema.write_rows_(group, start, rows[0], rows[1])
-    # Progress moves only after the rows are on disk: a kill at any point leaves a resumable store.
-    group.attrs.update({"rows_written": start + len(rows[1]["seq"])})
+def _harvest(cfg: HarvestConfig, path: str, cache_dir: Path, overwrite: bool, progress: bool, lm: LoadedModel | None,
+             ranks: Ranks) -> None:
+    """Model, plan, then rank 0 decides where rows go and every rank writes its share."""
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, cfg.device))
+    lm = lm or load_model(cfg.model, cache_dir=cache_dir, dtype=cfg.dtype, device=_device(cfg.device, ranks),
+                          revision=cfg.revision)
+    cfg = resolve_layers(cfg, lm)
+    plan = make_plan(cfg, lm.tokenizer, ranks=ranks, progress=progress and ranks.main)
+    job = ranks.first(lambda: prepare(path, cfg, lm, plan, overwrite=overwrite, world=ranks.world))
+    if job is None:
+        log.info("%s is already complete for these settings; nothing to do", path)
+    else:
+        _run(job, path, cfg, lm, plan, ranks, progress)
 
+
+def _device(device: str, ranks: Ranks) -> str:
+    """Under torchrun each rank takes its own GPU."""
+    resolved = resolve_device(device)
+    return f"cuda:{ranks.local_rank}" if resolved.type == "cuda" and ranks.distributed else str(resolved)
+
+
+def _run(job: Job, path: str, cfg: HarvestConfig, lm: LoadedModel, plan: Plan, ranks: Ranks, progress: bool) -> None:
+    untouched = (f"the existing store {path} is untouched (its replacement is being built in {job.target}; the "
+                 f"same command resumes it)")
+    fix = untouched if job.replacing else "the rows written so far are kept: the same command resumes"
+    try:
+        fill(schema.open_group(job.target, mode="r+"), job.target, cfg, lm, plan, job.ranges[ranks.rank],
+             rank=ranks.rank, world=ranks.world, show=progress and ranks.main, fix=fix)
+        ranks.barrier()
+        ranks.first(lambda: complete(job, path, cfg, plan, ranks.world))
+    except UserError as err:
+        raise UserError(f"{err}; {untouched}" if job.replacing and untouched not in str(err) else str(err)) from None
+    except BaseException:
+        if job.replacing:
+            log.error(untouched)
+        raise
+
+
+def inspect(path: str) -> tuple[str, schema.ActivationStore | None]:
+    """('missing' | 'unfinished' | 'csae' | 'foreign', the opened store if csae)."""
+    if not schema.exists(path):
+        return "missing", None
+    if schema.is_unfinished(path):
+        return "unfinished", None
+    try:
+        return "csae", schema.ActivationStore.open(path, require_complete=False)
+    except schema.UnfinishedStore:
+        return "unfinished", None
+    except UserError:
+        return "foreign", None
+
+
+def prepare(path: str, cfg: HarvestConfig, lm: LoadedModel, plan: Plan, *, overwrite: bool,
+            world: int) -> Job | None:
+    """Rank 0, holding the lock: decide where rows go (see the module docstring) and who writes which."""
+    staging = schema.sibling(path, STAGING)
+    _sweep(path)
+    state, old = inspect(path)
+    if state == "foreign":
+        raise UserError(f"{path} exists and is not a csae store; choose another --store path (it is not deleted, "
+                        f"even with --overwrite)")
+    if state == "unfinished":
+        log.info("restarting %s: its creation was interrupted before any row was written", path)
+        schema.remove(path)
+    target, replacing = path, False
+    if old is not None:
+        same = _differing(old.attrs.get("config") or {}, cfg) == []
+        if same and old.attrs.get("complete") and old.n_rows == plan.n_rows:
+            _drop(staging)
+            return None
+        if not same or (old.attrs.get("complete") and plan.n_rows < old.n_rows):
+            if not old.attrs.get("complete") and old.rows_done() == 0:
+                schema.remove(path)  # nothing written yet: nothing to lose
+            elif not overwrite:
+                diff = _differing(old.attrs.get("config") or {}, cfg) or ["tokens (fewer than the store holds)"]
+                raise UserError(f"{path} was made with other settings (differing: {', '.join(diff)}); pass "
+                                f"--overwrite to replace it or choose another --store")
+            else:
+                target, replacing = staging, True
+    if not replacing:
+        _drop(staging)
+    return _open_target(target, cfg, lm, plan, world, replacing)
+
+
+def _open_target(target: str, cfg: HarvestConfig, lm: LoadedModel, plan: Plan, world: int, replacing: bool) -> Job:
+    state, existing = inspect(target)
+    if existing is not None and _differing(existing.attrs.get("config") or {}, cfg):
+        schema.remove(target)  # a replacement begun with other settings
+        existing = None
+    if state in ("unfinished", "foreign") and schema.exists(target):
+        schema.remove(target)  # only reached for the hidden replacement (the store itself is checked above)
+    if existing is None:
+        group = schema.create(target, layers=cfg.layers, d_model=lm.d_model, capacity=plan.n_rows,
+                              chunk_rows=cfg.chunk_rows, shard_chunks=cfg.shard_chunks, attrs=store_attrs(cfg, lm))
+        rows_before = 0
+    else:
+        group = schema.open_group(target, mode="r+")
+        progress.adopt_legacy_(group)
+        schema.ensure_rows_(group, plan.n_rows)
+        rows_before = existing.n_rows if existing.attrs.get("complete") else 0
+    done, _ = chunk_sums(group, plan.n_rows)
+    return Job(target, assign(done, int(group.attrs.get("shard_chunks", 1)), world), replacing, rows_before)
+
+
+def _differing(recorded: dict[str, Any], cfg: HarvestConfig) -> list[str]:
+    """Settings that differ from the store's, except `tokens` (a store grows or resumes to any budget)."""
+    defaults = to_dict(HarvestConfig())  # for settings added since the store was made
+    return sorted(k for k, v in to_dict(cfg).items() if k != "tokens" and recorded.get(k, defaults[k]) != v)
+
+
+def _sweep(path: str) -> None:
+    """What killed writers left: zarr's temporary files, a store moved aside by an interrupted swap."""
+    local = local_target(path)
+    if local is None:
+        return
+    files.recover_displaced(local)
+    for d in (local, local_target(schema.sibling(path, STAGING))):
+        files.sweep_temp(d, ("*.partial",))  # type: ignore[arg-type]
+
+
+def _drop(staging: str) -> None:
+    if schema.exists(staging):
+        log.info("removing %s, an unfinished replacement that is no longer wanted", staging)
+        schema.remove(staging)
+
+
+def complete(job: Job, path: str, cfg: HarvestConfig, plan: Plan, world: int) -> None:
+    """Rank 0, after every rank is done: documents, norms, `complete`; then the swap (--overwrite)."""
+    group = schema.open_group(job.target, mode="r+")
+    done, _ = chunk_sums(group, plan.n_rows)
+    if not done.all():
+        raise UserError(f"{int((~done).sum())} chunk(s) of {job.target} are still missing after every rank "
+                        f"finished; run the same command again to fill them")
+    if plan.n_rows < cfg.tokens:
+        log.warning("the corpus ran out after %d of %d tokens; the store holds %d", plan.n_rows, cfg.tokens,
+                    plan.n_rows)
+    topics = sorted(set(plan.docs.topic))
+    schema.write_docs_(group, plan.docs.source_index, [topics.index(t) for t in plan.docs.topic], plan.docs.title)
+    history = [*group.attrs.get("history", []), {
+        "rows": [job.rows_before, plan.n_rows], "ranks": world, "csae_version": __version__,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}]
+    schema.finish_(group, plan.n_rows, {"topics": topics, "config": to_dict(cfg), "history": history})
+    if job.replacing:
+        schema.replace(job.target, path)

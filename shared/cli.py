@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import click
 
 from csae import __version__
 from csae.shared.errors import UserError
+from csae.shared.ranks import Ranks
 
 
 def expand_variadic(args: Sequence[str], variadic: Sequence[str]) -> list[str]:
@@ -84,6 +86,33 @@ class Group(click.Group):
         except UserError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:  # commands with something to resume say how themselves
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+
+
+def ranks_from_env() -> Ranks:
+    """This process's place in a torchrun job (a single process: rank 0 of 1)."""
+    env = os.environ
+    launched = "TORCHELASTIC_RUN_ID" in env  # torchrun's agent is our parent: the run's lock names it
+    return Ranks(rank=int(env.get("RANK", "0")), world=int(env.get("WORLD_SIZE", "1")),
+                 local_rank=int(env.get("LOCAL_RANK", "0")), launcher_pid=os.getppid() if launched else None)
+
+
+@contextlib.contextmanager
+def distributed(backend: str) -> Iterator[Ranks]:
+    """Under torchrun: the process group (gloo on CPU, nccl on GPU) for the duration of the command."""
+    ranks = ranks_from_env()
+    if not ranks.distributed:
+        yield ranks
+        return
+    import torch.distributed as dist
+
+    dist.init_process_group(backend)
+    try:
+        yield ranks
+    finally:
+        dist.destroy_process_group()
 
 
 #: The activation store every command reads or writes unless told otherwise.

@@ -78,9 +78,34 @@ def _iter_all(name: str) -> Iterator[Document]:
     if path.suffix in LOCAL_SUFFIXES:
         if not path.is_file():
             raise UserError(f"corpus file {path} does not exist; pass an existing .txt/.jsonl/.parquet file")
-        yield from _iter_hf(_load_local(path))
+        if path.suffix != ".parquet":
+            check_utf8(path)
+        yield from _iter_hf(_load_local(path), str(path))
         return
-    yield from _iter_hf(_load_hub(name))
+    yield from _iter_hf(_load_hub(name), name)
+
+
+def check_utf8(path: Path, block: int = 1 << 22) -> None:
+    """One line naming the file and the byte offset of the first byte that is not UTF-8 (else datasets fails
+    deep inside with a traceback). Reads the file once, incrementally (~1 GB/s)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as fh:
+        while True:
+            data = fh.read(block)
+            pending = len(decoder.getstate()[0])  # up to 3 bytes of a character begun in the previous block
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as err:
+                at = offset - pending + err.start
+                raise UserError(f"corpus file {path} is not UTF-8 text: byte offset {max(at, 0):,} starts an "
+                                f"invalid sequence ({err.reason}); convert it to UTF-8 (e.g. `iconv -f latin1 -t "
+                                f"utf-8`)") from None
+            if not data:
+                return
+            offset += len(data)
 
 
 def _iter_wiki_vital() -> Iterator[Document]:
@@ -111,6 +136,11 @@ def _load_local(path: Path) -> Any:
 def _load_hub(name: str) -> Any:
     import datasets
 
+    from csae.shared.models import hub_reachable
+
+    if not hub_reachable():
+        raise UserError(f"cannot load dataset {name!r}: it is not a local file and the hub is unreachable; use the "
+                        f"embedded corpus (--dataset {EMBEDDED_CORPUS}) or a local .txt/.jsonl/.parquet file")
     try:
         return datasets.load_dataset(name, split="train", streaming=True)
     except Exception as err:  # datasets raises many types for "not reachable" / "no such dataset"
@@ -120,10 +150,13 @@ def _load_hub(name: str) -> Any:
         ) from err
 
 
-def _iter_hf(rows: Any) -> Iterator[Document]:
+def _iter_hf(rows: Any, name: str) -> Iterator[Document]:
     for index, row in enumerate(rows):
         if "text" not in row:
             raise UserError(f"corpus rows need a 'text' field; found fields {sorted(row)}")
+        if not isinstance(row["text"], str):
+            raise UserError(f"corpus {name}: row {index} (0-based) has 'text' {row['text']!r}, not a string; fix or "
+                            f"drop that row")
         meta = row.get("meta") or {}
         topic = row.get("topic") or (meta.get("pile_set_name", "") if isinstance(meta, dict) else "")
         title = str(row.get("title") or "")

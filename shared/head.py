@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from csae.shared.files import atomic_write
+from csae.shared.files import atomic_write, read_safetensors
 
 HEAD_FILE = "head.safetensors"
 
@@ -38,14 +37,12 @@ class ContrastiveHead(nn.Module):
     def save(self, directory: str | Path) -> None:
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
         meta = {"d_sae": str(self.d_sae), "d_out": str(self.d_out), "hidden": str(self.hidden)}
-        atomic_write(Path(directory) / HEAD_FILE, lambda p: save_file(tensors, p, metadata=meta))
+        atomic_write(Path(directory) / HEAD_FILE, lambda p: save_file(tensors, p, metadata=meta),
+                     need=sum(t.numel() * 4 for t in tensors.values()))
 
     @classmethod
     def load(cls, directory: str | Path) -> ContrastiveHead:
-        path = Path(directory) / HEAD_FILE
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
+        tensors, meta = read_safetensors(Path(directory) / HEAD_FILE)
         head = cls(int(meta["d_sae"]), int(meta["d_out"]), int(meta["hidden"]))
         head.load_state_dict(tensors)
         return head

@@ -43,6 +43,11 @@ class LoadedModel:
     def d_model(self) -> int:
         return int(self.model.config.get_text_config().hidden_size)
 
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the model was built for (its position table or RoPE range)."""
+        return int(getattr(self.model.config.get_text_config(), "max_position_embeddings", None) or 2**31 - 1)
+
 
 def preset_layers(n_layers: int) -> tuple[int, ...]:
     """The paper's layers at the same relative depth: (5, 12, 19) for 26 blocks, (3, 8, 13) for 18."""
@@ -98,8 +103,6 @@ def cpu_has_fast_bf16() -> bool:
 def load_model(name: str, *, cache_dir: Path, dtype: str = "bfloat16", device: str = "auto",
                revision: str | None = None) -> LoadedModel:
     """Load a model by registry name, hub id or local directory, in eval mode, gradients off."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if name == EMBEDDED_MODEL:
         source, identity = embedded_model_dir(cache_dir), embedded_identity()
         revision = None
@@ -108,17 +111,61 @@ def load_model(name: str, *, cache_dir: Path, dtype: str = "bfloat16", device: s
     else:
         source, identity = name, {"name": name, "revision": revision}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=getattr(torch, dtype))
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        model, tokenizer = _from_pretrained(source, revision, getattr(torch, dtype))
+    except HubUnreachable:
+        raise UserError(f"cannot load model {name!r}: it is not a local directory or in the local cache, and the hub "
+                        f"is unreachable; the embedded model works offline (--model {EMBEDDED_MODEL})") from None
     except OSError as err:
         raise UserError(
-            f"cannot load model {name!r}: it is neither a local directory nor reachable on the hub; the "
-            f"embedded model works offline (--model {EMBEDDED_MODEL})"
+            f"cannot load model {name!r}: it is neither a local directory nor a model on the hub (or it needs a "
+            f"login); the embedded model works offline (--model {EMBEDDED_MODEL})"
         ) from err
     if isinstance(source, str):
         identity["revision"] = getattr(model.config, "_commit_hash", None) or revision
     model.eval().requires_grad_(False).to(resolve_device(device))
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity)
+
+
+def _from_pretrained(source: str | Path, revision: str | None, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Model and tokenizer from a directory, the local hub cache, or the hub. The hub is asked only after a
+    quick check that it answers: an unreachable hub otherwise costs ~30 s of retries before the error."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load(**kw: Any) -> tuple[Any, Any]:
+        return (AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, **kw),
+                AutoTokenizer.from_pretrained(source, revision=revision, **kw))
+
+    if isinstance(source, Path):
+        return load()
+    try:
+        return load(local_files_only=True)
+    except OSError:
+        if not hub_reachable():
+            raise HubUnreachable from None
+    return load()
+
+
+class HubUnreachable(Exception):
+    """The model is not local and the hub does not answer."""
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (or the mirror HF_ENDPOINT names) accepts a connection within `timeout`,
+    unless offline mode (HF_HUB_OFFLINE) is on."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def embedded_identity() -> dict[str, Any]:

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from csae.shared.files import atomic_write
+from csae.shared.files import atomic_write, read_safetensors
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
@@ -90,14 +90,15 @@ class SAE(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p))
+        atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p),
+                     need=sum(t.numel() * 4 for t in tensors.values()))
         cfg = saelens_cfg(self.d_in, self.d_sae, metadata or {})
         atomic_write(directory / CFG_FILE, lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
 
     @classmethod
     def load(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> SAE:
         directory = Path(directory)
-        tensors = load_file(str(directory / WEIGHTS_FILE))
+        tensors, _ = read_safetensors(directory / WEIGHTS_FILE)
         d_in, d_sae = tensors["W_enc"].shape
         sae = cls(int(d_in), int(d_sae), device=device)
         sae.load_state_dict(tensors)

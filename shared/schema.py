@@ -2,7 +2,7 @@
 
 A store is a Zarr v3 group:
 
-    <store>/                      attributes: see `Meta` fields below
+    <store>/                      attributes: see `create` and `finish_`
       resid_post/<L>              (rows, d_model) residual stream after block L, bfloat16 (see below)
       tokens/token_id             (rows,) int32   token id at that position
       tokens/seq                  (rows,) int32   sequence index (one sequence = BOS + up to context-1 tokens
@@ -12,13 +12,20 @@ A store is a Zarr v3 group:
       docs/source_index           (docs,) int64   the document's index in its corpus
       docs/topic                  (docs,) int16   index into the `topics` attribute (-1: no topic)
       docs/title                  (docs,) str
+      progress/<first chunk>-<id> which chunks are on disk, per writer (csae.shared.progress)
 
 bfloat16: zarr-python 3.1 has no built-in bfloat16, so activation chunks hold the raw bfloat16 bits
 as uint16 and the array carries `logical_dtype: bfloat16`. Those are the same little-endian bytes the
 v3 `bfloat16` extension type writes, so a reader gets a zero-copy `view(torch.bfloat16)`, and moving
 to the extension type later is a metadata-only change. Chunks are compressed with blosc lz4 +
-bitshuffle (typesize 2): about 17% smaller than raw at the same read speed (zstd halved it); no
-sharding, which made zarr-python reads 4-7x slower.
+bitshuffle (typesize 2): about 17% smaller than raw at the same read speed (zstd halved it).
+`shard_chunks` > 1 packs that many chunks into one file (Zarr v3 sharding), for stores of many
+millions of rows (see the README's scaling section).
+
+Checksums: every chunk of every array ends with a crc32c (the v3 `crc32c` codec), checked by zarr on
+each read. A chunk that fails it, or cannot be decoded, stops any reader with one line naming the
+array, the chunk's rows and the fix (`DamagedStore`); `verify` checks every chunk. Stores written before
+checksums have none and are read as before.
 
 Row order is the harvest order; readers take whole chunks and shuffle in memory (per-row random
 indexing is ~100x slower).
@@ -26,10 +33,9 @@ indexing is ~100x slower).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +45,18 @@ import zarr.codecs
 from csae.shared.config.base import ConfigError, from_dict, to_dict
 from csae.shared.config.harvest import HarvestConfig
 from csae.shared.errors import UserError
+from csae.shared.locations import (  # noqa: F401 - where a store lives is part of the store's API
+    display_name,
+    exists,
+    fs_of,
+    is_url,
+    open_group,
+    remove,
+    replace,
+    sibling,
+)
+from csae.shared.progress import PROGRESS, chunk_sums, mean_norms, rows_done
+from csae.shared.verify import checked_read
 
 SCHEMA_VERSION = 1
 ACTS = "resid_post"
@@ -46,53 +64,15 @@ TOKEN_FIELDS = ("token_id", "seq", "pos", "doc")
 LOGICAL_DTYPE = "bfloat16"
 
 
-# ----- where a store lives: a local path or an fsspec URL (s3://, gs://, file://, memory://), passed through -----
-
-def is_url(location: str | Path) -> bool:
-    return "://" in str(location)
-
-
-def _fs(location: str | Path) -> tuple[Any, str]:
-    import fsspec
-
-    return fsspec.core.url_to_fs(str(location))
-
-
-def open_group(location: str | Path, mode: Literal["r", "r+", "w"]) -> zarr.Group:
-    """The store's root group; a local path or any URL zarr's fsspec store takes, unchanged."""
-    # fsspec's local filesystem does not create parent directories unless asked to (file:// URLs)
-    options = {"auto_mkdir": True} if str(location).startswith("file://") else None
-    return zarr.open_group(str(location), mode=mode, zarr_format=3 if mode == "w" else None,
-                           storage_options=options)
-
-
-def exists(location: str | Path) -> bool:
-    if not is_url(location):
-        return Path(location).exists()
-    fs, path = _fs(location)
-    return bool(fs.exists(path))
-
-
-def remove(location: str | Path) -> None:
-    """Delete a whole store (callers check first that it is one)."""
-    if not is_url(location):
-        shutil.rmtree(location)
-        return
-    fs, path = _fs(location)
-    fs.rm(path, recursive=True)
-
-
-def display_name(location: str | Path) -> str:
-    """The store's last path component, for progress bars."""
-    return str(location).rstrip("/").rsplit("/", 1)[-1]
-
-
 def acts_name(layer: int) -> str:
     return f"{ACTS}/{layer}"
 
 
-def _bf16_codecs() -> list[Any]:
-    return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=2)]
+def _codecs(bf16: bool) -> list[Any]:
+    """Compression, then a crc32c of the compressed bytes, so any damage to a chunk file is caught on read."""
+    first = (zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=2) if bf16
+             else zarr.codecs.ZstdCodec(level=0))
+    return [first, zarr.codecs.Crc32cCodec()]
 
 
 def bf16_to_bits(x: torch.Tensor) -> np.ndarray:
@@ -106,91 +86,144 @@ def bits_to_bf16(bits: np.ndarray) -> torch.Tensor:
 
 
 def create(path: str | Path, *, layers: Sequence[int], d_model: int, capacity: int, chunk_rows: int,
-           attrs: dict[str, Any]) -> zarr.Group:
-    """A new, empty, incomplete store with room for `capacity` rows (grown as needed, trimmed when finished)."""
-    group = open_group(path, mode="w")
+           attrs: dict[str, Any], shard_chunks: int = 1) -> zarr.Group:
+    """A new, empty, incomplete store of `capacity` rows. The attributes go in with the group's first
+    write, so a store whose creation was interrupted is still recognisably an unfinished csae store."""
+    group = open_group(path, mode="w", attributes={
+        **attrs, "schema_version": SCHEMA_VERSION, "layers": [int(x) for x in layers], "d_model": int(d_model),
+        "dtype": LOGICAL_DTYPE, "chunk_rows": int(chunk_rows), "shard_chunks": int(shard_chunks),
+        "checksums": "crc32c", "complete": False})
+    rows = chunk_rows * shard_chunks if shard_chunks > 1 else None
     for layer in layers:
-        arr = group.create_array(acts_name(layer), shape=(capacity, d_model), chunks=(chunk_rows, d_model),
-                                 dtype="uint16", compressors=_bf16_codecs(), fill_value=0)
-        arr.attrs.update({"logical_dtype": LOGICAL_DTYPE, "layer": int(layer),
-                          "hook": f"blocks.{layer}.hook_resid_post"})
+        group.create_array(acts_name(layer), shape=(capacity, d_model), chunks=(chunk_rows, d_model),
+                           shards=(rows, d_model) if rows else None, dtype="uint16", compressors=_codecs(True),
+                           fill_value=0, attributes={"logical_dtype": LOGICAL_DTYPE, "layer": int(layer),
+                                                     "hook": f"blocks.{layer}.hook_resid_post"})
     for name in TOKEN_FIELDS:
-        group.create_array(f"tokens/{name}", shape=(capacity,), chunks=(chunk_rows,), dtype="int32",
-                           fill_value=-1)
-    group.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "layers": [int(x) for x in layers],
-                        "d_model": int(d_model), "dtype": LOGICAL_DTYPE, "chunk_rows": int(chunk_rows),
-                        "rows_written": 0, "complete": False})
+        group.create_array(f"tokens/{name}", shape=(capacity,), chunks=(chunk_rows,), shards=(rows,) if rows else None,
+                           dtype="int32", compressors=_codecs(False), fill_value=-1)
+    group.create_group(PROGRESS)
     return group
 
 
+def row_arrays(group: zarr.Group) -> list[str]:
+    """The arrays with one entry per row (activations of each layer, then token fields)."""
+    return [acts_name(x) for x in group.attrs["layers"]] + [f"tokens/{n}" for n in TOKEN_FIELDS]
+
+
+def ensure_rows_(group: zarr.Group, rows: int) -> None:
+    """Make every row array hold at least `rows` rows (a metadata write; call from one process only)."""
+    for name in row_arrays(group):
+        arr = group[name]
+        if arr.shape[0] < rows:
+            arr.resize((rows, *arr.shape[1:]))
+
+
 def write_rows_(group: zarr.Group, start: int, acts: dict[int, torch.Tensor], tokens: dict[str, np.ndarray]) -> None:
-    """Write rows [start, start + n) of every layer and token field (chunk-aligned for resumability)."""
+    """Write rows [start, start + n) of every layer and token field (whole chunks: see harvest.write)."""
     n = len(tokens["token_id"])
-    _grow_(group, start + n)
     for layer, x in acts.items():
         group[acts_name(layer)][start:start + n] = bf16_to_bits(x)
     for name in TOKEN_FIELDS:
         group[f"tokens/{name}"][start:start + n] = tokens[name].astype(np.int32)
 
 
-def _grow_(group: zarr.Group, rows: int) -> None:
-    """Make room for `rows` rows, doubling: growing is a metadata write, while shrinking a large
-    over-allocation at the end would visit every chunk key beyond the data."""
-    arrays = [group[acts_name(x)] for x in group.attrs["layers"]] + [group[f"tokens/{n}"] for n in TOKEN_FIELDS]
-    for arr in arrays:
-        if arr.shape[0] < rows:
-            arr.resize((max(rows, 2 * arr.shape[0]), *arr.shape[1:]))
-
-
 def write_docs_(group: zarr.Group, source_index: Sequence[int], topic: Sequence[int], title: Sequence[str]) -> None:
     n = len(source_index)
     for name, values, dtype in (("source_index", source_index, "int64"), ("topic", topic, "int16")):
-        arr = group.create_array(f"docs/{name}", shape=(n,), chunks=(max(n, 1),), dtype=dtype, overwrite=True)
+        arr = group.create_array(f"docs/{name}", shape=(n,), chunks=(max(n, 1),), dtype=dtype, overwrite=True,
+                                 compressors=_codecs(False))
         arr[:] = np.asarray(values, dtype=dtype)
-    titles = group.create_array("docs/title", shape=(n,), chunks=(max(n, 1),), dtype=str, overwrite=True)
+    titles = group.create_array("docs/title", shape=(n,), chunks=(max(n, 1),), dtype=str, overwrite=True,
+                                compressors=_codecs(False))
     titles[:] = np.asarray(list(title), dtype=object)
 
 
-def finish_(group: zarr.Group, n_rows: int) -> None:
-    """Trim to `n_rows`, record per-layer mean norms, and only then mark the store complete."""
-    for layer in group.attrs["layers"]:
-        group[acts_name(layer)].resize((n_rows, group.attrs["d_model"]))
-    for name in TOKEN_FIELDS:
-        group[f"tokens/{name}"].resize((n_rows,))
+def finish_(group: zarr.Group, n_rows: int, attrs: dict[str, Any] | None = None) -> None:
+    """Trim to `n_rows`, record per-layer mean norms, and only then mark the store complete. Norms come from
+    the writers' progress records; chunks without one (stores written by a single `write_rows_`, or by an
+    older csae) are read."""
+    for name in row_arrays(group):
+        arr = group[name]
+        if arr.shape[0] != n_rows:
+            arr.resize((n_rows, *arr.shape[1:]))
+    _, sums = chunk_sums(group, n_rows)
     store = ActivationStore(group)
-    norms = {str(layer): store.mean_norm_from_data(layer, n_rows) for layer in store.layers}
-    group.attrs.update({"mean_norm": norms, "n_tokens": int(n_rows), "rows_written": int(n_rows),
+    for c in np.flatnonzero(~np.isfinite(sums).all(axis=1)):
+        start, stop = c * store.chunk_rows, min((c + 1) * store.chunk_rows, n_rows)
+        sums[c] = [float(store.read(layer, start, stop).float().norm(dim=1).double().sum()) for layer in store.layers]
+    norms = dict(zip(map(str, store.layers), mean_norms(sums, n_rows), strict=True))
+    group.attrs.update({**(attrs or {}), "mean_norm": norms, "n_tokens": int(n_rows), "rows_written": int(n_rows),
                         "complete": True})
+
+
+def is_unfinished(location: str | Path) -> bool:
+    """A store whose creation was interrupted before any row was written: csae's attributes and no rows, or
+    (csae before issue 12 wrote the attributes last) csae's member names and nothing but metadata files."""
+    try:
+        group = open_group(location, mode="r")
+        attrs = dict(group.attrs)
+    except Exception:  # unreadable: not ours to judge
+        return False
+    if attrs.get("schema_version") == SCHEMA_VERSION:
+        return not attrs.get("complete") and rows_done(group, _capacity(group)) == 0
+    if attrs or not set(group.keys()) <= {ACTS, "tokens", "docs", PROGRESS}:
+        return False
+    if is_url(location):
+        fs, root = fs_of(location)
+        files = fs.find(root)
+    else:
+        files = [str(p) for p in Path(location).rglob("*") if p.is_file()]
+    return all(f.endswith("zarr.json") or f.endswith(".partial") for f in files)
+
+
+def _capacity(group: zarr.Group) -> int:
+    names = [n for n in row_arrays(group) if n in group] if "layers" in group.attrs else []
+    return int(group[names[0]].shape[0]) if names else 0
+
+
+class UnfinishedStore(UserError):
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(f"store {path} is unfinished: its creation was interrupted before any row was written; "
+                         f"run the same `harvest run` command again to restart it")
 
 
 class ActivationStore:
     """Read access to a store. `open` checks it is a complete store of this schema."""
 
-    def __init__(self, group: zarr.Group) -> None:
+    def __init__(self, group: zarr.Group, location: str | Path | None = None) -> None:
         self.group = group
+        self.location = str(location) if location is not None else str(group.store_path)
         self.attrs: dict[str, Any] = dict(group.attrs)
 
     @classmethod
     def open(cls, path: str | Path, *, require_complete: bool = True) -> ActivationStore:
         if not exists(path):
             raise UserError(f"store {path} does not exist; create it with `harvest run --store {path}`")
+        if not is_url(path) and Path(path).is_file():
+            raise UserError(f"{path} is a file, not an activation store; pass the directory `harvest run --store` "
+                            f"wrote")
         try:
             group = open_group(path, mode="r")
             attrs = dict(group.attrs)
         except Exception as err:  # zarr raises several types for missing or unparsable metadata
-            raise UserError(f"{path} is not a readable Zarr store ({type(err).__name__}: {err}); "
-                            f"re-create it with `harvest run --store {path} --overwrite`") from err
+            raise UserError(f"{path} is not a readable Zarr store ({type(err).__name__}: {err}); pass the store "
+                            f"`harvest run` wrote, or move it aside and harvest again") from err
+        if attrs.get("schema_version") != SCHEMA_VERSION and is_unfinished(path):
+            raise UnfinishedStore(path)
         if attrs.get("schema_version") != SCHEMA_VERSION:
             raise UserError(f"{path} is not a csae activation store of schema version {SCHEMA_VERSION} "
-                            f"(found {attrs.get('schema_version')!r}); re-create it with `harvest run`")
-        store = cls(group)
+                            f"(found {attrs.get('schema_version')!r}); pass the store `harvest run` wrote")
+        missing = [name for name in row_arrays(group) if name not in group]
+        if missing and not attrs.get("complete"):
+            raise UnfinishedStore(path)
+        store = cls(group, path)
         if require_complete and not attrs.get("complete"):
-            raise UserError(f"store {path} is incomplete ({attrs.get('rows_written', 0)} rows written); finish "
-                            f"it by re-running the same `harvest run` command")
-        missing = [acts_name(x) for x in store.layers if acts_name(x) not in group]
+            raise UserError(f"store {path} is incomplete ({store.rows_done():,} of {store.target_rows:,} rows "
+                            f"written); finish it by re-running the same `harvest run` command")
         if missing:
-            raise UserError(f"store {path} is corrupt: arrays {missing} are missing; re-create it with "
-                            f"`harvest run --overwrite`")
+            raise UserError(f"store {path} is damaged: arrays {missing} are missing; move it aside and harvest "
+                            f"again with the same `harvest run` command")
         return store
 
     @property
@@ -203,7 +236,15 @@ class ActivationStore:
 
     @property
     def n_rows(self) -> int:
-        return int(self.attrs["n_tokens"] if self.attrs.get("complete") else self.attrs["rows_written"])
+        return int(self.attrs["n_tokens"] if self.attrs.get("complete") else self.rows_done())
+
+    @property
+    def target_rows(self) -> int:
+        """Rows the store is being filled to (its arrays' length until it is complete)."""
+        return self.n_rows if self.attrs.get("complete") else _capacity(self.group)
+
+    def rows_done(self) -> int:
+        return rows_done(self.group, _capacity(self.group)) if not self.attrs.get("complete") else self.n_rows
 
     @property
     def chunk_rows(self) -> int:
@@ -228,15 +269,24 @@ class ActivationStore:
                             f"those or harvest it")
         return self.group[acts_name(layer)]
 
+    def read_array(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Entries [start, stop) of one array; a damaged chunk stops with `DamagedStore` naming it."""
+        return checked_read(self.group[name], name, start, stop, self.location)
+
     def read(self, layer: int, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a layer as a bfloat16 tensor (batch, d_model)."""
-        return bits_to_bf16(self.acts(layer)[start:stop])
+        self.acts(layer)
+        return bits_to_bf16(self.read_array(acts_name(layer), start, stop))
+
+    def read_tokens(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self.read_array(f"tokens/{name}", start, stop)
 
     def tokens(self, name: str) -> np.ndarray:
-        return np.asarray(self.group[f"tokens/{name}"][: self.n_rows])
+        return self.read_tokens(name, 0, self.n_rows)
 
     def docs(self, name: str) -> np.ndarray:
-        return np.asarray(self.group[f"docs/{name}"][:])
+        arr = self.group[f"docs/{name}"]
+        return self.read_array(f"docs/{name}", 0, arr.shape[0])
 
     def heldout_start(self, fraction: float) -> int:
         """First row of the held-out tail, which training never reads.
@@ -249,21 +299,13 @@ class ActivationStore:
         boundary = n - round(n * fraction / self.chunk_rows) * self.chunk_rows
         if fraction <= 0 or boundary >= n or boundary <= 0:
             return n
-        seq = self.group["tokens/seq"]
-        prev = int(seq[boundary - 1])
-        window = np.asarray(seq[boundary: min(n, boundary + 4 * self.chunk_rows)])
+        prev = int(self.read_tokens("seq", boundary - 1, boundary)[0])
+        window = self.read_tokens("seq", boundary, min(n, boundary + 4 * self.chunk_rows))
         later = np.flatnonzero(window != prev)
         return boundary + int(later[0]) if len(later) else n
 
     def mean_norm(self, layer: int) -> float:
         return float(self.attrs["mean_norm"][str(layer)])
-
-    def mean_norm_from_data(self, layer: int, n_rows: int) -> float:
-        total, step = 0.0, self.chunk_rows * 16
-        for start in range(0, n_rows, step):
-            x = self.read(layer, start, min(start + step, n_rows)).float()
-            total += float(x.norm(dim=1).double().sum())
-        return total / max(n_rows, 1)
 
     def size_bytes(self) -> int:
         """Bytes on disk (or in the object store), -1 when the store cannot say."""

@@ -40,12 +40,30 @@ class Seq:
     """1 when ids[0] is BOS: its norm is orders of magnitude above the rest, so it is never stored."""
 
 
-def iter_sequences(docs: Iterable[Document], tokenizer: Any, context: int, table: DocTable) -> Iterator[Seq]:
+def body_length(tokenizer: Any, context: int) -> int:
+    """Document tokens per sequence (the BOS, when the tokenizer has one, takes a position)."""
+    return context - 1 if tokenizer.bos_token_id is not None else context
+
+
+def piece_lengths(n_tokens: int, body: int) -> list[int]:
+    """Token counts of the sequences a document of `n_tokens` tokens is cut into (as `iter_sequences` cuts)."""
+    return [min(body, n_tokens - start) for start in range(0, n_tokens, body)]
+
+
+def token_counts(docs: list[Document], tokenizer: Any) -> list[int]:
+    """Tokens of each document, tokenized as `iter_sequences` does."""
+    return [len(ids) for i in range(0, len(docs), _TOKENIZE_DOCS) for ids in
+            tokenizer([d.text for d in docs[i:i + _TOKENIZE_DOCS]], add_special_tokens=False)["input_ids"]]
+
+
+def iter_sequences(docs: Iterable[Document], tokenizer: Any, context: int, table: DocTable,
+                   first_index: int = 0) -> Iterator[Seq]:
     """Cut each document into sequences of BOS + up to context-1 tokens; one document per sequence, so
-    no token attends across a document boundary."""
+    no token attends across a document boundary. `first_index` (and a `table` already holding the documents
+    before) continue a stream that starts at a later document."""
     bos = tokenizer.bos_token_id
-    body = context - 1 if bos is not None else context
-    seq_index = 0
+    body = body_length(tokenizer, context)
+    seq_index = first_index
     doc_iter = iter(docs)
     while batch := list(islice(doc_iter, _TOKENIZE_DOCS)):
         encoded = tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]

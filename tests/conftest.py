@@ -47,3 +47,20 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
             text = " ".join(words[(i * 7 + k) % len(words)] for k in range(5 + i % 12))
             fh.write(json.dumps({"text": text, "title": f"doc {i}", "topic": TOPICS[i % len(TOPICS)]}) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def src(tiny_gemma2: Path, tiny_corpus: Path) -> list[str]:
+    """`--model ... --dataset ...` of the tiny model and corpus, for commands run in a subprocess."""
+    return ["--model", str(tiny_gemma2), "--dataset", str(tiny_corpus)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, src: list[str]) -> Path:
+    """The store one uninterrupted `harvest run` writes with faults.HARVEST (to compare faulty runs with)."""
+    from faults import HARVEST, run
+
+    path = tmp_path_factory.mktemp("ref") / "acts.zarr"
+    proc = run("harvest", ["run", *src, *HARVEST, "--store", path])
+    assert proc.returncode == 0, proc.stderr
+    return path

@@ -25,11 +25,14 @@ def test_the_example_runs_as_a_user_would(tmp_path: Path, tiny_gemma2: Path, tin
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     metrics = module.main(tmp_path, model=str(tiny_gemma2), dataset=str(tiny_corpus), layer=5, tokens=4000,
                           chunk_rows=128, train_tokens=512 * 8, ce_tokens=32)
-    assert set(metrics) == {f"{run}/seed_{seed}/layer_5" for run in ("csae", "baseline") for seed in (0, 1)}
+    assert set(metrics) == {f"{run}/seed_{seed}/layer_5" for run in ("csae", "baseline") for seed in (0, 1)} | {
+        "csae/layer_5", "baseline/layer_5"}
     assert all(math.isfinite(m["ce_score"]) and 0 < m["l0"] for m in metrics.values())
+    assert metrics["csae/layer_5"]["ce_score_lo"] <= metrics["csae/layer_5"]["ce_score"]
     _, _, info = load_sae(tmp_path / "checkpoints" / "baseline" / "seed_1" / "layer_5")
     assert info.config.alpha == 0.0 and info.seed == 1 and info.config.device == "cpu"  # `auto` resolved
-    assert "feature" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "feature" in printed and "csae vs baseline: verdicts" in printed
 
 
 @pytest.mark.parametrize("scheme", ["file", "memory"])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -24,8 +26,9 @@ from csae.evaluate.reconstruction import fvu_pooled
 from csae.shared.head import ContrastiveHead
 from csae.shared.schema import ActivationStore
 
-FAST = ["--ce-tokens", "64", "--select-tokens", "128", "--unlearn-tokens", "48", "--ns", "2", "5", "--cs", "1", "10",
-        "--lm-batch-size", "4", "--no-progress"]
+FAST = ["--ce-tokens", "64", "--select-tokens", "128", "--sweep-predictions", "48", "--unlearn-known", "30",
+        "--ns", "2", "5", "--cs", "1", "10", "--lm-batch-size", "4", "--head-steps", "20",
+        "--topic-permutations", "100", "--bootstrap-resamples", "200", "--no-progress"]
 
 
 def evaluate(*args: object) -> tuple[int, str]:
@@ -47,43 +50,105 @@ def test_several_values_after_one_flag(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "does not exist" in result.output, result.output
 
 
-def test_run_compares_two_runs_end_to_end(store: Path, tmp_path: Path, dtype: str) -> None:
-    csae, base = tmp_path / "csae", tmp_path / "baseline"
+def _two_runs(tmp_path: Path, good: str = "csae", poor: str = "baseline") -> tuple[Path, Path]:
+    """`good`: a perfect SAE (identity features) in seeds 0 and 1; `poor`: random SAEs. Layers 1 and 2."""
+    a, b = tmp_path / good, tmp_path / poor
     for layer in (1, 2):
-        write_checkpoint(csae, layer, random_sae(D_MODEL, 128, seed=layer), ContrastiveHead(128, 16, hidden=32))
-        write_checkpoint(base, layer, identity_sae(D_MODEL))
+        for seed in (0, 1):
+            write_checkpoint(a, layer, identity_sae(D_MODEL), seed=seed)
+            write_checkpoint(b, layer, random_sae(D_MODEL, 128, seed=10 * seed + layer),
+                             ContrastiveHead(128, 16, hidden=32), seed=seed)
+    return a, b
+
+
+def test_run_compares_two_runs_end_to_end(store: Path, tmp_path: Path, dtype: str) -> None:
+    csae, base = _two_runs(tmp_path)
     out = tmp_path / "eval"
     code, output = evaluate("--store", store, "--checkpoints", csae, base, "--out", out, *FAST, "--dtype", dtype)
     assert code == 0, output
-    metrics = json.loads((out / "metrics_all.json").read_text())
+    everything = json.loads((out / "metrics_all.json").read_text())
     headline = json.loads((out / "metrics.json").read_text())
-    assert set(headline["csae/seed_0/layer_1"]) <= set(metrics["csae/seed_0/layer_1"])
-    assert "ce_score" in headline["csae/seed_0/layer_1"]
-    assert sorted(metrics) == [f"{run}/seed_0/layer_{layer}" for run in ("baseline", "csae") for layer in (1, 2)]
-    for m in metrics.values():
+    pooled = [f"{run}/layer_{layer}" for run in ("csae", "baseline") for layer in (1, 2)]
+    per_seed = [f"{run}/seed_{s}/layer_{layer}" for run in ("csae", "baseline") for s in (0, 1) for layer in (1, 2)]
+    assert set(everything) == set(pooled + per_seed)
+    verdicts = {f"csae_vs_baseline/layer_{layer}" for layer in (1, 2)}
+    assert set(headline) == set(pooled) | verdicts
+    for key in pooled:  # every headline figure with its interval, the point inside it
+        m = headline[key]
+        for name in ("explained_variance", "ce_score", "ce_score_saelens", "kl_score", "l0", "dead_fraction",
+                     "dec_mean_abs_cos", "dec_max_cos", "heldout_infonce", "topic_excess", "unlearn_U",
+                     "unlearn_U_minus_random", "unlearn_U_CE"):
+            assert m[f"{name}_lo"] <= m[name] <= m[f"{name}_hi"], (key, name)
+        assert set(m) <= set(everything[key])
+    for key in per_seed:
+        m = everything[key]
         assert all(isinstance(v, (int, float)) for v in m.values())
-        for key in ("fvu", "relative_bias", "l0", "dead_fraction", "dec_mean_abs_cos", "coactivation_mean_abs_corr",
-                    "topic_entropy_ratio", "heldout_infonce", "ce_score", "kl_score", "unlearn_U",
-                    "unlearn_U_minus_random", "unlearn_U_CE"):
-            assert key in m
-        assert m["ce_predictions"] == 64 and m["unlearn_forget_predictions"] == 48
-    perfect = metrics["baseline/seed_0/layer_1"]
+        assert m["ce_predictions"] == 64 and m["unlearn_forget_known"] >= 30 and m["unlearn_retain_known"] >= 30
+    perfect = everything["csae/seed_0/layer_1"]
     assert perfect["fvu"] == pytest.approx(0.0, abs=1e-10) and perfect["ce_score"] == pytest.approx(1.0, abs=1e-4)
+    # a seed mean: the two seeds of the random baseline differ
+    both = [everything[f"baseline/seed_{s}/layer_2"]["explained_variance"] for s in (0, 1)]
+    assert headline["baseline/layer_2"]["explained_variance"] == pytest.approx(np.mean(both))
+
+    # The planted advantage is found: better where a perfect reconstruction must win, whatever the layer.
+    for layer in (1, 2):
+        v = headline[f"csae_vs_baseline/layer_{layer}"]
+        assert v["explained_variance"] == v["ce_score"] == v["kl_score"] == v["ce_score_saelens"] == "better"
+    comparison = json.loads((out / "comparison.json").read_text())
+    cell = comparison["csae_vs_baseline"]["layer_1"]["explained_variance"]
+    assert cell["diff_lo"] > 0 and cell["higher_is_better"] and comparison["reference"] == "baseline"
+    assert cell["diff"] == pytest.approx(cell["csae"] - cell["baseline"])
 
     # Store metrics use exactly the held-out tail of the store (heldout_tail_fraction 0.25 in write_checkpoint).
     opened = ActivationStore.open(store)
     start = opened.heldout_start(0.25)
-    assert metrics["csae/seed_0/layer_2"]["eval_rows"] == opened.n_rows - start
+    assert everything["baseline/seed_0/layer_2"]["eval_rows"] == opened.n_rows - start
     x = opened.read(2, start, opened.n_rows).float()
     sae = random_sae(D_MODEL, 128, seed=2)
     with torch.no_grad():
         want = fvu_pooled(x, sae(x)[0])
-    assert metrics["csae/seed_0/layer_2"]["fvu"] == pytest.approx(want, rel=1e-5)
+    assert everything["baseline/seed_0/layer_2"]["fvu"] == pytest.approx(want, rel=1e-5)
 
     for name in ("report.md", "unlearning.json", "eval_config.json", "density_layer_1.png", "unlearning_layer_2.png"):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
-    assert "csae/seed_0/layer_1" in report and "baseline/seed_0/layer_2" in report and "CE score" in report
+    assert report.startswith("# Evaluation report")
+    assert report.split("\n## ")[1].startswith("csae vs baseline: verdicts")  # the report opens with the verdicts
+    assert "| expl. var | higher | **better**" in report and "baseline L2" in report
+
+
+def _verdicts(out: Path) -> dict[str, str]:
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {f"{k}:{name}": v for k, cells in metrics.items() if "_vs_" in k for name, v in cells.items()}
+
+
+def test_identical_runs_differ_in_nothing_and_swapping_runs_flips_verdicts(store: Path, tmp_path: Path) -> None:
+    a, b = _two_runs(tmp_path / "same")
+    twin = tmp_path / "twin" / "baseline2"
+    shutil.copytree(b, twin)
+    code, output = evaluate("--store", store, "--checkpoints", b, twin, "--out", tmp_path / "e1", *FAST)
+    assert code == 0, output
+    same = _verdicts(tmp_path / "e1")
+    assert len(same) == 2 * 13 and set(same.values()) == {"no detectable difference"}, same
+
+    code, output = evaluate("--store", store, "--checkpoints", a, b, "--out", tmp_path / "e2", *FAST)
+    assert code == 0, output
+    code, output = evaluate("--store", store, "--checkpoints", b, a, "--out", tmp_path / "e3", *FAST)
+    assert code == 0, output
+    forward, backward = _verdicts(tmp_path / "e2"), _verdicts(tmp_path / "e3")
+    flip = {"better": "worse", "worse": "better", "no detectable difference": "no detectable difference"}
+    for key, v in forward.items():
+        run_key = key.replace("csae_vs_baseline", "baseline_vs_csae")
+        assert backward[run_key] == flip[v], key
+    assert "better" in forward.values() and "worse" in backward.values()
+
+
+def test_runs_with_different_seeds_are_refused_naming_the_missing_ones(store: Path, tmp_path: Path) -> None:
+    a, b = _two_runs(tmp_path)
+    shutil.rmtree(b / "seed_1")
+    code, output = evaluate("--store", store, "--checkpoints", a, b, "--out", tmp_path / "e", *FAST)
+    assert code == 2 and len(output.strip().splitlines()) == 1, output
+    assert "run baseline lacks seed 1 (layers 1 2)" in output and not (tmp_path / "e").exists()
 
 
 def test_checkpoint_for_another_width_is_refused(store: Path, tmp_path: Path) -> None:
@@ -125,12 +190,26 @@ def test_missing_or_unfinished_checkpoints_are_refused(store: Path, tmp_path: Pa
     assert code == 2 and "layer 7" in output
 
 
-def test_store_metrics_only_needs_no_model(store: Path, tmp_path: Path) -> None:
+def test_zero_budgets_skip_their_family_and_no_model_is_loaded_without_one(store: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ce-tokens 0 skips the downstream family, --unlearn-known 0 the unlearning family; with both 0 the
+    language model is never loaded (its loader fails the test if called)."""
+    from csae.evaluate import run as run_module
+
     write_checkpoint(tmp_path / "run", 2, random_sae(D_MODEL, 64))
     group = zarr.open_group(str(store), mode="r")
     assert group.attrs["config"]["model"]  # would be loaded otherwise
+    loaded = []
+    real = run_module.load_model
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: loaded.append(1) or real(*a, **k))
     code, output = evaluate("--store", store, "--checkpoints", tmp_path / "run", "--out", tmp_path / "e",
-                            "--ce-tokens", "0", "--unlearn-tokens", "0", "--no-progress")
+                            *FAST, "--ce-tokens", "0", "--unlearn-known", "0")
     assert code == 0, output
     m = json.loads((tmp_path / "e" / "metrics_all.json").read_text())["run/seed_0/layer_2"]
-    assert "fvu" in m and "ce_score" not in m and "unlearn_U" not in m
+    assert "fvu" in m and "ce_score" not in m and "unlearn_U" not in m and not loaded
+
+    code, output = evaluate("--store", store, "--checkpoints", tmp_path / "run", "--out", tmp_path / "e2",
+                            *FAST, "--ce-tokens", "0")
+    assert code == 0, output
+    m = json.loads((tmp_path / "e2" / "metrics_all.json").read_text())["run/seed_0/layer_2"]
+    assert "ce_score" not in m and "unlearn_U" in m and loaded == [1]

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 from eval_fixtures import random_sae
 
-from csae.evaluate.contrastive import context_pairs, info_nce
-from csae.evaluate.features import FeatureStats, decoder_geometry, mean_abs_correlation, topic_purity
-from csae.evaluate.reconstruction import ce_score, fvu_pooled, kl_score, reconstruction_metrics
-from csae.evaluate.unlearn import (
-    clamp_intervention,
-    random_features,
-    select_features,
-    unlearning_ce_score,
-    unlearning_score,
+from csae.evaluate.contrastive import distinct_pairs, info_nce_terms
+from csae.evaluate.features import coactivation, decoder_geometry, mean_abs_correlation
+from csae.evaluate.heldout import HeldoutRows, sae_pass
+from csae.evaluate.reconstruction import (
+    ce_score,
+    fvu_pooled,
+    kl_score,
+    l2_ratio,
+    mean_cosine,
+    mse,
+    reconstruction_figures,
+    reconstruction_metrics,
+    relative_bias,
 )
+from csae.evaluate.unlearn import clamp_intervention, matched_features, select_features
+from csae.evaluate.unlearning import choose
 
 
 def _data(n: int = 200, d: int = 16, seed: int = 0) -> np.ndarray:
@@ -65,32 +69,55 @@ def test_ce_and_kl_scores() -> None:
     assert kl_score(0.0, 3.0) == 1.0 and kl_score(3.0, 3.0) == 0.0 and kl_score(1.0, 4.0) == 0.75
 
 
-def test_feature_stats_sparsity_by_hand() -> None:
-    f = torch.tensor([[0.0, 2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 3.0], [0.0, 1.0, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
-    stats = FeatureStats(4, 0)
-    stats.update(f[:3])
-    stats.update(f[3:])
-    s = stats.sparsity((0.3, 0.6))
-    assert s["l0"] == pytest.approx((2 + 1 + 2 + 0) / 4)
-    assert s["l1"] == pytest.approx((3 + 3 + 1.5 + 0) / 4)
-    assert s["dead_features"] == 2 and s["dead_fraction"] == 0.5
-    assert stats.density_F().tolist() == [0.0, 0.5, 0.0, 0.75]
-    assert s["dense_fraction_0.3"] == 0.5 and s["dense_fraction_0.6"] == 0.25
+def _rows(x: np.ndarray, doc: np.ndarray) -> HeldoutRows:
+    return HeldoutRows(0, 0, len(x), torch.tensor(x, dtype=torch.float32), doc, doc, None, 0)
+
+
+def test_sae_pass_figures_equal_the_formulas_on_all_tokens_and_on_duplicated_documents() -> None:
+    """Figures from per-document sums equal the token-level formulas, on all rows and on a resample that
+    repeats some documents and drops others (an independent recomputation from the duplicated rows)."""
+    rng = np.random.default_rng(0)
+    doc = np.repeat(np.arange(6), rng.integers(3, 12, size=6))
+    x = _data(n=len(doc), seed=5)
+    sae = random_sae(16, 40, seed=2, bias=-0.2)
+    p = sae_pass(sae, _rows(x, doc), batch=7)
+    figs = reconstruction_figures(p, (0.05, 0.5))
+    w = np.array([[2.0, 0, 1, 3, 0, 1], [1, 1, 1, 1, 1, 1]])
+    for weights in w:
+        keep = np.concatenate([np.flatnonzero(doc == d).repeat(1) for d in range(6) for _ in range(int(weights[d]))])
+        xt = torch.tensor(x[keep], dtype=torch.float32)
+        with torch.no_grad():
+            x_hat, f = sae(xt)
+        fires = (f > 0).double()
+        want = {"fvu": fvu_pooled(xt, x_hat), "mse": mse(xt, x_hat), "cosine": mean_cosine(xt, x_hat),
+                "relative_bias": relative_bias(xt, x_hat), "l2_ratio": l2_ratio(xt, x_hat),
+                "l0": float(fires.sum(1).mean()), "l1": float(f.double().sum(1).mean()),
+                "dead_fraction": float((fires.sum(0) == 0).double().mean()),
+                "dense_fraction_0.5": float((fires.mean(0) > 0.5).double().mean())}
+        want["explained_variance"] = 1 - want["fvu"]
+        for name, value in want.items():
+            got = figs[name].resample(weights[None])[0]  # type: ignore[misc]
+            assert got == pytest.approx(value, rel=1e-5, abs=1e-9), name
+            if weights.min() == 1:
+                assert figs[name].value == pytest.approx(value, rel=1e-5, abs=1e-9), name
+    assert 0 < figs["dead_fraction"].value < 1 and 0 < figs["dense_fraction_0.05"].value  # not vacuous
+    assert p.fires_DF.sum() == int((sae(torch.tensor(x, dtype=torch.float32))[1] > 0).sum())
 
 
 def test_coactivation_equals_numpy_corrcoef() -> None:
     rng = np.random.default_rng(0)
-    f = np.maximum(rng.normal(size=(500, 6)) + rng.normal(size=(500, 1)), 0)
-    stats = FeatureStats(6, 0, sample_F=torch.arange(6))
-    stats.update(torch.tensor(f[:250]))
-    stats.update(torch.tensor(f[250:]))
+    x = torch.tensor(rng.normal(size=(500, 16)), dtype=torch.float32)
+    sae = random_sae(16, 24, seed=3, bias=0.3)
+    pick = torch.arange(0, 24, 3)
+    with torch.no_grad():
+        f = sae.encode(x)[:, pick].double().numpy()
     corr = np.corrcoef(f.T)
-    want = np.abs(corr[~np.eye(6, dtype=bool)]).mean()
-    assert stats.coactivation() == pytest.approx(want, rel=1e-9)
+    want = np.abs(corr[~np.eye(len(pick), dtype=bool)]).mean()
+    assert coactivation(sae, x, pick, batch=128) == pytest.approx(want, rel=1e-6)
     # A constant feature has no correlation and is left out.
     f2 = np.c_[f, np.ones(500)]
-    s, p = torch.tensor(f2.sum(0)), torch.tensor(f2.T @ f2)
-    assert mean_abs_correlation(s, p, 500) == pytest.approx(want, rel=1e-9)
+    s_, p_ = torch.tensor(f2.sum(0)), torch.tensor(f2.T @ f2)
+    assert mean_abs_correlation(s_, p_, 500) == pytest.approx(want, rel=1e-6)
 
 
 def test_decoder_geometry_by_hand() -> None:
@@ -103,60 +130,57 @@ def test_decoder_geometry_by_hand() -> None:
     assert g["dec_frac_cos_above_0.5"] == pytest.approx(sum(c > 0.5 for c in cos) / 12)
 
 
-def test_topic_purity_by_hand() -> None:
-    # Corpus: topics 50/50. Feature 0 fires only on topic 0 (pure), feature 1 on both equally, feature 2
-    # too rarely to count.
-    fires = torch.tensor([[20, 0], [15, 15], [1, 1]])
-    tokens = torch.tensor([100, 100])
-    p = topic_purity(fires, tokens, min_fires=10, specific_ratio=0.5)
-    assert p["topic_features"] == 2
-    assert p["topic_entropy_ratio"] == pytest.approx((0.0 + 1.0) / 2)
-    assert p["topic_specific_fraction"] == 0.5
-    assert p["topic_kl_bits"] == pytest.approx((1.0 + 0.0) / 2)  # KL([1,0] || [.5,.5]) = 1 bit
-    # Relative to a skewed corpus: a feature firing like the corpus has ratio 1 and KL 0.
-    p2 = topic_purity(torch.tensor([[30, 10]]), torch.tensor([300, 100]), 10, 0.5)
-    assert p2["topic_entropy_ratio"] == pytest.approx(1.0) and p2["topic_kl_bits"] == pytest.approx(0.0, abs=1e-12)
+def test_distinct_pairs_take_each_sequence_once_per_batch() -> None:
+    seq = np.repeat(np.arange(30), np.r_[1, np.arange(2, 31)])  # sequence 0 has a single row: never used
+    a, p = distinct_pairs(seq, 8, 50, np.random.default_rng(0))
+    assert a.shape == p.shape == (50, 8)
+    for ab, pb in zip(a, p, strict=True):
+        assert len(set(seq[ab])) == 8  # negatives all from other sequences
+        assert (seq[ab] == seq[pb]).all() and (ab != pb).all()
+    assert 0 not in seq[a]
+    # fewer sequences than the batch: the batch shrinks to the number of sequences with two rows
+    a, _ = distinct_pairs(np.array([0, 0, 1, 1, 2]), 8, 3, np.random.default_rng(0))
+    assert a.shape == (3, 2)
 
 
-def test_topic_counts_accumulate() -> None:
-    f = torch.tensor([[1.0, 0.0], [1.0, 2.0], [0.0, 1.0], [1.0, 1.0]])
-    stats = FeatureStats(2, 3)
-    stats.update(f, torch.tensor([0, 1, 2, -1]))
-    assert stats.topic_fires_FT.tolist() == [[1, 1, 0], [0, 1, 1]]
-    assert stats.topic_tokens_T.tolist() == [1, 1, 1]
-
-
-def test_context_pairs_stay_in_their_sequence() -> None:
-    seq = np.array([0, 0, 0, 1, 2, 2, 3, 3, 3, 3])
-    a, p = context_pairs(seq, np.random.default_rng(0))
-    assert sorted(a.tolist()) == [0, 1, 2, 4, 5, 6, 7, 8, 9]  # row 3 is alone in its sequence
-    assert (seq[a] == seq[p]).all() and (a != p).all()
-
-
-def test_info_nce_equals_the_formula() -> None:
+def test_info_nce_terms_equal_the_formula() -> None:
     gen = torch.Generator().manual_seed(0)
     za, zp = torch.randn(5, 3, generator=gen), torch.randn(5, 3, generator=gen)
     tau = 0.2
     s = np.array([[float(torch.cosine_similarity(za[i], zp[j], dim=0)) for j in range(5)] for i in range(5)])
 
-    def ce(m: np.ndarray) -> float:
-        return float(np.mean([-(m[i, i] / tau - np.log(np.exp(m[i] / tau).sum())) for i in range(5)]))
+    def ce(m: np.ndarray, i: int) -> float:
+        return float(-(m[i, i] / tau - np.log(np.exp(m[i] / tau).sum())))
 
-    got = info_nce(za, zp, tau)
-    assert got["infonce"] == pytest.approx((ce(s) + ce(s.T)) / 2, rel=1e-6)
-    assert got["pos_sim"] == pytest.approx(np.trace(s) / 5)
-    assert got["neg_sim"] == pytest.approx((s.sum() - np.trace(s)) / 20)
-    assert got["sim_gap"] == pytest.approx(got["pos_sim"] - got["neg_sim"])
+    got = info_nce_terms(za.double(), zp.double(), tau)
+    for i in range(5):
+        assert float(got["loss"][i]) == pytest.approx((ce(s, i) + ce(s.T, i)) / 2, rel=1e-6)  # s in float32
+        assert float(got["pos"][i]) == pytest.approx(s[i, i])
+        assert float(got["neg"][i]) == pytest.approx((s[i].sum() - s[i, i]) / 4)
 
 
 def test_feature_selection_as_saebench() -> None:
     nu_f = torch.tensor([0.5, 0.9, 0.3, 0.8, 0.0, 0.7])
     nu_r = torch.tensor([0.0, 0.02, 0.005, 0.0, 0.0, 0.009])
-    # tau 0.01 drops feature 1; rank the rest by nu_forget: 3 (0.8), 5 (0.7), 0 (0.5), 2, 4.
+    # tau 0.01 drops feature 1; rank the rest by nu_forget: 3 (0.8), 5 (0.7), 0 (0.5), 2; feature 4 never fires
+    # on forget text, so clamping it would do nothing: it is never selected.
     assert select_features(nu_f, nu_r, 0.01, 3).tolist() == [3, 5, 0]
-    assert select_features(nu_f, nu_r, 0.001, 10).tolist() == [3, 0, 4]
-    picked = random_features(nu_r, 0.01, 3, torch.Generator().manual_seed(0))
-    assert len(picked) == 3 and set(picked.tolist()) <= {0, 2, 3, 4, 5}
+    assert select_features(nu_f, nu_r, 0.001, 10).tolist() == [3, 0]
+
+
+def test_matched_control_draws_features_that_fire_on_forget_text_at_similar_rates() -> None:
+    rng = np.random.default_rng(0)
+    nu = torch.tensor(np.r_[np.zeros(500), 10 ** rng.uniform(-4, -0.5, size=500)])
+    selected = torch.tensor([600, 700, 800, 900])
+    for draw in range(20):
+        picked = matched_features(nu, selected, np.random.default_rng(draw))
+        assert len(picked) == 4 and len(set(picked.tolist())) == 4
+        assert (nu[picked] > 0).all()  # never a feature that does not fire on forget text
+        assert not set(picked.tolist()) & set(selected.tolist())
+        ratio = np.log10(sorted(nu[picked].tolist())) - np.log10(sorted(nu[selected].tolist()))
+        assert np.abs(ratio).max() < 0.1  # the 10 nearest of 500 rates spread over 3.5 decades
+    # with fewer candidates than selected features, as many as there are
+    assert len(matched_features(torch.tensor([0.0, 0.5, 0.2, 0.0]), torch.tensor([1, 2]), rng)) == 0
 
 
 def test_clamp_intervention_matches_the_formula() -> None:
@@ -177,14 +201,13 @@ def test_clamp_intervention_matches_the_formula() -> None:
     assert torch.equal(out[~changed], x[~changed])  # unchanged rows are returned exactly
 
 
-def test_unlearning_scores() -> None:
-    pts = [{"A_forget": 0.9, "A_retain": 1.0, "dCE_forget": 0.1, "dCE_retain": 0.0},
-           {"A_forget": 0.4, "A_retain": 0.995, "dCE_forget": 1.0, "dCE_retain": 0.01},
-           {"A_forget": 0.0, "A_retain": 0.5, "dCE_forget": 3.0, "dCE_retain": 2.0}]
-    assert unlearning_score(pts, 0.99) == pytest.approx(0.6)
-    assert unlearning_score(pts, 0.999) == pytest.approx(0.1)
-    assert unlearning_score(pts[2:], 0.99) == 0.0
-    # gaps: forget 4.0, retain 2.0 -> retain tolerance 1% of 2.0 = 0.02
-    assert unlearning_ce_score(pts, 4.0, 2.0, 0.01) == pytest.approx(0.25)
-    assert unlearning_ce_score(pts[2:], 4.0, 2.0, 0.01) == 0.0
-    assert not math.isnan(unlearning_ce_score(pts, 4.0, 2.0, 1.0))
+def test_choose_takes_the_lowest_forget_accuracy_that_keeps_the_retain_text() -> None:
+    pts = [{"A_forget": 0.9, "A_retain": 1.0, "features": [1], "c": 1.0, "retain_threshold": 0.01},
+           {"A_forget": 0.4, "A_retain": 0.995, "features": [1, 2], "c": 5.0, "retain_threshold": 0.01},
+           {"A_forget": 0.4, "A_retain": 0.999, "features": [1, 2], "c": 2.0, "retain_threshold": 0.01},
+           {"A_forget": 0.0, "A_retain": 0.5, "features": [1, 2, 3], "c": 20.0, "retain_threshold": 0.01},
+           {"A_forget": 0.0, "A_retain": 1.0, "features": [], "c": 1.0, "retain_threshold": 0.001}]
+    assert choose(pts, 0.99) is pts[2]  # ties on A_forget go to the smaller multiplier
+    assert choose(pts, 0.999) is pts[2]
+    assert choose(pts, 1.0) is pts[0]
+    assert choose(pts[3:], 0.99) is None  # the empty feature set does not count

@@ -1,6 +1,7 @@
-"""The unlearning protocol on a tiny Gemma 3 with a planted forget-topic feature: it is selected, the
-score is positive, random features score about zero, and a sweep point's A_forget equals an independent
-computation with full forwards and a clamping hook."""
+"""The unlearning protocol on a tiny Gemma 3 with a planted forget-topic feature: it is chosen on the selection
+split, U is near 1 on the test split and equals an independent computation with full forwards and a clamping
+hook; the matched random control scores about zero and only ever draws features that fire on forget text.
+And the exact top-1 shortcut against the full LM head."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from eval_fixtures import FORGET, identity_sae, tiny_gemma3, topic_corpus  # noq
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from csae.evaluate.checkpoints import LayerCheckpoint
-from csae.evaluate.lm_metrics import TextSource, unlearning_metrics
+from csae.evaluate.lm import head_logits, still_top1, token_stats, top1_reference
+from csae.evaluate.text import TextSource
+from csae.evaluate.unlearning import unlearning
 from csae.shared.checkpoint import LayerInfo
 from csae.shared.config.evaluate import EvalConfig
 from csae.shared.config.train import TrainConfig
@@ -22,7 +25,7 @@ from csae.shared.models import LoadedModel, blocks
 from csae.shared.sae import SAE
 
 LAYER = 1
-N_DEAD = 4000
+N_DEAD, N_NUISANCE = 1000, 32
 #: Known forget tokens whose correctness may differ from the reference hook's. float32: none (measured: none).
 #: bfloat16: the hook adds the clamp's change to h in bfloat16 where csae forms err + decode(f') in float32
 #: and rounds once, so a residual can differ by one bfloat16 ulp, which flips a prediction only where the top
@@ -43,9 +46,11 @@ def _resid(model: Any, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
 
 
-def planted_sae(model: Any, tok: Any, corpus: Path) -> tuple[SAE, int]:
-    """Identity features (fire everywhere) + one feature fitted by least squares to fire exactly on
-    forget-topic tokens + many dead features (candidates for the random control). Returns (sae, planted)."""
+def planted_sae(model: Any, tok: Any, corpus: Path) -> tuple[SAE, int, range]:
+    """Identity features (fire on about half the tokens, everywhere) + one feature fitted by least squares to
+    fire exactly on forget-topic tokens + nuisance features that fire on every token with a tiny activation
+    (so clamping them changes almost nothing: the matched control's pool) + dead features.
+    Returns (sae, planted index, nuisance indices)."""
     xs, ys = [], []
     for doc in _docs(corpus):
         x = _resid(model, _ids(tok, doc.text))[1:]
@@ -58,51 +63,56 @@ def planted_sae(model: Any, tok: Any, corpus: Path) -> tuple[SAE, int]:
     assert ((margin > 0.5) == (y > 0)).all(), "the planted direction does not separate the topics"
     d = x.shape[1]
     base = identity_sae(d)
-    sae = SAE(d, 2 * d + 1 + N_DEAD)
+    planted, nuisance = 2 * d, range(2 * d + 1, 2 * d + 1 + N_NUISANCE)
+    sae = SAE(d, 2 * d + 1 + N_NUISANCE + N_DEAD)
     k = float(x.norm(dim=1).mean())  # activation about the residual's norm
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         sae.W_enc.zero_()
         sae.W_enc[:, : 2 * d] = base.W_enc
-        sae.W_enc[:, 2 * d] = k * sol[:d]
+        sae.W_enc[:, planted] = k * sol[:d]
         sae.b_enc.fill_(-1e4)  # dead
         sae.b_enc[: 2 * d] = 0
-        sae.b_enc[2 * d] = k * sol[d]
+        sae.b_enc[planted] = k * sol[d]
+        sae.b_enc[nuisance] = 1e-3  # W_enc column 0: always 1e-3
         sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(sae.d_sae, d, generator=gen), dim=1))
         sae.W_dec[: 2 * d] = base.W_dec
         sae.b_dec.zero_()
-    return sae, 2 * d
+    return sae, planted, nuisance
 
 
-def test_planted_topic_feature_is_selected_and_scores(tiny_gemma3: Path, topic_corpus: Path,  # noqa: F811
-                                                      dtype: str) -> None:
+def test_planted_topic_feature_is_chosen_and_scores_on_the_test_split(tiny_gemma3: Path,  # noqa: F811
+                                                                        topic_corpus: Path, dtype: str) -> None:  # noqa: F811
     model = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=getattr(torch, dtype)).eval()
     model.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(tiny_gemma3)
-    sae, planted = planted_sae(model, tok, topic_corpus)
+    sae, planted, nuisance = planted_sae(model, tok, topic_corpus)
     info = LayerInfo(config=TrainConfig(), seed=0, layer=LAYER, store="", model={}, scale=1.0, d_in=sae.d_in,
                      d_sae=sae.d_sae, train_rows=0)
     ckpt = LayerCheckpoint("planted", 0, LAYER, Path("."), sae, None, info)
-    cfg = EvalConfig(select_tokens=10**6, unlearn_tokens=10**6, ce_tokens=0, lm_batch_size=4)
+    cfg = EvalConfig(select_tokens=10**6, sweep_predictions=10**6, unlearn_known=10**6, ce_tokens=0, lm_batch_size=4,
+                     random_draws=5)
     lm = LoadedModel(model=model, tokenizer=tok, identity={})
-    metrics, points = unlearning_metrics(lm, [ckpt], TextSource(str(topic_corpus), 0.5, 33), cfg, progress=False)
-    m, pts = metrics[ckpt.key], points[ckpt.key]
+    found = unlearning(lm, [ckpt], TextSource(str(topic_corpus), 0.5, 33), cfg, progress=False)
+    assert found is not None
+    family, points = found
+    figs, extras, pts = family.figures[ckpt.key], family.extras[ckpt.key], points[ckpt.key]
 
-    assert m["unlearn_forget_known"] > 50 and m["unlearn_retain_known"] > 50
-    assert all(p["features"][0] == planted for p in pts["selected"])  # highest nu_forget, nu_retain = 0
-    assert all(planted not in p["features"] for p in pts["random"])
-    assert m["unlearn_U"] > 0.5
-    assert m["unlearn_U_CE"] > 0.1
-    assert m["unlearn_U_random"] == pytest.approx(0.0, abs=0.02)
-    assert m["unlearn_U_minus_random"] > 0.5
-    assert all(p["A_retain"] == 1.0 for p in pts["selected"])  # the feature never fires on retain text
+    assert extras["unlearn_forget_known"] > 50 and extras["unlearn_retain_known"] > 50
+    assert family.units.strata == (extras["unlearn_forget_docs"], extras["unlearn_retain_docs"])
+    assert pts["chosen"]["features"] == [planted]  # the only feature with retain rate 0 that fires on forget text
+    assert figs["unlearn_U"].value > 0.5 and figs["unlearn_U_CE"].value > 0.1
+    assert figs["unlearn_A_retain"].value == 1.0  # the feature never fires on retain text
+    assert figs["unlearn_U_random"].value == pytest.approx(0.0, abs=0.02)
+    assert figs["unlearn_U_minus_random"].value > 0.5
+    drawn = pts["test"]["random_features"]
+    assert len(drawn) == 5 and all(len(f) == 1 and f[0] in nuisance for f in drawn)  # matched: rate ~1, fires
 
-    # Independent A_forget for one point: full forwards with a hook applying the clamp formula.
-    point = next(p for p in pts["selected"] if p["c"] == 5.0 and p["n"] == 10 and p["retain_threshold"] == 0.01)
-    forget_eval = _docs(topic_corpus, FORGET)[1::2]
-    sel_docs = _docs(topic_corpus, FORGET)[0::2]
+    # Independent A_forget at the chosen setting on the test split: full forwards, a hook applying the clamp.
+    c = pts["chosen"]["c"]
+    forget_sel, forget_test = _docs(topic_corpus, FORGET)[0::2], _docs(topic_corpus, FORGET)[1::2]
     with torch.no_grad():
-        f_sel = torch.cat([sae.encode(_resid(model, _ids(tok, doc.text))[1:]) for doc in sel_docs])[:, planted]
+        f_sel = torch.cat([sae.encode(_resid(model, _ids(tok, doc.text))[1:]) for doc in forget_sel])[:, planted]
     a = float(f_sel[f_sel > 0].mean())
     direction = sae.W_dec[planted]
 
@@ -110,11 +120,11 @@ def test_planted_topic_feature_is_selected_and_scores(tiny_gemma3: Path, topic_c
         h = out[0] if isinstance(out, tuple) else out
         f = sae.encode(h[0, 1:])[:, planted]
         new = h.clone()
-        new[0, 1:] += torch.where(f > 0, -5.0 * a - f, torch.zeros_like(f)).unsqueeze(1) * direction
+        new[0, 1:] += torch.where(f > 0, -c * a - f, torch.zeros_like(f)).unsqueeze(1) * direction
         return (new, *out[1:]) if isinstance(out, tuple) else new
 
     kept = known = 0
-    for doc in forget_eval:
+    for doc in forget_test:
         ids = _ids(tok, doc.text)
         targets = torch.tensor(ids[2:])
         with torch.no_grad():
@@ -124,5 +134,36 @@ def test_planted_topic_feature_is_selected_and_scores(tiny_gemma3: Path, topic_c
             handle.remove()
         known += int(clean.sum())
         kept += int((clean & after).sum())
-    assert known == m["unlearn_forget_known"]
-    assert point["A_forget"] == pytest.approx(kept / known, abs=FLIPS[dtype] / known)
+    assert known == extras["unlearn_forget_known"]
+    assert 1 - figs["unlearn_U"].value == pytest.approx(kept / known, abs=FLIPS[dtype] / known)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gemma3", "tiny_gemma2"])
+def test_top1_shortcut_equals_the_full_head(fixture: str, request: pytest.FixtureRequest, dtype: str) -> None:
+    """For known positions and final states moved by small to large changes, `still_top1` gives exactly
+    `head_logits(h).argmax() == target`, and the small changes are decided without the full head. Candidates
+    are limited to 8 so that the bound, not the candidate list, has to do the work on a small vocabulary."""
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture), dtype=getattr(torch, dtype)).eval()
+    d = model.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(600, d, generator=gen) * 3
+    if dtype == "bfloat16":
+        h = h.bfloat16().float()  # a model in bfloat16 hands back bfloat16 states
+    logits = head_logits(model, h)
+    targets = logits.argmax(dim=1)  # every position known
+    (st,) = token_stats(model, targets, [h], chunk=128, topk=9)
+    assert st.correct_N.all()
+    ref = top1_reference(model, h, targets, st.top_NK)
+    decided_without_head = 0
+    for scale in (1e-3, 1e-2, 0.1, 0.5, 2.0):
+        h_new = h + scale * torch.randn(h.shape, generator=gen) * h.norm(dim=1, keepdim=True) / d**0.5
+        if dtype == "bfloat16":
+            h_new = h_new.bfloat16().float()
+        got, used = still_top1(model, ref, h_new, chunk=128)
+        want = head_logits(model, h_new).argmax(dim=1) == targets
+        assert torch.equal(got, want), (scale, int((got != want).sum()))
+        decided_without_head += len(h) - used
+        if scale == 1e-3:
+            assert used < len(h) // 2, used  # the bound decides most small changes
+    assert 0 < int((~want).sum()) < len(h)  # the large changes flip some predictions: not vacuous
+    assert decided_without_head > len(h)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -19,8 +20,14 @@ from click.testing import CliRunner
 from tolerances import ROW_TOLERANCE, row_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from csae.harvest.batches import iter_windows, stored_rows
 from csae.harvest.cli import main
+from csae.harvest.plan import make_plan, sequences_from
+from csae.shared import corpora, progress, schema
+from csae.shared.config.harvest import HarvestConfig
+from csae.shared.errors import UserError
 from csae.shared.schema import TOKEN_FIELDS, ActivationStore
+from csae.shared.sequences import DocTable, iter_sequences
 
 SMALL = ["--context", "32", "--batch-size", "4", "--sort-window", "2", "--chunk-rows", "64", "--dtype", "float32",
          "--no-progress"]
@@ -119,13 +126,18 @@ def _run_cli(args: list[str]) -> subprocess.Popen[str]:
                             stderr=subprocess.STDOUT, text=True)
 
 
+def rows_on_disk(store: Path) -> int:
+    """Rows a running harvest has saved so far (0 before the store exists)."""
+    try:
+        return ActivationStore.open(store, require_complete=False).rows_done()
+    except (UserError, OSError, ValueError, KeyError):
+        return 0
+
+
 def _wait_for_rows(store: Path, proc: subprocess.Popen[str], timeout: float = 120) -> int:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        try:
-            rows = json.loads((store / "zarr.json").read_text())["attributes"]["rows_written"]
-        except (OSError, ValueError, KeyError):
-            rows = 0
+        rows = rows_on_disk(store)
         if rows > 0:
             return rows
         time.sleep(0.01)
@@ -147,12 +159,12 @@ def test_resume_after_ctrl_c_and_kill_equals_an_uninterrupted_run(tmp_path: Path
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == 2 and "resume" in out, out
     partial = ActivationStore.open(resumed, require_complete=False)
-    assert not partial.attrs["complete"] and 0 < partial.attrs["rows_written"] < 2500
+    assert not partial.attrs["complete"] and 0 < partial.rows_done() < 2500
 
     proc = _run_cli([*args, "--store", str(resumed)])
     first = _wait_for_rows(resumed, proc)
     while proc.poll() is None:  # kill -9 once this run has added rows of its own
-        if json.loads((resumed / "zarr.json").read_text())["attributes"]["rows_written"] > first:
+        if rows_on_disk(resumed) > first:
             proc.kill()
             break
         time.sleep(0.005)
@@ -229,14 +241,11 @@ def test_info_reports_incomplete_and_corrupt_stores(tmp_path: Path, full_store: 
     ok = runner.invoke(main, ["info", str(full_store)])
     assert ok.exit_code == 0 and "complete" in ok.output and "[5, 12, 19]" in ok.output
 
-    incomplete = tmp_path / "incomplete.zarr"
-    group = zarr.open_group(str(incomplete), mode="w", zarr_format=3)
-    group.attrs.update({**dict(zarr.open_group(str(full_store), mode="r").attrs), "complete": False,
-                        "rows_written": 128})
-    for layer in (5, 12, 19):
-        group.create_array(f"resid_post/{layer}", shape=(128, 64), dtype="uint16")
+    incomplete = tmp_path / "incomplete.zarr"  # 2 of 4 chunks written
+    group = schema.create(incomplete, layers=(5,), d_model=8, capacity=256, chunk_rows=64, attrs={})
+    progress.record_(progress.new_record(group, 0, 4, 256, {}), 0, np.ones((2, 1)))
     result = runner.invoke(main, ["info", str(incomplete)])
-    assert result.exit_code == 3 and "INCOMPLETE (128 of" in result.output
+    assert result.exit_code == 3 and "INCOMPLETE (128 of 256 rows)" in result.output
 
     corrupt = tmp_path / "corrupt.zarr"
     corrupt.mkdir()
@@ -246,3 +255,28 @@ def test_info_reports_incomplete_and_corrupt_stores(tmp_path: Path, full_store: 
 
     result = runner.invoke(main, ["info", str(tmp_path / "missing.zarr")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+@pytest.mark.parametrize("tokens", [1000, 10**6])
+def test_the_plan_counts_the_batches_harvest_builds(tiny_gemma2: Path, tiny_corpus: Path, tokens: int) -> None:
+    """The plan (token counts only) against the batches built from the real sequence stream; and a stream
+    started at a later window (documents before it skipped untokenized) against the full stream's tail."""
+    cfg = HarvestConfig(model=str(tiny_gemma2), dataset=str(tiny_corpus), tokens=tokens, context=32, batch_size=2,
+                        sort_window=3)
+    tok = AutoTokenizer.from_pretrained(tiny_gemma2)
+    table = DocTable()
+    docs = corpora.iter_documents(cfg.dataset, cfg.split, cfg.heldout_doc_fraction)
+    windows, rows = [], 0
+    for window in iter_windows(iter_sequences(docs, tok, cfg.context, table), cfg.batch_size, cfg.sort_window):
+        windows.append(window)
+        rows += sum(stored_rows(group) for group in window)
+        if rows >= tokens:
+            break
+    plan = make_plan(cfg, tok)
+    built = [stored_rows(group) for window in windows for group in window]
+    assert plan.offsets.tolist() == [0, *np.cumsum(built).tolist()] and plan.n_rows == min(rows, tokens)
+    assert plan.docs == table
+    for w in (1, 4, len(windows) - 1):
+        later = list(itertools.islice(iter_windows(sequences_from(cfg, tok, plan, w), cfg.batch_size,
+                                                   cfg.sort_window), len(windows) - w))
+        assert later == windows[w:]

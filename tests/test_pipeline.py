@@ -40,8 +40,9 @@ def make_project(work: Path, model: Path, corpus: Path, dtype: str) -> dict:
                              chunk_rows=64, dtype=dtype)
     params["train"].update(tokens=2048, batch_size=128, expansion=2, resample_every=4, checkpoint_every=8,
                            dtype=dtype)
-    params["evaluate"].update(ce_tokens=64, select_tokens=128, unlearn_tokens=32, recon_tokens=256,
-                              forget_topic="Arts", retain_topics=["History", "Geography"], dtype=dtype)
+    params["evaluate"].update(ce_tokens=64, select_tokens=128, sweep_predictions=32, unlearn_known=16, recon_tokens=256,
+                              head_steps=10, topic_permutations=100, bootstrap_resamples=200, forget_topic="Arts",
+                              retain_topics=["History", "Geography"], dtype=dtype)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params
 
@@ -54,8 +55,10 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
 
     dvc(work, "repro")
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
-    assert set(metrics) == {f"{run}/seed_{seed}/layer_{layer}" for run in ("csae", "baseline")
-                            for seed in (0, 1) for layer in (5, 19)}
+    assert set(metrics) == {f"{run}/layer_{layer}" for run in ("csae", "baseline", "csae_vs_baseline")
+                            for layer in (5, 19)}  # seed means with intervals, and the verdicts
+    assert all(f"{n}_lo" in metrics["csae/layer_5"] for n in ("explained_variance", "ce_score", "heldout_infonce"))
+    assert set(metrics["csae_vs_baseline/layer_5"].values()) <= {"better", "worse", "no detectable difference"}
     baseline = LayerInfo.read(work / "checkpoints" / "baseline" / "seed_0" / "layer_5").config
     assert baseline.alpha == 0.0 and baseline.beta == 0.0
     csae = LayerInfo.read(work / "checkpoints" / "csae" / "seed_0" / "layer_5").config
@@ -64,12 +67,15 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     assert evaluated["config"]["dtype"] == dtype
     assert sorted(p.name for p in (work / "eval" / "plots" / "training").iterdir()) == sorted(
         f"{run}_seed_{seed}_layer_{layer}.csv" for run in ("csae", "baseline") for seed in (0, 1) for layer in (5, 19))
-    assert len(list((work / "eval" / "plots" / "unlearning").iterdir())) == 8
-    assert "unlearn_U" in metrics["csae/seed_0/layer_5"]
+    # a random-weight model knows almost no next token, so unlearning has nothing to score and is skipped (the
+    # tiny Gemma 3 of tests/test_eval_*.py covers it); its declared plot directory is still there for DVC
+    assert (work / "eval" / "plots" / "unlearning").is_dir()
+    assert (work / "eval" / "comparison.json").is_file() and (work / "eval" / "report.md").is_file()
 
     assert "up to date" in dvc(work, "repro")  # a second repro is a no-op
     shown = dvc(work, "metrics", "show")
-    assert "csae/seed_0/layer_5" in shown or "seed_0/layer_5" in shown
+    assert "csae/layer_5.explained_variance_lo" in shown and "csae_vs_baseline/layer_5.explained_variance" in shown
+    assert any(v in shown for v in ("better", "worse", "no detectable difference"))  # the verdicts
 
     params["train"]["lr"] = 5e-4  # a train value changes: train and evaluate re-run, harvest does not
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -103,7 +109,7 @@ def test_dvc_experiments_keep_metrics_and_checkpoints(tmp_path: Path, tiny_gemma
     runs = {exp.get("name") or exp["rev"]: exp for entry in shown
             for exp in [entry, *[e for ex in entry.get("experiments") or [] for e in ex.get("revs") or []]]}
     exp_metrics = runs["lower-lr"]["data"]["metrics"]["eval/metrics.json"]["data"]
-    assert exp_metrics["csae/seed_0/layer_5"]["ce_score"] is not None and "baseline/seed_0/layer_19" in exp_metrics
+    assert exp_metrics["csae/layer_5"]["ce_score"] is not None and "baseline/layer_19" in exp_metrics
     assert runs["lower-lr"]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.0005
 
     git(work, "reset", "-q", "--hard")  # back to the committed pipeline, outputs too

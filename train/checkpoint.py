@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from csae.shared.checkpoint import METRICS_FILE, read_metrics
+from csae.shared.errors import UserError
 from csae.shared.files import atomic_write
 
 STATE_FILE = "state.pt"
@@ -25,12 +26,33 @@ def all_finite(*modules: torch.nn.Module) -> bool:
 
 
 def save_state(directory: Path, state: dict[str, Any]) -> None:
-    atomic_write(directory / STATE_FILE, lambda p: torch.save(state, p))
+    atomic_write(directory / STATE_FILE, lambda p: torch.save(state, p), need=_nbytes(state))
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested state dict (about what torch.save writes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def load_state(directory: Path) -> dict[str, Any] | None:
     path = directory / STATE_FILE
-    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("not a training state")
+        return state
+    except Exception as err:  # torch.load raises many types for a truncated or foreign file
+        raise UserError(f"cannot resume from {path}: the file is damaged ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:120] if str(err) else ''}); delete it to restart that layer "
+                        f"from step 0 with --resume, or replace the run with --overwrite") from None
 
 
 class MetricsLog:

@@ -1,18 +1,18 @@
 """`train fit`. Thin: parse options, build the config (preset < options < --set), call train.run.fit.
 
 Under `torchrun --nproc_per_node N train fit ...` the process group is set up here (gloo on CPU, NCCL
-on GPU) from torchrun's environment; this is the only place that reads it.
+on GPU) from torchrun's environment (csae.shared.cli.distributed); `--distribute` picks data- or
+layer-parallel training.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
 from csae.shared.checkpoint import layer_dir
-from csae.shared.cli import Group, params_option, store_option
+from csae.shared.cli import Group, distributed, params_option, store_option
 from csae.shared.config.base import click_options, given, load_params, parse_assignment
 from csae.shared.config.train import PRESETS, TrainConfig, preset
 
@@ -37,13 +37,17 @@ def main() -> None:
               "finished layers are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace existing runs in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--distribute", type=click.Choice(["data", "layers"]), default="data", show_default=True,
+              help="Under torchrun: data = every SAE trained by all ranks on disjoint chunks (gradients averaged); "
+                   "layers = each rank trains its own share of the (seed, layer) SAEs, each exactly as one process "
+                   "would.")
 @params_option("train", ", then from `runs.<--run>` (the preset under the key `preset`)")
 @click.option("--run", "run_name", default=None, help="With --params: the run whose section `runs.<RUN>` "
               "overrides `train` (e.g. csae, baseline).")
 @click_options(TrainConfig)
 def fit(store: str, layers: tuple[int, ...], out: Path, preset_name: str | None, assignments: tuple[str, ...],
-        resume: bool, overwrite: bool, no_progress: bool, params: str | None, run_name: str | None,
-        **options: object) -> None:
+        resume: bool, overwrite: bool, no_progress: bool, distribute: str, params: str | None,
+        run_name: str | None, **options: object) -> None:
     """Train one CSAE per layer of STORE."""
     from csae.train.run import fit as run_fit
     from csae.train.run import resolve
@@ -57,21 +61,11 @@ def fit(store: str, layers: tuple[int, ...], out: Path, preset_name: str | None,
     overrides = {**from_file, **given(TrainConfig, options)}
     overrides.update(dict(parse_assignment(TrainConfig, a) for a in assignments))
     cfg = resolve(preset(name, **overrides))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    try:
+    with distributed("nccl" if cfg.device.startswith("cuda") else "gloo") as ranks:
         results = run_fit(cfg, store, out, layers=sorted(set(layers)), resume=resume, overwrite=overwrite,
-                          rank=rank, world=world, progress=not no_progress)
-    finally:
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-    if rank == 0:
+                          rank=ranks.rank, world=ranks.world, progress=not no_progress, distribute=distribute,
+                          launcher_pid=ranks.launcher_pid)
+    if ranks.main:
         for (seed, layer), m in results.items():
             if m:
                 click.echo(f"seed {seed} layer {layer}: fvu {m['fvu']:.4f}  L0 {m['l0']:.1f}  dead "

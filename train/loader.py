@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from csae.shared.schema import ActivationStore, bits_to_bf16
+from csae.shared.schema import ActivationStore
 
 
 class NonFiniteActivations(Exception):
@@ -108,14 +108,14 @@ class ChunkLoader:
         start, stop = c * self.chunk_rows, c * self.chunk_rows + self._chunk_len(c)
         if self.in_memory:
             return self._cached()[start:stop]
-        acts = bits_to_bf16(self.store.acts(self.layer)[start:stop])
+        acts = self.store.read(self.layer, start, stop)  # a damaged chunk: one line naming it (DamagedStore)
         self._check(acts, start)
         return acts
 
     def _cached(self) -> torch.Tensor:
         with self._cache_lock:
             if self._cache is None:
-                cache = bits_to_bf16(self.store.acts(self.layer)[: self.train_rows])
+                cache = self.store.read(self.layer, 0, self.train_rows)
                 self._check(cache, 0)
                 self._cache = cache
             return self._cache

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -23,13 +23,18 @@ from csae.shared.checkpoint import LayerInfo, is_complete, layer_dir
 from csae.shared.config.base import to_dict
 from csae.shared.config.train import TrainConfig
 from csae.shared.errors import UserError
+from csae.shared.files import disk_full_as_error, replace_dir, sweep_temp
+from csae.shared.locks import Lock
 from csae.shared.models import resolve_device, resolve_dtype
+from csae.shared.ranks import Ranks
 from csae.shared.schema import ActivationStore
 from csae.train.checkpoint import STATE_FILE, load_state
 from csae.train.loader import ChunkLoader, NonFiniteActivations
 from csae.train.trainer import DATA, CSAETrainer, Runtime, derive_seed, train_layer
 
 log = logging.getLogger(__name__)
+
+Distribute = Literal["data", "layers"]
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -92,32 +97,95 @@ def plan(cfg: TrainConfig, store: ActivationStore, store_path: str | Path, layer
     return todo
 
 
+#: Where `--overwrite` trains the replacements, inside the run directory (evaluate ignores hidden directories).
+STAGING = ".overwrite"
+
+
 def fit(cfg: TrainConfig, store_path: str | Path, out: Path, *, layers: Sequence[int] = (), resume: bool = False,
         overwrite: bool = False, rank: int = 0, world: int = 1, progress: bool = True,
-        stop_at: int | None = None, on_resample: Any = None) -> dict[tuple[int, int], dict[str, float]]:
+        stop_at: int | None = None, on_resample: Any = None, distribute: Distribute = "data",
+        launcher_pid: int | None = None) -> dict[tuple[int, int], dict[str, float]]:
     """Train one SAE per seed and layer (all the store's layers when `layers` is empty) into
     out/seed_<s>/layer_<L>; returns each one's last training metrics, keyed (seed, layer).
 
+    Under torchrun (`world` > 1), `distribute` picks what the ranks share: "data" (every SAE is trained by all
+    ranks on disjoint chunks, gradients averaged) or "layers" (each rank trains whole SAEs of its own, exactly
+    as a single process would). Rank 0 holds the run directory's lock for all of them. With `overwrite`, new
+    SAEs are trained beside the old ones and swapped in only when all are finished.
+
     `auto` device and dtype are resolved here (see `resolve`), so a config built in Python works as is."""
     cfg = resolve(cfg)
-    if rank == 0:
+    ranks = Ranks(rank=rank, world=world, launcher_pid=launcher_pid)
+    lock = Lock(out, command="train fit", pid=launcher_pid, ranks=world, what="output directory", option="--out")
+    ranks.first(lambda: bool(lock.acquire()))
+    try:
+        return _fit_locked(cfg, store_path, out, layers, resume, overwrite, ranks, distribute, progress=progress,
+                           stop_at=stop_at, on_resample=on_resample)
+    except KeyboardInterrupt:
+        if overwrite and not resume:
+            raise UserError(f"interrupted; the previous results in {out} are untouched: run the same command again "
+                            f"to start the replacement over") from None
+        raise UserError(f"interrupted; finished layers and the last checkpoint of each unfinished one (every "
+                        f"{cfg.checkpoint_every} steps) are kept in {out}: continue with the same command plus "
+                        f"--resume") from None
+    finally:
+        lock.release()
+
+
+def _fit_locked(cfg: TrainConfig, store_path: str | Path, out: Path, layers: Sequence[int], resume: bool,
+                overwrite: bool, ranks: Ranks, distribute: Distribute, **loop: Any) -> dict[tuple[int, int],
+                                                                                              dict[str, float]]:
+    if ranks.main:
         for warning in cfg.warnings():
             log.warning(warning)
-        log.info("training %d steps per seed and layer, seeds %s, dtype %s, device %s, %d rank(s)", cfg.steps,
-                 list(cfg.seeds), cfg.dtype, cfg.device, world)
+        log.info("training %d steps per seed and layer, seeds %s, dtype %s, device %s, %d rank(s)%s", cfg.steps,
+                 list(cfg.seeds), cfg.dtype, cfg.device, ranks.world,
+                 f" ({distribute}-parallel)" if ranks.distributed else "")
     store = ActivationStore.open(store_path)
     layers = list(layers) or store.layers
+    ranks.first(lambda: _sweep(out))
     todo = plan(cfg, store, store_path, layers, out, resume=resume, overwrite=overwrite)
-    rt = runtime(cfg, rank, world)
+    staged = overwrite and not resume
+    by_layer = distribute == "layers" and ranks.distributed
+    rt = runtime(cfg, 0, 1) if by_layer else runtime(cfg, ranks.rank, ranks.world)
+    if by_layer and rt.device.type == "cuda":
+        rt = replace(rt, device=torch.device("cuda", ranks.rank % torch.cuda.device_count()))
+    untouched = f"the previous results in {out} are untouched"
     results = {}
-    for seed, layer, state in todo:
-        d = layer_dir(out, seed, layer)
-        if overwrite and state is None and rank == 0 and d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True, exist_ok=True)
-        results[seed, layer] = _fit_one(cfg, store, str(store_path), d, seed, layer, state, rt, progress=progress,
-                                        stop_at=stop_at, on_resample=on_resample)
+    try:
+        for seed, layer, state in (todo[ranks.rank::ranks.world] if by_layer else todo):
+            d = layer_dir(out / STAGING if staged else out, seed, layer)
+            d.mkdir(parents=True, exist_ok=True)
+            with disk_full_as_error(d, fix="then continue with the same command plus --resume"):
+                results[seed, layer] = _fit_one(cfg, store, str(store_path), d, seed, layer, state, rt, **loop)
+        if by_layer:
+            results = {k: v for part in ranks.gather(results) for k, v in part.items()}
+        ranks.barrier()
+        if staged:
+            ranks.first(lambda: _swap_in(out, [(seed, layer) for seed, layer, _ in todo]))
+    except UserError as err:
+        raise UserError(f"{err}; {untouched}" if staged else str(err)) from None
     return results
+
+
+def _sweep(out: Path) -> None:
+    """Rank 0, holding the lock: what killed runs left (temporary files, an unfinished --overwrite)."""
+    sweep_temp(out, ("seed_*/layer_*/.*",))
+    if (out / STAGING).exists():
+        log.info("removing %s, left by an interrupted --overwrite", out / STAGING)
+        shutil.rmtree(out / STAGING)
+
+
+def _swap_in(out: Path, keys: list[tuple[int, int]]) -> None:
+    """Rank 0, once every SAE of an --overwrite run is finished: each replaces its old directory."""
+    if not all(is_complete(layer_dir(out / STAGING, seed, layer)) for seed, layer in keys):
+        log.warning("not every replacement in %s finished (stop_at?); the previous results stay", out / STAGING)
+        return
+    for seed, layer in keys:
+        final = layer_dir(out, seed, layer)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        replace_dir(layer_dir(out / STAGING, seed, layer), final)
+    shutil.rmtree(out / STAGING)
 
 
 def _fit_one(cfg: TrainConfig, store: ActivationStore, store_path: str, d: Path, seed: int, layer: int,

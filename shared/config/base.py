@@ -85,11 +85,45 @@ def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        inner, _ = _unwrap_optional(hints[key])
-        kwargs[key] = tuple(value) if _is_tuple(inner) and value is not None else value
-    return cls(**kwargs)
+    return cls(**{key: checked(key, value, hints[key]) for key, value in data.items()})
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if _is_tuple(tp):
+        (elem,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(elem, str(elem))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def checked(key: str, value: Any, tp: Any) -> Any:
+    """`value` as field `key` of type `tp` holds it (ints become floats, lists tuples), or a one-line
+    ConfigError naming the key and the expected type (params files are YAML: `tokens: lots` is a string)."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None and optional:
+        return None
+    if _is_tuple(inner):
+        (elem,) = {a for a in typing.get_args(inner) if a is not Ellipsis}
+        if isinstance(value, (list, tuple)) and all(_fits(v, elem) for v in value):
+            return tuple(float(v) if elem is float else v for v in value)
+        example = f" such as [{value}]" if _fits(value, elem) else ""
+    elif _fits(value, inner):
+        return float(value) if inner is float else value
+    else:
+        example = ""
+    raise ConfigError(f"{key}: expected {_type_name(inner)}{' or null' if optional else ''}{example}, got "
+                      f"{value!r} ({type(value).__name__}); fix the value of `{key}`")
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    if typing.get_origin(tp) is Literal:
+        return value in typing.get_args(tp)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
 
 
 def parse_assignment(cls: type, text: str) -> tuple[str, Any]:

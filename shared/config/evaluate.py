@@ -1,4 +1,4 @@
-"""What `evaluate run` measures and on how many held-out tokens."""
+"""What `evaluate run` measures, on how much held-out data, and how its intervals are formed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from csae.shared.config.base import ConfigError
 
 @dataclass(frozen=True)
 class EvalConfig:
-    recon_tokens: int = 16_384
+    recon_tokens: int = 32_768
     """Store rows used for reconstruction, sparsity, contrastive and topic metrics: the first rows of the
     held-out tail of the store (rows training never reads). 0: the whole tail."""
 
@@ -18,8 +18,11 @@ class EvalConfig:
     """Rows per SAE forward when computing store-based metrics."""
 
     ce_tokens: int = 1024
-    """Next-token predictions (held-out corpus text) for the downstream CE and KL scores. 0: skip the
-    downstream and unlearning metrics (no language model is loaded)."""
+    """Next-token predictions (held-out corpus text) for the downstream CE and KL scores. 0: skip them."""
+
+    ce_doc_predictions: int = 32
+    """Downstream CE/KL: at most this many predictions from one document (its first tokens), so that the
+    predictions come from many documents, the unit the intervals resample. 0: whole documents."""
 
     lm_batch_size: int = 8
     """Sequences per language-model forward."""
@@ -27,11 +30,25 @@ class EvalConfig:
     logit_chunk: int = 512
     """Token positions per log-softmax chunk over the vocabulary (bounds memory: chunk x vocab floats)."""
 
-    contrastive_batch: int = 256
-    """Anchor/positive pairs per in-batch InfoNCE on held-out rows (negatives: the other pairs' positives)."""
+    contrastive_batch: int = 128
+    """Anchor/positive pairs per held-out InfoNCE batch, each pair from a different sequence, so every
+    negative comes from another sequence than its anchor (fewer when the rows hold fewer sequences)."""
+
+    contrastive_batches: int = 32
+    """Held-out InfoNCE batches (each a fresh draw of sequences and pairs)."""
+
+    head_rows: int = 16_384
+    """Fresh contrastive head: training rows (whole random chunks of the store's training part) whose frozen
+    SAE features it is fitted on."""
+
+    head_steps: int = 300
+    """Fresh contrastive head: optimiser steps (Adam), the same for every run, seed and layer."""
+
+    head_lr: float = 1e-3
+    """Fresh contrastive head: Adam learning rate."""
 
     temperature: float | None = None
-    """InfoNCE temperature; None: the one in the checkpoint's training config, else 0.1."""
+    """InfoNCE temperature; None: the one in the checkpoint's training config."""
 
     coact_features: int = 1024
     """Live features (random sample when there are more) whose pairwise activation correlation is measured."""
@@ -40,11 +57,13 @@ class EvalConfig:
     """Firing-density thresholds: report the share of features that fire on more than each fraction of tokens."""
 
     topic_min_fires: int = 10
-    """A feature enters the topic-purity statistics only if it fires on at least this many evaluated tokens."""
+    """A feature enters the topic statistics only if it fires on at least this many evaluated tokens."""
 
-    topic_specific_ratio: float = 0.5
-    """A feature is topic-specific when the entropy of its topic distribution is below this share of the
-    entropy of the evaluated tokens' topic distribution."""
+    topic_permutations: int = 1000
+    """Permutations of the documents' topic labels that form each feature's null distribution."""
+
+    topic_fdr: float = 0.05
+    """False discovery rate (Benjamini-Hochberg) at which a feature counts as more topic-specific than chance."""
 
     forget_topic: str = "Biology and health sciences"
     """Unlearning: the corpus topic whose held-out documents are the forget text."""
@@ -53,34 +72,41 @@ class EvalConfig:
     """Unlearning: corpus topics whose held-out documents are the retain text (documents taken in turn)."""
 
     select_tokens: int = 4096
-    """Unlearning: tokens of forget and of retain text (each) used to select features (firing rates, mean
-    activations). Only the residual at the layer is needed, so these are cheap."""
+    """Unlearning: tokens of forget and of retain selection text (each) whose firing rates select features.
+    Only the residual at the layer is needed, so these are cheap."""
 
-    unlearn_tokens: int = 128
-    """Unlearning: next-token predictions of forget and of retain text (each) the sweep is evaluated on.
-    Every sweep point needs a forward from the layer on plus the 262k-way LM head (~4 ms per prediction on
-    2 CPU cores), so this sets the unlearning cost: 60 points x 256 predictions ~ 1 minute per run and
-    layer. 0: skip unlearning."""
+    sweep_predictions: int = 512
+    """Unlearning: predictions of forget and of retain selection text (each) on which the sweep chooses
+    (tau, n, c). Top-1 accuracy only, through the exact shortcut (no LM head where its bound decides)."""
+
+    unlearn_known: int = 1000
+    """Unlearning: known tokens (the clean model's top-1 prediction is right) of forget and of retain text
+    (each) in the test split, documents disjoint from the selection split, on which U and U_CE are
+    reported. 0: skip unlearning."""
 
     retain_thresholds: tuple[float, ...] = (0.001, 0.01)
-    """Unlearning sweep: retain firing-rate thresholds (features firing on at least this share of retain tokens
-    are never chosen)."""
+    """Unlearning sweep: retain firing-rate thresholds tau (features firing on at least this share of retain
+    selection tokens are never chosen)."""
 
     ns: tuple[int, ...] = (10, 20, 50)
     """Unlearning sweep: numbers of features n clamped."""
 
     cs: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0)
     """Unlearning sweep: clamp multipliers c (selected features that fire are set to -c times their mean
-    activation on forget-selection text)."""
+    activation on forget selection text)."""
 
     retain_accuracy: float = 0.99
-    """Unlearning score U: only sweep points keeping at least this share of known retain tokens count."""
+    """Unlearning: the retain constraint, A_retain >= this (share of known retain tokens still right)."""
 
-    retain_ce_tolerance: float = 0.01
-    """U_CE: only sweep points whose retain CE rises by at most this share of (CE_zero - CE_clean) count."""
+    random_draws: int = 5
+    """Unlearning control: draws of n random features matched on forget firing rate, each clamped like the
+    chosen setting on the test split. 0: no control."""
 
-    random_control: bool = True
-    """Also run the sweep with n random features (below the retain threshold) and report U - U_random."""
+    bootstrap_resamples: int = 2000
+    """Bootstrap replicates behind every interval and paired comparison."""
+
+    confidence: float = 0.95
+    """Confidence level of the intervals (percentile bootstrap)."""
 
     model: str | None = None
     """Language model for downstream metrics; None: the model recorded in the store."""
@@ -95,26 +121,42 @@ class EvalConfig:
     """torch device: auto (cuda if available, else cpu), cpu, cuda, ..."""
 
     seed: int = 0
-    """Seed for sampled pairs, sampled features and the random-feature control."""
+    """Seed of everything evaluate draws: pairs, fresh-head initialisation and batches, sampled features,
+    permutations, the random control and the bootstrap."""
 
     def __post_init__(self) -> None:
-        for name in ("recon_tokens", "ce_tokens", "select_tokens", "unlearn_tokens", "topic_min_fires"):
+        nonneg = ("recon_tokens", "ce_tokens", "ce_doc_predictions", "select_tokens", "sweep_predictions",
+                  "unlearn_known", "topic_min_fires", "random_draws", "head_steps")
+        for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
-        for name in ("sae_batch_size", "lm_batch_size", "logit_chunk", "coact_features"):
+        positive = ("sae_batch_size", "lm_batch_size", "logit_chunk", "coact_features", "contrastive_batches",
+                    "head_rows", "topic_permutations", "bootstrap_resamples")
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.contrastive_batch < 2:
             raise ConfigError(f"contrastive_batch must be at least 2 (one negative), got {self.contrastive_batch}")
         if self.temperature is not None and self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if self.head_lr <= 0:
+            raise ConfigError(f"head_lr must be positive, got {self.head_lr}")
         if any(not 0.0 < t < 1.0 for t in self.dense_thresholds):
             raise ConfigError(f"dense_thresholds must be in (0, 1), got {list(self.dense_thresholds)}")
-        if not 0.0 < self.topic_specific_ratio <= 1.0:
-            raise ConfigError(f"topic_specific_ratio must be in (0, 1], got {self.topic_specific_ratio}")
-        if self.unlearn_tokens and not (self.retain_thresholds and self.ns and self.cs):
-            raise ConfigError("retain_thresholds, ns and cs need at least one value each (or --unlearn-tokens 0 to "
-                              "skip)")
+        for name in ("topic_fdr", "confidence"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        self._check_unlearning()
+
+    def _check_unlearning(self) -> None:
+        if not self.unlearn_known:
+            return
+        if not (self.retain_thresholds and self.ns and self.cs):
+            raise ConfigError("retain_thresholds, ns and cs need at least one value each (or --unlearn-known 0 to "
+                              "skip unlearning)")
+        if not self.select_tokens or not self.sweep_predictions:
+            raise ConfigError("select_tokens and sweep_predictions must be positive (or --unlearn-known 0 to skip "
+                              "unlearning)")
         if any(not 0.0 < t <= 1.0 for t in self.retain_thresholds):
             raise ConfigError(f"retain_thresholds must be in (0, 1], got {list(self.retain_thresholds)}")
         if any(n < 1 for n in self.ns):
@@ -123,9 +165,7 @@ class EvalConfig:
             raise ConfigError(f"cs must be positive, got {list(self.cs)}")
         if not 0.0 < self.retain_accuracy <= 1.0:
             raise ConfigError(f"retain_accuracy must be in (0, 1], got {self.retain_accuracy}")
-        if self.retain_ce_tolerance < 0:
-            raise ConfigError(f"retain_ce_tolerance must be non-negative, got {self.retain_ce_tolerance}")
         if self.forget_topic in self.retain_topics:
             raise ConfigError(f"the forget topic {self.forget_topic!r} cannot also be a retain topic")
-        if self.unlearn_tokens and not self.retain_topics:
-            raise ConfigError("retain_topics needs at least one topic (or --unlearn-tokens 0 to skip)")
+        if not self.retain_topics:
+            raise ConfigError("retain_topics needs at least one topic (or --unlearn-known 0 to skip unlearning)")

@@ -51,6 +51,10 @@ class HarvestConfig:
     chunk_rows: int = 1024
     """Rows per Zarr chunk. Readers take whole chunks and shuffle in memory, so this is the read unit."""
 
+    shard_chunks: int = 1
+    """Chunks per file (Zarr v3 sharding); 1: one file per chunk. For stores of 10^8+ tokens, where one file
+    per chunk means millions of files (see the README's scaling section)."""
+
     def __post_init__(self) -> None:
         if self.tokens <= 0:
             raise ConfigError(f"tokens must be positive, got {self.tokens}")
@@ -60,8 +64,9 @@ class HarvestConfig:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.sort_window < 1:
             raise ConfigError(f"sort_window must be at least 1, got {self.sort_window}")
-        if self.chunk_rows < 1:
-            raise ConfigError(f"chunk_rows must be at least 1, got {self.chunk_rows}")
+        if self.chunk_rows < 1 or self.shard_chunks < 1:
+            raise ConfigError(f"chunk_rows and shard_chunks must be at least 1, got {self.chunk_rows} and "
+                              f"{self.shard_chunks}")
         if not 0.0 < self.heldout_doc_fraction < 1.0:
             raise ConfigError(f"heldout_doc_fraction must be in (0, 1), got {self.heldout_doc_fraction}")
         if any(layer < 0 for layer in self.layers):

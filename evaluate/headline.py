@@ -1,0 +1,47 @@
+"""Every reported figure's column title and format, and for the headline figures (metrics.json, the verdict
+table) the direction of "better", declared once here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    title: str
+    fmt: str = "{:.3f}"
+    higher_is_better: bool | None = None
+    """None: not a headline figure (no verdict)."""
+
+
+#: Headline figures, in report order. L0 counts as better when lower: at equal reconstruction a sparser code
+#: is the goal, but read it together with explained variance (a trade-off, not a free win).
+HEADLINE = (
+    Column("explained_variance", "expl. var", higher_is_better=True),
+    Column("ce_score", "CE score", higher_is_better=True),
+    Column("ce_score_saelens", "CE score (SAELens)", higher_is_better=True),
+    Column("kl_score", "KL score", higher_is_better=True),
+    Column("l0", "L0", "{:.1f}", higher_is_better=False),
+    Column("dead_fraction", "dead", higher_is_better=False),
+    Column("dec_mean_abs_cos", "dec mean|cos|", "{:.4f}", higher_is_better=False),
+    Column("dec_max_cos", "dec max cos", higher_is_better=False),
+    Column("heldout_infonce", "InfoNCE (fresh head)", higher_is_better=False),
+    Column("topic_excess", "topic excess", "{:.4f}", higher_is_better=True),
+    Column("unlearn_U", "U", higher_is_better=True),
+    Column("unlearn_U_minus_random", "U - U_rand", higher_is_better=True),
+    Column("unlearn_U_CE", "U_CE", higher_is_better=True),
+)
+
+#: Further columns of report.md (every figure is in metrics_all.json).
+SECONDARY = (
+    Column("fvu", "FVU"), Column("cosine", "cos"), Column("relative_bias", "rel. bias"), Column("l2_ratio", "l2 ratio"),
+    Column("kl_score_saelens", "KL score (SAELens)"), Column("ce_loss_increase", "dCE (nats)"),
+    Column("dense_fraction_0.01", "dense>1%"), Column("heldout_trained_infonce", "InfoNCE (trained head)"),
+    Column("heldout_sim_gap", "sim gap (fresh)"), Column("coactivation_mean_abs_corr", "coact |corr|"),
+    Column("topic_significant_fraction", "topic-significant"), Column("topic_entropy_ratio", "topic H ratio"),
+    Column("unlearn_A_retain", "A_retain"), Column("unlearn_U_random", "U_rand"),
+    Column("unlearn_U_random_sd", "U_rand sd"), Column("unlearn_dCE_retain", "dCE retain"),
+)
+
+DIRECTION = {c.name: c.higher_is_better for c in HEADLINE}
