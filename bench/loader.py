@@ -26,7 +26,7 @@ BATCH = 512
 
 def loader_rows_per_s(store: ActivationStore, batches: int, *, in_memory: bool, shuffle_rows: int) -> float:
     loader = ChunkLoader(store, 0, batch_size=BATCH, train_rows=store.heldout_start(0.1), scale=1.0, seed=0,
-                         pairs=True, shuffle_rows=shuffle_rows, in_memory_max_bytes=(1 << 40) if in_memory else 0)
+                         shuffle_rows=shuffle_rows, in_memory_max_bytes=(1 << 40) if in_memory else 0)
     it = iter(loader)
     next(it)
     t0 = time.perf_counter()

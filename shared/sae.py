@@ -64,12 +64,13 @@ class SAE(nn.Module):
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions_(self) -> None:
         """Project out of each decoder row's gradient its component along that row, so a step moves the
-        row along the unit sphere instead of changing its norm (which renormalising would undo)."""
-        if self.W_dec.grad is None:
+        row along the unit sphere instead of changing its norm (which renormalising would undo):
+        g_i -= (g_i . w_i / w_i . w_i) w_i, in place (training calls it every step)."""
+        g, w = self.W_dec.grad, self.W_dec
+        if g is None:
             return
-        w = nn.functional.normalize(self.W_dec.float(), dim=1)
-        g = self.W_dec.grad.float()
-        self.W_dec.grad.copy_(g - (g * w).sum(dim=1, keepdim=True) * w)
+        coef_F = torch.linalg.vecdot(g, w) / torch.linalg.vecdot(w, w).clamp_min(1e-16)
+        g.addcmul_(w, coef_F.unsqueeze(1).to(g.dtype), value=-1.0)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> SAE:

@@ -48,8 +48,8 @@ def test_fit_learns_and_writes_the_contract(store_path: Path, trained: Path, dty
     assert not (d / "state.pt").exists()  # a finished layer keeps its deliverables, not its resumable state
     log = read_metrics(d)
     assert [r["step"] for r in log] == list(range(300))
-    for key in ("loss", "recon_loss", "l1", "info_nce", "diversity", "l0", "fvu", "dead_frac", "lr", "grad_norm",
-                "tokens_per_s"):
+    for key in ("loss", "recon_loss", "l1", "info_nce", "diversity", "l0", "fvu", "dead_frac", "lr", "grad_norm_sae",
+                "grad_norm_head", "tokens_per_s"):
         assert key in log[0]
     first = sum(r["loss"] for r in log[:10]) / 10
     last = sum(r["loss"] for r in log[-10:]) / 10
@@ -117,24 +117,26 @@ def test_resampling_revives_dead_features() -> None:
     with torch.no_grad():
         trainer.sae.b_enc[dead] = -1e4  # these can never fire
     gen = torch.Generator().manual_seed(0)
+    pool = torch.randn(2000, 8, generator=gen) * 3
     for step in range(5):
         x = torch.randn(64, 8, generator=gen) * 3
         trainer.step(x, step)
-        n = trainer.maybe_resample(x, step)
+        n = trainer.maybe_resample(step, lambda: pool)
     assert n == 10 and torch.equal(trainer.resampled_S, dead)
     sae = trainer.sae
     living = sae.W_enc[:, 10:].norm(dim=0).mean()
     assert torch.allclose(sae.W_enc[:, dead].norm(dim=0), 0.2 * living.expand(10), rtol=1e-5)
     assert torch.allclose(sae.W_dec[dead].norm(dim=1), torch.ones(10), atol=1e-6)
-    # each new decoder row points along one of the batch's inputs minus b_dec
-    dirs = torch.nn.functional.normalize(x - sae.b_dec, dim=1)
-    assert ((sae.W_dec[dead] @ dirs.T).max(dim=1).values > 1 - 1e-5).all()
+    # each new decoder row points along one of the pool's rows minus b_dec, a different row each
+    dirs = torch.nn.functional.normalize(pool - sae.b_dec, dim=1)
+    best = (sae.W_dec[dead] @ dirs.T).max(dim=1)
+    assert (best.values > 1 - 1e-5).all() and len(set(best.indices.tolist())) == 10
     assert torch.equal(sae.b_enc[dead], torch.zeros(10))
     state = trainer.opt.state[sae.W_enc]
     assert state["exp_avg"][:, dead].abs().max() == 0 and state["exp_avg_sq"][:, dead].abs().max() == 0
     assert state["exp_avg"][:, 10:].abs().max() > 0
     with torch.no_grad():
-        fired = (sae.encode(x)[:, dead] > 0).any(dim=0)
+        fired = (sae.encode(pool)[:, dead] > 0).any(dim=0)
     assert fired.all()  # revived: each fires at least on the input it was pointed at
 
 
@@ -145,7 +147,7 @@ def test_loader_context_pairs_and_heldout(store_path: Path) -> None:
     seq = torch.from_numpy(store.tokens("seq"))
 
     def batches(**kw: object) -> list[torch.Tensor]:
-        loader = ChunkLoader(store, 0, batch_size=64, train_rows=train_rows, scale=1.0, seed=5, pairs=True,
+        loader = ChunkLoader(store, 0, batch_size=64, train_rows=train_rows, scale=1.0, seed=5,
                              shuffle_rows=512, in_memory_max_bytes=0, **kw)  # type: ignore[arg-type]
         it = iter(loader)
         out = [next(it) for _ in range(40)]
@@ -163,9 +165,9 @@ def test_loader_context_pairs_and_heldout(store_path: Path) -> None:
     resumed = batches(start_step=25)
     assert all(torch.equal(a, b) for a, b in zip(got[25:], resumed, strict=False))
     # two ranks read disjoint chunks that together cover the epoch
-    l0 = ChunkLoader(store, 0, batch_size=64, train_rows=train_rows, scale=1.0, seed=5, pairs=True,
+    l0 = ChunkLoader(store, 0, batch_size=64, train_rows=train_rows, scale=1.0, seed=5,
                      shuffle_rows=512, in_memory_max_bytes=0, rank=0, world=2)
-    l1 = ChunkLoader(store, 0, batch_size=64, train_rows=train_rows, scale=1.0, seed=5, pairs=True,
+    l1 = ChunkLoader(store, 0, batch_size=64, train_rows=train_rows, scale=1.0, seed=5,
                      shuffle_rows=512, in_memory_max_bytes=0, rank=1, world=2)
     c0 = {c for b in _first_epoch(l0) for c in b.chunks}
     c1 = {c for b in _first_epoch(l1) for c in b.chunks}

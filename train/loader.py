@@ -5,9 +5,16 @@ chunks (a "buffer"), shuffles their rows in memory and cuts them into batches, w
 reads the next buffer. When the layer's training part fits under a size threshold it is read once and
 kept, and each epoch shuffles all of it.
 
+Every batch is made of context pairs, whatever the loss: rows [0, B/2) are anchors, rows [B/2, B) their
+positives (another row of the same sequence). So the CSAE and its plain-SAE baseline read the same rows
+in the same order (the contrastive weights do not change the data stream), and every row of a buffer is
+read at least once: a buffer's rows are paired up within their sequences, the odd row out of a sequence
+with a random other row of it (read twice), and the last batch is filled up with pairs from the start.
+
 Everything is a pure function of (seed, rank, buffer number): which chunks form a buffer, the row order
-and the positive partners. So a run resumed at step k gets exactly the batches an uninterrupted run gets
-from step k on, without reading the skipped buffers. Ranks get disjoint chunks of each epoch.
+and the pairs; how many batches a buffer gives depends only on its sequence ids, which are read up front.
+So a run resumed at step k gets exactly the batches an uninterrupted run gets from step k on, without
+reading the skipped buffers. Ranks get disjoint chunks of each epoch.
 
 Rows at or after `train_rows` (the held-out tail) are never read.
 """
@@ -45,19 +52,16 @@ class _Ready:
 
 
 class ChunkLoader:
-    """Iterate float32 batches (local_batch, d_model) of `scale * activations`.
-
-    With `pairs`, rows [0, B/2) of a batch are anchors and rows [B/2, B) their positives: another token
-    of the same sequence (same `seq`), chosen at random among that sequence's rows in the buffer.
-    """
+    """Iterate float32 batches (local_batch, d_model) of `scale * activations`, made of context pairs:
+    rows [0, B/2) are anchors and rows [B/2, B) their positives, another token of the same sequence."""
 
     def __init__(self, store: ActivationStore, layer: int, *, batch_size: int, train_rows: int, scale: float,
-                 seed: int, pairs: bool, shuffle_rows: int, in_memory_max_bytes: int, rank: int = 0,
-                 world: int = 1, start_step: int = 0, device: str | torch.device = "cpu") -> None:
-        if batch_size % world:
-            raise ValueError(f"batch_size {batch_size} is not divisible by the {world} ranks")
+                 seed: int, shuffle_rows: int, in_memory_max_bytes: int, rank: int = 0, world: int = 1,
+                 start_step: int = 0, device: str | torch.device = "cpu") -> None:
+        if batch_size % (2 * world):
+            raise ValueError(f"batch_size {batch_size} does not split into pairs on each of the {world} ranks")
         self.store, self.layer, self.scale, self.seed = store, layer, scale, seed
-        self.rank, self.world, self.pairs, self.device = rank, world, pairs, torch.device(device)
+        self.rank, self.world, self.device = rank, world, torch.device(device)
         self.local_batch = batch_size // world
         self.train_rows = train_rows
         self.chunk_rows = store.chunk_rows
@@ -67,8 +71,10 @@ class ChunkLoader:
         # a buffer must hold at least one batch, or an epoch could yield nothing
         min_chunks = -(-self.local_batch // self.chunk_rows) + 1
         self.buffer_chunks = self.n_chunks if self.in_memory else max(min_chunks, shuffle_rows // self.chunk_rows)
+        # sequence ids of every training row (4 bytes a row): they plan the pairs without reading activations
+        self.seq_N = store.tokens("seq")[:train_rows]
         self._cache: torch.Tensor | None = None
-        self._seq_cache: np.ndarray | None = None
+        self._cache_lock = threading.Lock()  # the pool (training thread) and the producer both read the cache
         self.start_step = start_step
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
@@ -78,35 +84,41 @@ class ChunkLoader:
     def _chunk_len(self, c: int) -> int:
         return min(self.chunk_rows, self.train_rows - c * self.chunk_rows)
 
+    def _rows(self, chunks: tuple[int, ...]) -> np.ndarray:
+        return np.concatenate([np.arange(c * self.chunk_rows, c * self.chunk_rows + self._chunk_len(c))
+                               for c in chunks])
+
     def buffers(self) -> Iterator[Buffer]:
         number, epoch = 0, 0
+        half = self.local_batch // 2
         while True:
             perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_chunks)
             mine = perm[self.rank::self.world]
-            batches = 0
+            if len(mine) == 0:
+                raise ValueError(f"the {self.train_rows} training rows ({self.n_chunks} chunks) leave rank "
+                                 f"{self.rank} of {self.world} nothing to read")
             for i in range(0, len(mine), self.buffer_chunks):
                 chunks = tuple(int(c) for c in mine[i:i + self.buffer_chunks])
-                rows = sum(self._chunk_len(c) for c in chunks)
-                batches += rows // self.local_batch
-                yield Buffer(number, epoch, chunks, rows // self.local_batch)
+                yield Buffer(number, epoch, chunks, -(-n_pairs(self.seq_N[self._rows(chunks)]) // half))
                 number += 1
-            if batches == 0:
-                raise ValueError(f"rank {self.rank}'s share of {self.train_rows} training rows holds no batch "
-                                 f"of {self.local_batch}")
             epoch += 1
 
     # ----- reading -----
-    def _read_chunk(self, c: int) -> tuple[torch.Tensor, np.ndarray]:
+    def _read_chunk(self, c: int) -> torch.Tensor:
         start, stop = c * self.chunk_rows, c * self.chunk_rows + self._chunk_len(c)
         if self.in_memory:
-            if self._cache is None:
-                self._cache = self.store.read(self.layer, 0, self.train_rows)
-                self._seq_cache = self.store.read_tokens("seq", 0, self.train_rows)
-                self._check(self._cache, 0)
-            return self._cache[start:stop], self._seq_cache[start:stop]  # type: ignore[index]
+            return self._cached()[start:stop]
         acts = self.store.read(self.layer, start, stop)  # a damaged chunk: one line naming it (DamagedStore)
         self._check(acts, start)
-        return acts, self.store.read_tokens("seq", start, stop)
+        return acts
+
+    def _cached(self) -> torch.Tensor:
+        with self._cache_lock:
+            if self._cache is None:
+                cache = self.store.read(self.layer, 0, self.train_rows)
+                self._check(cache, 0)
+                self._cache = cache
+            return self._cache
 
     def _check(self, acts_ND: torch.Tensor, first_row: int) -> None:
         bad = ~torch.isfinite(acts_ND).all(dim=1)
@@ -114,42 +126,49 @@ class ChunkLoader:
             row = first_row + int(bad.nonzero()[0, 0])
             raise NonFiniteActivations(f"non-finite activations (NaN or inf) at row {row} of the store")
 
-    def sample(self, n: int) -> torch.Tensor:
-        """About n scaled rows from random chunks, the same on every rank (for initialising b_dec)."""
-        perm = np.random.default_rng([self.seed, 1 << 20]).permutation(self.n_chunks)
+    def _random_chunks(self, n: int, key: int) -> torch.Tensor:
+        """At least n rows (bfloat16) of whole random chunks, the same on every rank for the same key."""
+        perm = np.random.default_rng([self.seed, 1 << 20, key]).permutation(self.n_chunks)
         parts, got = [], 0
         for c in perm:
-            acts, _ = self._read_chunk(int(c))
-            parts.append(acts)
-            got += len(acts)
+            parts.append(self._read_chunk(int(c)))
+            got += len(parts[-1])
             if got >= n:
                 break
-        return torch.cat(parts)[:n].float().mul_(self.scale).to(self.device)
+        return torch.cat(parts)
+
+    def sample(self, n: int) -> torch.Tensor:
+        """About n scaled rows from random chunks, the same on every rank (for initialising b_dec)."""
+        return self._random_chunks(n, 0)[:n].float().mul_(self.scale).to(self.device)
+
+    def pool(self, n: int, key: int) -> torch.Tensor:
+        """min(n, train_rows) distinct scaled training rows, the same on every rank for the same key (the
+        resampling pool): uniform over the training part when it is in memory, else whole random chunks."""
+        if self.in_memory:
+            rows = np.random.default_rng([self.seed, 1 << 21, key]).permutation(self.train_rows)[:n]
+            x_ND = self._cached()[torch.from_numpy(np.sort(rows))]
+        else:
+            x_ND = self._random_chunks(n, key + 1)[:n]
+        return x_ND.float().mul_(self.scale).to(self.device)
 
     def _prepare(self, buf: Buffer) -> _Ready:
+        rows_N = self._rows(buf.chunks)
+        ready = self._pair_up(buf, self.seq_N[rows_N])
         if self.in_memory:  # index the cached layer directly instead of copying the buffer out of it
-            self._read_chunk(buf.chunks[0])
-            rows_N = np.concatenate([np.arange(c * self.chunk_rows, c * self.chunk_rows + self._chunk_len(c))
-                                     for c in buf.chunks])
-            ready = self._shuffle(buf, self._cache, self._seq_cache[rows_N])  # type: ignore[arg-type,index]
-            ready.batches_KB = rows_N[ready.batches_KB]
+            ready.acts_ND, ready.batches_KB = self._cached(), rows_N[ready.batches_KB]
             return ready
         parts = [self._read_chunk(c) for c in buf.chunks]
-        acts_ND = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        return self._shuffle(buf, acts_ND, np.concatenate([p[1] for p in parts]))
+        ready.acts_ND = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return ready
 
-    def _shuffle(self, buf: Buffer, acts_ND: torch.Tensor, seq_N: np.ndarray) -> _Ready:
+    def _pair_up(self, buf: Buffer, seq_N: np.ndarray) -> _Ready:
+        """The buffer's batches: its rows paired within sequences, pairs in random order, the last batch
+        filled up with the first pairs (row indices into the buffer)."""
         rng = np.random.default_rng([self.seed, 7919, self.rank, buf.number])
-        k, b = buf.n_batches, self.local_batch
-        if not self.pairs:
-            return _Ready(buf, acts_ND, rng.permutation(len(seq_N))[: k * b].reshape(k, b))
-        partner_N, eligible = positive_partners(seq_N, rng)
-        if len(eligible) == 0:  # every sequence has a single row here: pair rows with themselves
-            eligible, partner_N = np.arange(len(seq_N)), np.arange(len(seq_N))
-        need = k * (b // 2)
-        anchors = rng.permutation(eligible)
-        anchors = np.tile(anchors, -(-need // len(anchors)))[:need].reshape(k, b // 2)
-        return _Ready(buf, acts_ND, np.concatenate([anchors, partner_N[anchors]], axis=1))
+        anchor_P, positive_P = context_pairs(seq_N, rng)
+        half = self.local_batch // 2
+        order = np.resize(rng.permutation(len(anchor_P)), buf.n_batches * half).reshape(buf.n_batches, half)
+        return _Ready(buf, torch.empty(0), np.concatenate([anchor_P[order], positive_P[order]], axis=1))
 
     # ----- the background thread and the iterator -----
     def _producer(self) -> None:
@@ -196,18 +215,30 @@ class ChunkLoader:
                     self._thread.join(timeout=0.05)
 
 
-def positive_partners(seq_N: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """For each row, another row with the same sequence id (uniform among the others), and the rows that
-    have one. Rows whose sequence has no other row in the buffer get themselves and are not eligible."""
-    order = np.argsort(seq_N, kind="stable")
-    s = seq_N[order]
+def _groups(seq_N: np.ndarray, order_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows listed in `order_N`, grouped by sequence (seq_N[order_N] sorted): each position's group
+    start and group length."""
+    s = seq_N[order_N]
     starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
     lengths = np.diff(np.r_[starts, len(s)])
-    group = np.repeat(np.arange(len(starts)), lengths)
-    n = lengths[group]
-    start = starts[group]
-    offset = rng.integers(1, np.maximum(n, 2))  # uniform over the n - 1 other rows
-    partner_sorted = np.where(n > 1, start + (np.arange(len(s)) - start + offset) % n, np.arange(len(s)))
-    partner_N = np.empty_like(order)
-    partner_N[order] = order[partner_sorted]
-    return partner_N, np.sort(order[n > 1])
+    return np.repeat(starts, lengths), np.repeat(lengths, lengths)
+
+
+def n_pairs(seq_N: np.ndarray) -> int:
+    """How many pairs `context_pairs` makes of these rows: ceil(n / 2) per sequence of n rows."""
+    counts = np.unique(seq_N, return_counts=True)[1]
+    return int(((counts + 1) // 2).sum())
+
+
+def context_pairs(seq_N: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(anchor rows, positive rows) that use every row: the rows of each sequence, in random order, paired
+    up two by two; an odd row out is paired with a random other row of its sequence, and a sequence's
+    only row with itself (rare: a sequence cut by a chunk edge). ceil(n / 2) pairs per sequence."""
+    perm = rng.permutation(len(seq_N))
+    order = perm[np.argsort(seq_N[perm], kind="stable")]  # grouped by sequence, random within a group
+    start, length = _groups(seq_N, order)
+    pos = np.arange(len(order)) - start  # position within the group
+    first = pos % 2 == 0  # each pair starts at an even position
+    partner = np.where(pos + 1 < length, pos + 1, rng.integers(0, np.maximum(length - 1, 1)))
+    partner = np.where(length > 1, partner, 0)
+    return order[first], order[(start + partner)[first]]

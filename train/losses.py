@@ -34,19 +34,34 @@ def info_nce(z_a_PC: torch.Tensor, z_p_PC: torch.Tensor, temperature: float) -> 
     return 0.5 * (F.cross_entropy(s_PP, target_P) + F.cross_entropy(s_PP.T, target_P))
 
 
+class _OffDiagonalSquares(torch.autograd.Function):
+    """sum_{i != j} (w_i . w_j)^2 of the rows of w (S, D) -> (), with its gradient 4 (G - diag G) w written
+    out: one S x S x D product backward instead of autograd's two (G = w w^T has w on both sides)."""
+
+    @staticmethod
+    def forward(ctx, w_SD: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        gram_SS = w_SD @ w_SD.T
+        gram_SS.diagonal().zero_()
+        ctx.save_for_backward(w_SD, gram_SS)
+        return gram_SS.pow(2).sum()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        w_SD, off_SS = ctx.saved_tensors
+        return (off_SS @ w_SD) * (4 * g)
+
+
 def diversity(W_dec_FD: torch.Tensor, idx_S: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared cosine similarity over ordered pairs of distinct decoder rows. (F, D), (S,) -> ().
 
     idx_S picks a subset of rows (the Gram matrix of all F rows costs F^2 D per step); None uses all.
-    sum_{i != j} cos(w_i, w_j)^2 / (S (S - 1)).
+    sum_{i != j} cos(w_i, w_j)^2 / (S (S - 1)), in float32.
     """
     w_SD = F.normalize((W_dec_FD if idx_S is None else W_dec_FD[idx_S]).float(), dim=1)
     n = w_SD.shape[0]
     if n < 2:
         return w_SD.new_zeros(())
-    gram_SS = w_SD @ w_SD.T
-    # cos(w_i, w_i) = 1 exactly for unit rows; subtract the diagonal rather than mask to keep it cheap.
-    return (gram_SS.pow(2).sum() - gram_SS.diagonal().pow(2).sum()) / (n * (n - 1))
+    return _OffDiagonalSquares.apply(w_SD) / (n * (n - 1))
 
 
 def fvu(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:

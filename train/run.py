@@ -195,8 +195,8 @@ def _fit_one(cfg: TrainConfig, store: ActivationStore, store_path: str, d: Path,
     start = int(state["step"]) if state else 0
     trainer = CSAETrainer(cfg, store.d_model, rt, seed)
     loader = ChunkLoader(store, layer, batch_size=cfg.batch_size, train_rows=store.heldout_start(
-        cfg.heldout_tail_fraction), scale=scale, seed=derive_seed(seed, DATA, layer), pairs=cfg.contrastive and
-        cfg.positives == "context", shuffle_rows=cfg.shuffle_rows, in_memory_max_bytes=cfg.in_memory_max_mb << 20,
+        cfg.heldout_tail_fraction), scale=scale, seed=derive_seed(seed, DATA, layer), shuffle_rows=cfg.shuffle_rows,
+        in_memory_max_bytes=cfg.in_memory_max_mb << 20,
         rank=rt.rank, world=rt.world, start_step=start, device=rt.device)
     if state:
         trainer.load_state_dict(state)

@@ -9,6 +9,7 @@ repeats an uninterrupted one exactly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from csae.shared.checkpoint import LayerInfo, write_final
@@ -27,12 +29,13 @@ from csae.shared.config.train import TrainConfig
 from csae.shared.errors import UserError
 from csae.shared.head import ContrastiveHead
 from csae.shared.sae import SAE
-from csae.train import losses
+from csae.train import losses, sparse
 from csae.train.checkpoint import STATE_FILE, MetricsLog, all_finite, save_state
 from csae.train.loader import ChunkLoader, NonFiniteActivations
-from csae.train.resample import dead_mask, resample_
+from csae.train.resample import choose_directions, dead_mask, resample_, squared_errors
+from csae.train.sparse import Features
 
-METRIC_NAMES = ("loss", "recon_loss", "l1", "info_nce", "diversity", "l0", "fvu", "grad_norm")
+METRIC_NAMES = ("loss", "recon_loss", "l1", "info_nce", "diversity", "l0", "fvu", "grad_norm_sae", "grad_norm_head")
 
 
 def derive_seed(*keys: int) -> int:
@@ -73,11 +76,23 @@ class CSAETrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, INIT_HEAD))
             self.head = ContrastiveHead(d_sae, cfg.head_dim, cfg.head_hidden).to(rt.device)
+        # W_enc (d_in, d_sae) and the head's first weight (c, d_sae) stored feature-major (their transposes
+        # contiguous): the sparse path reads and writes them feature by feature, and a gradient laid out
+        # like its parameter is used as is (else autograd copies it every step); matmuls read either layout
+        # at the same speed
+        self.sae.W_enc = torch.nn.Parameter(self.sae.W_enc.detach().t().contiguous().t())
+        self.head.first.weight = torch.nn.Parameter(self.head.first.weight.detach().t().contiguous().t())
         # the head only gets gradients (and optimiser state) when the contrastive term is on
-        params = list(self.sae.parameters()) + (list(self.head.parameters()) if cfg.contrastive else [])
-        self.params = params
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.head_params = list(self.head.parameters()) if cfg.contrastive else []
+        self.params = list(self.sae.parameters()) + self.head_params
+        # fused: one kernel over all parameters; torch's default on CPU loops over them op by op (measured
+        # 4-8x slower for 2 x 640 x 2,560 weights, as long as a matmul of the step at 2 threads)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     fused=rt.device.type in ("cpu", "cuda"))
         self.last_fired_F = torch.full((d_sae,), -1, dtype=torch.long, device=rt.device)
+        # sparse path: decided per step from the previous step's density (dense at the start: a fresh
+        # SAE has about half its features active)
+        self.sparse_pays = self.sparse_now = False
 
     @torch.no_grad()
     def init_b_dec_(self, sample_ND: torch.Tensor, iters: int = 30) -> None:
@@ -99,6 +114,12 @@ class CSAETrainer:
             lr *= (cfg.steps - step) / (decay_steps + 1)
         return lr
 
+    def l1_at(self, step: int) -> float:
+        """The L1 weight: ramped linearly from 0 over the first l1_warmup_steps (features that the full
+        penalty would switch off before the reconstruction term has shaped them survive the start)."""
+        w = self.cfg.l1_warmup_steps
+        return self.cfg.l1 * min(1.0, (step + 1) / w) if w else self.cfg.l1
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.rt.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -114,70 +135,112 @@ class CSAETrainer:
             out.append(x_PD * keep / (1 - self.cfg.augment_dropout) + noise)
         return out[0], out[1]
 
-    def loss_terms(self, x_BD: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor,
-                                                                 torch.Tensor]:
-        """Forward: each loss term (and the total), the reconstruction x_hat_BD and the features f_BF."""
+    def features(self, x_BD: torch.Tensor) -> Features:
+        """The SAE's features of a batch: on the active entries only (sparse path) or dense."""
+        sae = self.sae
+        if self.sparse_now:
+            return sparse.encode(x_BD, sae.W_enc, sae.b_enc, sae.b_dec, self.rt.autocast_dtype or torch.float32)
+        with self._autocast():
+            return sparse.DenseFeatures(sae.encode(x_BD), self.rt.autocast_dtype)
+
+    @torch.no_grad()
+    def reconstruct(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """x_hat of a batch (the resampling pool's errors), on the path the training step takes."""
+        return self.features(x_BD).matmul(self.sae.W_dec, "decoder") + self.sae.b_dec
+
+    def head_z(self, feats: Features) -> torch.Tensor:
+        """The contrastive head on features; its first layer through feats.matmul, so sparse stays sparse."""
+        first, second = self.head.first, self.head.second
+        z_BC = feats.matmul(first.weight.t(), "head") + first.bias
+        if second is None:
+            return z_BC
+        with self._autocast():
+            return second(torch.relu(z_BC))
+
+    def loss_terms(self, x_BD: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, Features]:
+        """Forward: each loss term (and the total), the reconstruction x_hat_BD and the features."""
         cfg = self.cfg
         zero = x_BD.new_zeros(())
-        with self._autocast():
-            x_hat_BD, f_BF = self.sae(x_BD)
-            terms = {"recon_loss": losses.reconstruction(x_BD, x_hat_BD), "l1": losses.l1(f_BF), "info_nce": zero,
-                     "diversity": zero}
-            if cfg.alpha > 0:
-                if cfg.positives == "context":  # rows [0, P) are anchors, [P, 2P) their positives
-                    z_BC = self.head(f_BF)
-                    half = len(x_BD) // 2
-                    terms["info_nce"] = losses.info_nce(z_BC[:half], z_BC[half:], cfg.temperature)
-                else:
-                    v1, v2 = self.views(x_BD[: len(x_BD) // 2], step)
-                    z_BC = self.head(self.sae.encode(torch.cat([v1, v2])))
-                    terms["info_nce"] = losses.info_nce(z_BC[: len(v1)], z_BC[len(v1):], cfg.temperature)
-            if cfg.beta > 0:
-                idx_S = None
-                if self.sae.d_sae > cfg.diversity_features:
-                    g = step_generator(self.seed, step, DIVERSITY)
-                    idx_S = torch.randperm(self.sae.d_sae, generator=g)[: cfg.diversity_features].to(x_BD.device)
-                terms["diversity"] = losses.diversity(self.sae.W_dec, idx_S)
-        terms["loss"] = (terms["recon_loss"] + cfg.l1 * terms["l1"] + cfg.alpha * terms["info_nce"]
+        feats = self.features(x_BD)
+        x_hat_BD = feats.matmul(self.sae.W_dec, "decoder") + self.sae.b_dec
+        terms = {"recon_loss": losses.reconstruction(x_BD, x_hat_BD), "l1": feats.l1(), "info_nce": zero,
+                 "diversity": zero}
+        if cfg.alpha > 0:
+            if cfg.positives == "context":  # rows [0, P) are anchors, [P, 2P) their positives
+                z_BC = self.head_z(feats)
+                half = len(x_BD) // 2
+                terms["info_nce"] = losses.info_nce(z_BC[:half], z_BC[half:], cfg.temperature)
+            else:
+                v1, v2 = self.views(x_BD[: len(x_BD) // 2], step)
+                z_BC = self.head_z(self.features(torch.cat([v1, v2])))
+                terms["info_nce"] = losses.info_nce(z_BC[: len(v1)], z_BC[len(v1):], cfg.temperature)
+        if cfg.beta > 0:  # in float32, outside autocast: at S = 256 rows the product is small, and under
+            idx_S = None   # bfloat16 autocast the casts of its operands and gradients cost more than it
+            if self.sae.d_sae > cfg.diversity_features:
+                g = step_generator(self.seed, step, DIVERSITY)
+                idx_S = torch.randperm(self.sae.d_sae, generator=g)[: cfg.diversity_features].to(x_BD.device)
+            terms["diversity"] = losses.diversity(self.sae.W_dec, idx_S)
+        terms["loss"] = (terms["recon_loss"] + self.l1_at(step) * terms["l1"] + cfg.alpha * terms["info_nce"]
                          + cfg.beta * terms["diversity"])
-        return terms, x_hat_BD, f_BF
+        return terms, x_hat_BD, feats
 
     def step(self, x_BD: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """One optimiser step on a batch; returns the step's metrics as 0-d tensors."""
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(step)
-        terms, x_hat_BD, f_BF = self.loss_terms(x_BD, step)
+        self.sparse_now = self.cfg.sparse == "on" or (self.cfg.sparse == "auto" and self.sparse_pays)
+        with record_function("csae.step.forward"):
+            terms, x_hat_BD, feats = self.loss_terms(x_BD, step)
         self.opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        with record_function("csae.step.backward"):
+            terms["loss"].backward()
         if self.rt.distributed:
             for p in self.params:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad.div_(self.rt.world)
-        # move decoder rows along the unit sphere only; renormalising after the step fixes the rest
-        self.sae.remove_gradient_parallel_to_decoder_directions_()
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        self.opt.step()
-        self.sae.set_decoder_norm_to_unit_norm_()
-        with torch.no_grad():
-            fired_F = (f_BF > 0).any(dim=0)
-            self.last_fired_F.masked_fill_(fired_F, step)
-            terms["l0"] = losses.l0(f_BF)
+        with record_function("csae.step.clip"):
+            # move decoder rows along the unit sphere only; renormalising after the step fixes the rest
+            self.sae.remove_gradient_parallel_to_decoder_directions_()
+            # The SAE and the head are clipped each by its own norm: under one global norm, the head's and
+            # InfoNCE's gradients would shrink the SAE's step, and the CSAE's SAE would take smaller steps
+            # than its baseline's for a reason that is not its loss.
+            max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+            terms["grad_norm_sae"] = torch.nn.utils.clip_grad_norm_(list(self.sae.parameters()), max_norm)
+            terms["grad_norm_head"] = (torch.nn.utils.clip_grad_norm_(self.head_params, max_norm)
+                                       if self.head_params else x_BD.new_zeros(()))
+        with record_function("csae.step.optimizer"):
+            self.opt.step()
+            self.sae.set_decoder_norm_to_unit_norm_()
+        with torch.no_grad(), record_function("csae.step.stats"):
+            self.last_fired_F.masked_fill_(feats.fired(), step)
+            terms["l0"] = feats.l0()
             terms["fvu"] = losses.fvu(x_BD, x_hat_BD)
+        # the next step takes the sparse path when this step's density says it pays
+        self.density = float(terms["l0"]) / self.sae.d_sae
+        self.sparse_pays = sparse.pays(self.density, self.rt.device, self.rt.autocast_dtype)
         return terms
 
-    def maybe_resample(self, x_BD: torch.Tensor, step: int) -> int | None:
-        """Resample after step `step` if it ends a window; returns how many features (None: not due)."""
+    def maybe_resample(self, step: int, pool: Callable[[], torch.Tensor]) -> int | None:
+        """Resample after step `step` if it ends a window; returns how many features (None: not due).
+        `pool()` reads the rows to draw new directions from (only called when some feature is dead)."""
         cfg = self.cfg
         if not cfg.resample_every or (step + 1) % cfg.resample_every or step >= cfg.resample_until * cfg.steps:
             return None
         dead_F = dead_mask(self.last_fired_F, step, cfg.resample_every, distributed=self.rt.distributed)
-        idx_S = resample_(self.sae, self.opt, x_BD, dead_F, scale=cfg.resample_scale,
-                          generator=step_generator(self.seed, step, RESAMPLE), distributed=self.rt.distributed)
+        n_dead = int(dead_F.sum())
+        self.resampled_S = dead_F.nonzero().squeeze(1)
+        if n_dead == 0:
+            return 0
+        pool_ND = pool()
+        self.sparse_now = self.cfg.sparse == "on" or (self.cfg.sparse == "auto" and self.sparse_pays)
+        err_N = squared_errors(self.reconstruct, pool_ND, distributed=self.rt.distributed)
+        dirs_SD = choose_directions(pool_ND, err_N, self.sae.b_dec.detach(), n_dead,
+                                    step_generator(self.seed, step, RESAMPLE), self.sae.W_dec.detach()[~dead_F])
+        idx_S = resample_(self.sae, self.opt, dirs_SD, dead_F, scale=cfg.resample_scale,
+                          distributed=self.rt.distributed)
         self.last_fired_F[idx_S] = step  # a fresh window for the revived features
-        self.resampled_S = idx_S
-        return len(idx_S)
+        return n_dead
 
     def dead_fraction(self, step: int) -> float:
         window = self.cfg.resample_every or 1000
@@ -185,13 +248,46 @@ class CSAETrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"sae": self.sae.state_dict(), "head": self.head.state_dict(), "opt": self.opt.state_dict(),
-                "last_fired": self.last_fired_F}
+                "last_fired": self.last_fired_F, "sparse_pays": self.sparse_pays}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sae.load_state_dict(state["sae"])
         self.head.load_state_dict(state["head"])
         self.opt.load_state_dict(state["opt"])
         self.last_fired_F.copy_(state["last_fired"])
+        self.sparse_pays = bool(state.get("sparse_pays", False))
+
+
+class _Report:
+    """The per-step row of metrics.csv and the progress bar (tokens/s, steps/s, ETA)."""
+
+    def __init__(self, cfg: TrainConfig, directory: Path, layer: int, start_step: int, end: int, *, writer: bool,
+                 progress: bool) -> None:
+        self.cfg, self.start_step, self.end = cfg, start_step, end
+        self.log = MetricsLog(directory, start_step=start_step, enabled=writer)
+        self.bar = tqdm(total=cfg.steps, initial=start_step, desc=f"layer {layer}", disable=not (progress and writer),
+                        unit="step", dynamic_ncols=True)
+        self.t0 = time.perf_counter()
+
+    def record(self, step: int, values: dict[str, float], trainer: CSAETrainer,
+               resampled: int | None) -> dict[str, float]:
+        with record_function("csae.log"):
+            now = time.perf_counter()
+            done = step + 1 - self.start_step
+            last = {"step": step, **values, "lr": trainer.lr_at(step), "dead_frac": trainer.dead_fraction(step),
+                    "resampled": resampled if resampled is not None else 0,
+                    "tokens_per_s": done * self.cfg.batch_size / max(now - self.t0, 1e-9), "elapsed_s": now - self.t0}
+            self.log.write(last)
+            self.bar.update(1)
+            if step % 10 == 0 or step + 1 == self.end:
+                self.bar.set_postfix_str(f"tok/s {last['tokens_per_s']:,.0f} recon {values['recon_loss']:.3g} "
+                                         f"l1 {values['l1']:.3g} nce {values['info_nce']:.3g} div "
+                                         f"{values['diversity']:.2g} L0 {values['l0']:.0f} fvu {values['fvu']:.3f}")
+            return last
+
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()
 
 
 def train_layer(cfg: TrainConfig, trainer: CSAETrainer, loader: ChunkLoader, directory: Path, info: LayerInfo, *,
@@ -205,61 +301,53 @@ def train_layer(cfg: TrainConfig, trainer: CSAETrainer, loader: ChunkLoader, dir
     Only rank 0 writes. Raises UserError on non-finite activations or a diverged loss, before any
     checkpoint of the bad state is written.
     """
-    rt, layer = trainer.rt, info.layer
-    writer = rt.rank == 0
+    layer, writer = info.layer, trainer.rt.rank == 0
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    log = MetricsLog(directory, start_step=start_step, enabled=writer)
-    bar = tqdm(total=cfg.steps, initial=start_step, desc=f"layer {layer}", disable=not (progress and writer),
-               unit="step", dynamic_ncols=True)
+    report = _Report(cfg, directory, layer, start_step, end, writer=writer, progress=progress)
     batches = iter(loader)
     last: dict[str, float] = {}
-    t0, rows_per_step = time.perf_counter(), cfg.batch_size
     try:
         for step in range(start_step, end):
             # 1. data
             try:
-                x_BD = next(batches)
+                with record_function("csae.data"):
+                    x_BD = next(batches)
             except NonFiniteActivations as err:
                 raise UserError(f"layer {layer}, step {step}: {err}; re-harvest the store") from None
             # 2. the step (schedule, forward, backward, grad all-reduce, projection, clip, AdamW, renorm)
-            metrics = trainer.step(x_BD, step)
-            values = dict(zip(METRIC_NAMES, torch.stack([metrics[k].float() for k in METRIC_NAMES]).tolist(),
-                              strict=True))
+            with record_function("csae.step"):
+                metrics = trainer.step(x_BD, step)
+                values = dict(zip(METRIC_NAMES, torch.stack([metrics[k].float() for k in METRIC_NAMES]).tolist(),
+                                  strict=True))
             if not math.isfinite(values["loss"]):
                 raise UserError(f"layer {layer}, step {step}: the loss is {values['loss']} (training diverged); "
                                 f"lower lr or l1. The last checkpoint is kept.")
-            # 3. dead-feature resampling
-            resampled = trainer.maybe_resample(x_BD, step)
+            # 3. dead-feature resampling, from a pool of training rows
+            try:
+                with record_function("csae.resample"):
+                    resampled = trainer.maybe_resample(step, functools.partial(loader.pool, cfg.resample_pool,
+                                                                                step))
+            except NonFiniteActivations as err:
+                raise UserError(f"layer {layer}, step {step}: {err}; re-harvest the store") from None
             if resampled is not None and on_resample is not None:
                 on_resample(step, trainer)
             # 4. log
-            now = time.perf_counter()
-            done = step + 1 - start_step
-            last = {"step": step, **values, "lr": trainer.lr_at(step), "dead_frac": trainer.dead_fraction(step),
-                    "resampled": resampled if resampled is not None else 0,
-                    "tokens_per_s": done * rows_per_step / max(now - t0, 1e-9), "elapsed_s": now - t0}
-            log.write(last)
-            bar.update(1)
-            if step % 10 == 0 or step + 1 == end:
-                bar.set_postfix_str(f"tok/s {last['tokens_per_s']:,.0f} recon {values['recon_loss']:.3g} "
-                                    f"l1 {values['l1']:.3g} nce {values['info_nce']:.3g} "
-                                    f"div {values['diversity']:.2g} L0 {values['l0']:.0f} fvu {values['fvu']:.3f}")
+            last = report.record(step, values, trainer, resampled)
             # 5. checkpoint (the last step's is the deliverables, written below)
             if writer and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 if not all_finite(trainer.sae, trainer.head):
                     raise UserError(f"layer {layer}, step {step}: non-finite weights; not checkpointing")
-                log.flush()
+                report.log.flush()
                 save_state(directory, {"step": step + 1, "config": to_dict(cfg), "d_in": trainer.sae.d_in,
                                        "scale": info.scale, **trainer.state_dict()})
         if writer and end == cfg.steps:
             if not all_finite(trainer.sae, trainer.head):
                 raise UserError(f"layer {layer}: non-finite weights after the last step; nothing written")
-            log.flush()
+            report.log.flush()
             final = {k: v for k, v in last.items() if k != "step"} if last else {}
             write_final(directory, trainer.sae, trainer.head, replace(info, final_metrics=final))
             (directory / STATE_FILE).unlink(missing_ok=True)
     finally:
         loader.close()
-        bar.close()
-        log.close()
+        report.close()
     return last

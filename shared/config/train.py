@@ -26,8 +26,9 @@ class TrainConfig:
     """Dictionary size as a multiple of d_model (paper: 1, i.e. 2304 features for Gemma-2-2B)."""
 
     batch_size: int = 512
-    """Activation rows per optimiser step, over all ranks. With contrastive pairs this is batch_size/2
-    anchor/positive pairs; every row is reconstructed."""
+    """Activation rows per optimiser step, over all ranks: batch_size/2 anchor/positive pairs (two tokens
+    of one sequence) for every run, contrastive or not, so runs with the same seed read the same rows;
+    every row is reconstructed. Even, and divisible by 2 x the number of ranks."""
 
     tokens: int = 409_600
     """Training rows per layer; steps = tokens // batch_size. More than the store holds means several epochs."""
@@ -45,10 +46,14 @@ class TrainConfig:
     """AdamW decoupled weight decay."""
 
     grad_clip: float = 1.0
-    """Clip the total gradient norm to this (0: no clipping)."""
+    """Clip the SAE's gradient norm to this, and the contrastive head's, each by its own norm (0: no
+    clipping)."""
 
     l1: float = 1.0
     """lambda: weight of the L1 sparsity term sum_i |f_i| (inputs scaled to mean norm sqrt(d_model))."""
+
+    l1_warmup_steps: int = 0
+    """Ramp the L1 weight linearly from 0 to l1 over this many steps (0: full weight from the start)."""
 
     alpha: float = 2.0
     """Weight of the InfoNCE contrastive term (0 with beta 0: a plain ReLU SAE)."""
@@ -81,6 +86,10 @@ class TrainConfig:
     resample_every: int = 250
     """Every this many steps, features that did not fire in that window are resampled (0: never)."""
 
+    resample_pool: int = 65_536
+    """Training rows read (uniformly, or whole random chunks when streaming) to draw resampled directions
+    from: without replacement, in proportion to squared reconstruction error."""
+
     resample_scale: float = 0.2
     """Encoder norm of a resampled feature, as a multiple of the mean living encoder norm."""
 
@@ -95,6 +104,11 @@ class TrainConfig:
 
     shuffle_rows: int = 65_536
     """When streaming: rows of whole random chunks read and shuffled together (the shuffle buffer)."""
+
+    sparse: Literal["auto", "on", "off"] = "auto"
+    """Run the SAE's decoder and the gradients on the active features only (same math, less work; see
+    train/sparse.py). auto: on a CPU, whenever the previous step's feature density was below the measured
+    break-even (train/sparse.py SPARSE_BELOW); on: always; off: the dense path."""
 
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Autocast dtype of the forward; auto: bfloat16 where the hardware has fast bfloat16 matmuls (GPUs,
@@ -113,20 +127,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ("expansion", "batch_size", "tokens", "head_dim", "diversity_features", "checkpoint_every",
-                    "shuffle_rows")
+                    "shuffle_rows", "resample_pool")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        nonneg = ("warmup_steps", "weight_decay", "grad_clip", "l1", "alpha", "beta", "head_hidden",
+        nonneg = ("warmup_steps", "l1_warmup_steps", "weight_decay", "grad_clip", "l1", "alpha", "beta", "head_hidden",
                   "augment_noise", "resample_every", "resample_scale", "in_memory_max_mb")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.lr <= 0 or self.temperature <= 0:
             raise ConfigError(f"lr and temperature must be positive, got lr={self.lr} temperature={self.temperature}")
-        if self.alpha > 0 and (self.batch_size < 4 or self.batch_size % 2):
-            raise ConfigError(f"with alpha > 0 batch_size must be even and at least 4 (anchor/positive pairs), "
-                              f"got {self.batch_size}")
+        if self.batch_size < 4 or self.batch_size % 2:
+            raise ConfigError(f"batch_size must be even and at least 4 (anchor/positive pairs), got {self.batch_size}")
         for name in ("decay_fraction", "resample_until", "augment_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -154,14 +167,49 @@ class TrainConfig:
         return out
 
 
-#: Presets: overrides of the TrainConfig defaults. `default` is ours; `paper` is the reference setup.
+#: The paper's reference setup (Gemma-2-2B, 100k Pile tokens): every value the paper states.
+PAPER: dict[str, Any] = {
+    "expansion": 1,  # dictionary 2304 = Gemma-2-2B's d_model
+    "batch_size": 512,
+    "tokens": 100_000,
+    "lr": 1e-4,  # AdamW
+    "warmup_steps": 1000,
+    "grad_clip": 1.0,
+    "l1": 0.04,
+    "alpha": 2.0,
+    "temperature": 0.1,
+    "head_dim": 128,
+    "dtype": "bfloat16",
+    "resample_every": 100,
+    "resample_scale": 0.2,
+}
+
+#: Values the paper preset needs that the paper does not give: ours (README, "The paper preset").
+PAPER_OURS: dict[str, Any] = {
+    "l1_warmup_steps": 0,  # no L1 warmup described
+    "decay_fraction": 0.0,  # no decay described: constant after warmup
+    "weight_decay": 0.0,  # AdamW's decoupled decay not given; 0 keeps the loss the only pull on the weights
+    "beta": 10.0,  # the diversity penalty's weight is not given: our default's, stated, not inherited
+    "head_hidden": 0,  # a linear head
+    "positives": "context",  # another token of the same sequence
+    "augment_dropout": 0.1,  # (augment positives only)
+    "augment_noise": 0.1,  # (augment positives only)
+    "diversity_features": 256,  # rows per step of the diversity penalty (a 2304^2 Gram matrix every step is slow)
+    "resample_pool": 65_536,  # Anthropic's recipe reads a pool of rows; the paper gives no size
+    "resample_until": 1.0,  # "every 100 steps" with no end given: to the end
+    "heldout_tail_fraction": 0.1,
+    "in_memory_max_mb": 2048,
+    "shuffle_rows": 65_536,
+    "sparse": "auto",  # engineering: the same math either way
+    "device": "auto",
+    "seeds": (0, 1),
+    "checkpoint_every": 500,
+}
+
+#: Presets: overrides of the TrainConfig defaults. `default` is ours; `paper` states every field.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "paper": {
-        "expansion": 1, "batch_size": 512, "tokens": 100_000, "lr": 1e-4, "warmup_steps": 1000,
-        "decay_fraction": 0.0, "grad_clip": 1.0, "l1": 0.04, "alpha": 2.0, "temperature": 0.1, "head_dim": 128,
-        "dtype": "bfloat16", "resample_every": 100, "resample_scale": 0.2, "resample_until": 1.0,
-    },
+    "paper": {**PAPER, **PAPER_OURS},
 }
 
 

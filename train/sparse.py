@@ -1,0 +1,234 @@
+"""The SAE's step on the active features only: the same math as the dense path, a fraction of the work.
+
+After the encoder's dense matmul, most features are zero (the default settings reach an L0 of ~50 of
+2,560 features: 2% density). The dense step still runs five more matmuls of the encoder's size: the
+decoder's forward f W_dec, W_dec's gradient f^T g, f's gradient g W_dec^T, W_enc's gradient
+(x - b_dec)^T g_pre and the input gradient for b_dec. Here each runs on the K active entries (b, i):
+
+    decode   x_hat[b]    = sum_{i active in b} f[b,i] W_dec[i] + b_dec     embedding_bag, one bag per row
+    g_f      g_f[b,i]    = g[b] . W_dec[i] at active (b, i)                 sampled_addmm (SDDMM)
+    dW_dec   dW_dec[i]   = sum_{b: i active in b} f[b,i] g[b]                embedding_bag, one bag per feature
+    dW_enc   dW_enc[:,i] = sum_b g_pre[b,i] (x[b] - b_dec)                 embedding_bag, one bag per feature
+    db_enc   db_enc[i]   = sum_b g_pre[b,i];   b_dec's share through the encoder: -W_enc db_enc (a matvec)
+
+so a step costs one dense matmul plus O(K d). The contrastive head's first layer (f W_1^T) runs the same
+way. Rounding: the encoder's matmul runs in the compute dtype exactly as under autocast (so f is the
+dense path's f, bit for bit); the sparse sums run in float32 on the float32 weights, where autocast would
+round W_dec and g to bfloat16 first: with bfloat16 the two paths differ by about one bfloat16 rounding
+(tests/test_train_sparse.py states the tolerances), in float32 by summation order only.
+
+Index work (finding the active entries, ordering them by feature) runs in numpy on CPU tensors, where it
+measured 5-10x faster than torch's nonzero and sort on 2 cores; other devices use torch's.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.profiler import record_function
+
+from csae.train import losses
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Where a (B, F) feature matrix is non-zero, in row-major order (k = 0..K-1), with the column-major
+    order of the same entries (for sums per feature)."""
+
+    n_rows: int
+    n_cols: int
+    rows_K: torch.Tensor
+    cols_K: torch.Tensor
+    flat_K: torch.Tensor  # rows_K * n_cols + cols_K
+    row_offsets: torch.Tensor  # (B + 1,): entries of row b are k in [row_offsets[b], row_offsets[b + 1])
+    by_col_K: torch.Tensor  # permutation of k sorting the entries by column, then row
+    col_offsets: torch.Tensor  # (F + 1,)
+
+    @property
+    def nnz(self) -> int:
+        return len(self.flat_K)
+
+    @classmethod
+    def of(cls, mask_BF: torch.Tensor) -> Pattern:
+        B, F_ = mask_BF.shape
+        if mask_BF.device.type == "cpu":
+            flat = np.flatnonzero(mask_BF.numpy())
+            cols = flat % F_
+            # a stable radix sort on 16-bit keys: numpy's fastest
+            by_col = np.argsort(cols.astype(np.uint16 if F_ <= 1 << 16 else np.int64), kind="stable")
+            flat_K, by_col_K = torch.from_numpy(flat), torch.from_numpy(by_col)
+        else:
+            flat_K = mask_BF.reshape(-1).nonzero().squeeze(1)
+            by_col_K = torch.argsort(flat_K % F_, stable=True)
+        rows_K, cols_K = flat_K // F_, flat_K % F_
+        return cls(B, F_, rows_K, cols_K, flat_K, _offsets(torch.bincount(rows_K, minlength=B)), by_col_K,
+                   _offsets(torch.bincount(cols_K, minlength=F_)))
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    out = counts.new_zeros(len(counts) + 1)
+    torch.cumsum(counts, 0, out=out[1:])
+    return out
+
+
+def _bags(idx_K: torch.Tensor, table_ND: torch.Tensor, offsets: torch.Tensor, w_K: torch.Tensor) -> torch.Tensor:
+    """out[j] = sum_{k in bag j} w_k table[idx_k]: a sparse-times-dense product, bags given by offsets.
+    Accumulates in float32 and rounds once to the table's dtype (as a bfloat16 matmul does)."""
+    return F.embedding_bag(idx_K, table_ND, offsets, mode="sum", per_sample_weights=w_K.to(table_ND.dtype),
+                           include_last_offset=True)
+
+
+def _sampled_dots(pat: Pattern, g_BN: torch.Tensor, W_FN: torch.Tensor) -> torch.Tensor:
+    """(g W^T) at the pattern's entries, (K,): g[b] . W[i] for each active (b, i), rounded to W's dtype.
+    Torch's SDDMM (sampled_addmm) runs in float32 only: bfloat16 operands are widened exactly, summed in
+    float32 and rounded once, as a bfloat16 matmul does. (embedding_bag's per-sample-weight backward
+    computes the same dots in bfloat16 but measured 5 ms a call at any width, 40x sampled_addmm's at 128.)"""
+    with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm is all we use of it
+        warnings.simplefilter("ignore", UserWarning)
+        csr = torch.sparse_csr_tensor(pat.row_offsets, pat.cols_K, g_BN.new_zeros(pat.nnz, dtype=torch.float32),
+                                      (pat.n_rows, pat.n_cols), check_invariants=False)  # zeros: 0 x NaN is NaN
+    dots_K = torch.sparse.sampled_addmm(csr, g_BN.float(), W_FN.float().T, beta=0.0).values()
+    return dots_K.to(W_FN.dtype)
+
+
+class _SparseMatmul(torch.autograd.Function):
+    """S @ W for S (B, F) given by a pattern and its values (K,), W (F, N): the product in `dtype`
+    (float32 accumulation, one rounding, as autocast's matmul), its gradients too."""
+
+    @staticmethod
+    def forward(ctx, vals_K: torch.Tensor, W_FN: torch.Tensor, pat: Pattern,  # type: ignore[override]
+                dtype: torch.dtype, name: str) -> torch.Tensor:
+        with record_function(f"csae.sparse.{name}"):
+            W_c = W_FN.to(dtype, memory_format=torch.contiguous_format)
+            ctx.save_for_backward(vals_K, W_c)
+            ctx.pat, ctx.name = pat, name
+            return _bags(pat.cols_K, W_c, pat.row_offsets, vals_K)
+
+    @staticmethod
+    @record_function("csae.sparse.matmul.backward")
+    def backward(ctx, g_BN: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        vals_K, W_c = ctx.saved_tensors
+        pat: Pattern = ctx.pat
+        g_c = g_BN.to(W_c.dtype).contiguous()
+        d_vals = d_W = None
+        if ctx.needs_input_grad[0]:
+            d_vals = _sampled_dots(pat, g_c, W_c).float()
+        if ctx.needs_input_grad[1]:  # S^T g, one bag per feature
+            perm = pat.by_col_K
+            d_W = _bags(pat.rows_K[perm], g_c, pat.col_offsets, vals_K[perm]).float()
+        return d_vals, d_W, None, None, None
+
+
+class _SparseEncode(torch.autograd.Function):
+    """ReLU((x - b_dec) W_enc + b_enc) at its non-zero entries (K,), the pattern handed back in `out`.
+    The matmul runs in `dtype` rounded as autocast rounds it; bias and ReLU in float32. Backward: W_enc's,
+    b_enc's and b_dec's gradients (and x's, if asked) from the K entries only."""
+
+    @staticmethod
+    @record_function("csae.sparse.encoder")
+    def forward(ctx, x_BD: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,  # type: ignore[override]
+                dtype: torch.dtype, out: dict) -> torch.Tensor:
+        xc_c = (x_BD.float() - b_dec).to(dtype)
+        pre_BF = xc_c @ W_enc.to(dtype)  # in `dtype`; autocast adds the float32 bias to it in float32:
+        pat = Pattern.of(torch.gt(pre_BF, -b_enc))  # pre + b > 0 exactly when pre > -b
+        ctx.save_for_backward(xc_c, W_enc)
+        ctx.pat = out["pattern"] = pat
+        return pre_BF.view(-1).take(pat.flat_K).float() + b_enc.take(pat.cols_K)
+
+    @staticmethod
+    @record_function("csae.sparse.encoder.backward")
+    def backward(ctx, g_K: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        xc_c, W_enc = ctx.saved_tensors
+        pat: Pattern = ctx.pat
+        g_K = g_K.float()
+        perm = pat.by_col_K
+        # (F, D) transposed to W_enc's (D, F): no copy when W_enc is stored feature-major (see CSAETrainer)
+        dW_enc = _bags(pat.rows_K[perm], xc_c, pat.col_offsets, g_K[perm]).float().t()
+        db_enc = g_K.new_zeros(pat.n_cols).index_add_(0, pat.cols_K, g_K)
+        dx = None
+        if ctx.needs_input_grad[0]:  # g_pre W_enc^T: never needed in training (x is data)
+            dx = _bags(pat.cols_K, W_enc.t().contiguous(), pat.row_offsets, g_K)
+        # b_dec enters as -b_dec in every row: minus the column sums of x's gradient, W_enc db_enc
+        db_dec = -(W_enc @ db_enc) if dx is None else -dx.sum(0)
+        return dx, dW_enc, db_enc, db_dec, None, None
+
+
+@dataclass(frozen=True)
+class SparseFeatures:
+    """The SAE's features of a batch as a pattern and its values (vals_K carries the autograd graph)."""
+
+    pat: Pattern
+    vals_K: torch.Tensor
+    dtype: torch.dtype  # of the products (autocast's)
+
+    def matmul(self, W_FN: torch.Tensor, name: str = "matmul") -> torch.Tensor:
+        """f @ W, (B, N), in `dtype`, as autocast's matmul gives it (`name` labels it in profiles)."""
+        with torch.autocast(self.vals_K.device.type, enabled=False):
+            return _SparseMatmul.apply(self.vals_K, W_FN, self.pat, self.dtype, name)
+
+    def l1(self) -> torch.Tensor:
+        """Mean over rows of sum_i |f_i| (losses.l1) from the values."""
+        return self.vals_K.abs().sum() / self.pat.n_rows
+
+    def l0(self) -> torch.Tensor:
+        return self.vals_K.new_tensor(self.pat.nnz / self.pat.n_rows)
+
+    def fired(self) -> torch.Tensor:
+        """(F,) bool: features active in some row."""
+        return torch.bincount(self.pat.cols_K, minlength=self.pat.n_cols) > 0
+
+    def dense(self) -> torch.Tensor:
+        """f as a dense (B, F) tensor (differentiable)."""
+        out = self.vals_K.new_zeros(self.pat.n_rows * self.pat.n_cols)
+        return out.index_put((self.pat.flat_K,), self.vals_K).view(self.pat.n_rows, self.pat.n_cols)
+
+
+def encode(x_BD: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
+           dtype: torch.dtype) -> SparseFeatures:
+    """f = ReLU((x - b_dec) W_enc + b_enc) as sparse features; `dtype` is the matmul's (autocast's)."""
+    out: dict = {}
+    with torch.autocast(x_BD.device.type, enabled=False):
+        vals_K = _SparseEncode.apply(x_BD, W_enc, b_enc, b_dec, dtype, out)
+    return SparseFeatures(out["pattern"], vals_K, dtype)
+
+
+@dataclass(frozen=True)
+class DenseFeatures:
+    """The dense path's features (B, F), with SparseFeatures' interface."""
+
+    f_BF: torch.Tensor
+    autocast_dtype: torch.dtype | None  # None: float32
+
+    def matmul(self, W_FN: torch.Tensor, name: str = "matmul") -> torch.Tensor:
+        """f @ W under the run's autocast, as the SAE's decode computes it."""
+        with torch.autocast(self.f_BF.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            return self.f_BF @ W_FN
+
+    def l1(self) -> torch.Tensor:
+        return losses.l1(self.f_BF)
+
+    def l0(self) -> torch.Tensor:
+        return losses.l0(self.f_BF)
+
+    def fired(self) -> torch.Tensor:
+        return (self.f_BF > 0).any(dim=0)
+
+    def dense(self) -> torch.Tensor:
+        return self.f_BF
+
+
+Features = SparseFeatures | DenseFeatures
+
+#: The sparse path pays below this density (active share of B x F), measured with bench/sparse.py: the
+#: step's crossover on 2 cores at d 640, expansion 4, batch 512, per compute dtype.
+SPARSE_BELOW = {torch.float32: 0.15, torch.bfloat16: 0.08}
+
+
+def pays(density: float, device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
+    """Whether a step at this density is faster on the sparse path (measured on CPUs; elsewhere dense)."""
+    return device.type == "cpu" and density < SPARSE_BELOW[autocast_dtype or torch.float32]
