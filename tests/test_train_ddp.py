@@ -17,6 +17,7 @@ from csae.train.trainer import CSAETrainer
 
 #: strong sparsity and a wide dictionary so that features die and get resampled within the run
 CFG = {"expansion": 8, "batch_size": 128, "tokens": 128 * 60, "l1": 20.0, "lr": 1e-2, "warmup_steps": 2,
+       "l1_warmup_steps": 0,  # the full L1 from the start: many features die, so resampling runs
        "resample_every": 5, "checkpoint_every": 1000, "beta": 1.0, "seeds": (0,)}
 
 

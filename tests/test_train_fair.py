@@ -93,7 +93,7 @@ def test_baseline_on_a_planted_store_with_many_dead_features_has_no_duplicates(t
     path = tmp_path / "acts.zarr"
     make_test_store(path, layers=(0,), d_model=64, n_docs=128, seq_len=32, chunk_rows=256, n_atoms=128, active=6)
     cfg = resolve(TrainConfig(expansion=16, batch_size=128, tokens=128 * 160, lr=1e-2, warmup_steps=10, l1=1.0,
-                              alpha=0.0, beta=0.0, resample_every=20, resample_until=0.9, seeds=(0,),
+                              l1_warmup_steps=0, alpha=0.0, beta=0.0, resample_every=20, resample_until=0.9, seeds=(0,),
                               dtype="float32"))
     resampled: list[int] = []
     fit(cfg, path, tmp_path / "ck", layers=[0], progress=False,

@@ -24,7 +24,8 @@ from csae.train.trainer import CSAETrainer, Runtime
 
 #: small but real: d 32, 128 features, 300 steps of 128 rows (~19 epochs of the 1,792 training rows)
 SMALL = {"expansion": 4, "batch_size": 128, "tokens": 128 * 300, "lr": 3e-3, "warmup_steps": 20,
-         "l1": 0.3, "resample_every": 50, "checkpoint_every": 50, "seeds": (0,)}
+         "l1": 0.3, "l1_warmup_steps": 50, "resample_every": 50, "checkpoint_every": 50,
+         "seeds": (0,)}
 
 
 @pytest.fixture(scope="module")
