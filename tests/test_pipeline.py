@@ -80,7 +80,7 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     assert "csae/layer_5.explained_variance_lo" in shown and "csae_vs_baseline/layer_5.explained_variance" in shown
     assert any(v in shown for v in ("better", "worse", "no detectable difference"))  # the verdicts
 
-    params["train"]["lr"] = 5e-4  # a train value changes: train and evaluate re-run, harvest does not
+    params["train"]["lr"] = 2e-3  # a train value changes: train and evaluate re-run, harvest does not
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = dvc(work, "status")
     assert "train@csae" in status and "train@baseline" in status and "harvest" not in status
@@ -107,22 +107,22 @@ def test_dvc_experiments_keep_metrics_and_checkpoints(tmp_path: Path, tiny_gemma
     weights = work / "checkpoints" / "csae" / "seed_0" / "layer_5" / "sae_weights.safetensors"
     base_weights = weights.read_bytes()
 
-    dvc(work, "exp", "run", "-S", "train.lr=0.0005", "-S", "evaluate.ce_tokens=48", "--name", "lower-lr")
+    dvc(work, "exp", "run", "-S", "train.lr=0.002", "-S", "evaluate.ce_tokens=48", "--name", "higher-lr")
     shown = json.loads(dvc(work, "exp", "show", "--json"))
     runs = {exp.get("name") or exp["rev"]: exp for entry in shown
             for exp in [entry, *[e for ex in entry.get("experiments") or [] for e in ex.get("revs") or []]]}
-    exp_metrics = runs["lower-lr"]["data"]["metrics"]["eval/metrics.json"]["data"]
+    exp_metrics = runs["higher-lr"]["data"]["metrics"]["eval/metrics.json"]["data"]
     assert exp_metrics["csae/layer_5"]["ce_score"] is not None and "baseline/layer_19" in exp_metrics
-    assert runs["lower-lr"]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.0005
+    assert runs["higher-lr"]["data"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.002
 
     git(work, "reset", "-q", "--hard")  # back to the committed pipeline, outputs too
     dvc(work, "checkout", "--force")
     assert LayerInfo.read(work / "checkpoints" / "csae" / "seed_0" / "layer_5").config.lr == base_lr
     assert weights.read_bytes() == base_weights
 
-    dvc(work, "exp", "apply", "lower-lr")
+    dvc(work, "exp", "apply", "higher-lr")
     applied = LayerInfo.read(work / "checkpoints" / "csae" / "seed_0" / "layer_5")
-    assert applied.config.lr == 0.0005  # the experiment's SAE, restored from DVC's cache
+    assert applied.config.lr == 0.002  # the experiment's SAE, restored from DVC's cache
     assert weights.read_bytes() != base_weights
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     assert metrics == exp_metrics and json.loads((work / "eval" / "metrics_all.json").read_text())[

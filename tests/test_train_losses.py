@@ -84,7 +84,8 @@ STEP_TOLERANCE = {"float32": 1e-6, "bfloat16": 2e-4}
 def test_plain_step_equals_hand_written_sae_step(dtype: str) -> None:
     """alpha = beta = 0: the trainer's step is exactly a plain ReLU SAE step (written out here)."""
     cfg = TrainConfig(expansion=2, tokens=512, batch_size=16, alpha=0.0, beta=0.0, l1=0.3, lr=1e-2,
-                      warmup_steps=0, decay_fraction=0.0, grad_clip=0.5, resample_every=0, dtype=dtype)
+                      warmup_steps=0, decay_fraction=0.0, grad_clip=0.5, resample_every=0, l1_warmup_steps=2,
+                      dtype=dtype)
     autocast = torch.bfloat16 if dtype == "bfloat16" else None
     trainer = CSAETrainer(cfg, 6, Runtime(device=torch.device("cpu"), autocast_dtype=autocast), seed=0)
     W_enc, b_enc = trainer.sae.W_enc.detach().clone(), torch.full((12,), 0.1)
@@ -102,7 +103,8 @@ def test_plain_step_equals_hand_written_sae_step(dtype: str) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
             f = torch.relu((x - bd) @ we + be)
             x_hat = f @ wd + bd
-        loss = ((x - x_hat.float()) ** 2).sum(1).mean() + 0.3 * f.float().abs().sum(1).mean()
+        l1_weight = 0.3 * min(1.0, (step + 1) / 2)  # the L1 ramped in over 2 steps
+        loss = ((x - x_hat.float()) ** 2).sum(1).mean() + l1_weight * f.float().abs().sum(1).mean()
         opt.zero_grad()
         loss.backward()
         with torch.no_grad():
