@@ -98,7 +98,8 @@ def trainer_run(store: Path, out: Path, steps: int, expansion: int, l0: int, dty
                 **overrides: object) -> tuple[float, float]:
     """(steps/s of the real trainer from the elapsed time it logs per step, mean L0 over the timed steps)."""
     cfg = resolve(TrainConfig(expansion=expansion, batch_size=BATCH, tokens=BATCH * steps, dtype=dtype,  # type: ignore[arg-type]
-                              warmup_steps=10, checkpoint_every=10**9, seeds=(0,), **overrides))  # type: ignore[arg-type]
+                              warmup_steps=10, l1_warmup_steps=0,  # the steady state's L1
+                              checkpoint_every=10**9, seeds=(0,), **overrides))  # type: ignore[arg-type]
     with FiringAt(l0):
         fit(cfg, store, out, layers=[0], overwrite=True, progress=False)
     log = read_metrics(layer_dir(out, 0, 0))
