@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -10,6 +12,17 @@ from csae.shared.cli import Group, cache_dir, params_option, store_option
 from csae.shared.config.base import click_options, from_dict, given, load_params
 from csae.shared.config.browse import BrowseConfig
 from csae.shared.config.evaluate import EvalConfig
+
+
+def checkpoints_option(what: str) -> Callable[[Callable], Callable]:
+    return click.option("--checkpoints", "checkpoints", type=click.Path(path_type=Path), multiple=True,
+                        help=f"A `train fit --out` directory (seed_<s>/layer_<L>/ inside). Several: {what}; runs are "
+                             f"named by their directory name.  [default: checkpoints]")
+
+
+def config(cls: type, section: str, params: str | None, options: dict[str, Any]) -> Any:
+    """The stage config: the params file's section, then the options given on the command line."""
+    return from_dict(cls, {**(load_params(params, section) if params else {}), **given(cls, options)})
 
 
 @click.group(cls=Group)
@@ -21,10 +34,7 @@ def main() -> None:
 @main.command()
 @click_options(EvalConfig)
 @store_option("The activation store the checkpoints were trained on (its held-out tail is evaluated).")
-@click.option("--checkpoints", "checkpoints", type=click.Path(path_type=Path), multiple=True,
-              help="A `train fit --out` directory (seed_<s>/layer_<L>/ inside). Several: each run is compared with "
-                   "the last one given (the reference, e.g. the baseline); runs are named by their directory "
-                   "name.  [default: checkpoints]")
+@checkpoints_option("each run is compared with the last one given (the reference, e.g. the baseline)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("eval"), show_default=True,
               help="Output directory: metrics.json (headline figures with intervals, verdicts), comparison.json, "
                    "metrics_all.json, unlearning.json, PNG plots, report.md.")
@@ -36,8 +46,7 @@ def run(store: str, checkpoints: tuple[Path, ...], out: Path, no_progress: bool,
     comparison with the reference run, plots and a report."""
     from csae.evaluate.run import evaluate
 
-    cfg = from_dict(EvalConfig, {**(load_params(params, "evaluate") if params else {}),
-                                 **given(EvalConfig, options)})
+    cfg = config(EvalConfig, "evaluate", params, options)
     metrics = evaluate(cfg, store, list(checkpoints) or [Path("checkpoints")], out, cache_dir=cache_dir(),
                        progress=not no_progress)
     for key, m in metrics.items():
@@ -52,10 +61,7 @@ def run(store: str, checkpoints: tuple[Path, ...], out: Path, no_progress: bool,
 @main.command()
 @click_options(BrowseConfig)
 @store_option("The activation store the checkpoints were trained on (the rows whose contexts the pages show).")
-@click.option("--checkpoints", "checkpoints", type=click.Path(path_type=Path), multiple=True,
-              help="A `train fit --out` directory (seed_<s>/layer_<L>/ inside). Several: each run gets its pages and "
-                   "each feature links its best match in the others; runs are named by their directory name.  "
-                   "[default: checkpoints]")
+@checkpoints_option("each run gets its pages and each feature links its best match in the others")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("eval/browser"), show_default=True,
               help="Output directory: index.html (open it in a browser, no server needed) with browser.js, "
                    "browser.css and data/*.js. Replaced as a whole when the build is complete.")
@@ -67,8 +73,7 @@ def browse(store: str, checkpoints: tuple[Path, ...], out: Path, no_progress: bo
     per feature its top and sampled contexts, activation histogram, logit effects, topics and neighbours."""
     from csae.evaluate.browse.build import build
 
-    cfg = from_dict(BrowseConfig, {**(load_params(params, "browse") if params else {}),
-                                   **given(BrowseConfig, options)})
+    cfg = config(BrowseConfig, "browse", params, options)
     built = build(cfg, store, list(checkpoints) or [Path("checkpoints")], out, cache_dir=cache_dir(),
                   progress=not no_progress)
     click.echo(f"wrote {built.index} ({len(built.dictionaries)} dictionaries, {built.bytes / 2**20:.1f} MiB) in "

@@ -17,14 +17,17 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from csae.evaluate.text import TextBatch
-from csae.shared.models import base_model, blocks
+from csae.shared.errors import UserError
+from csae.shared.models import LoadedModel, base_model, blocks, load_model
 from csae.shared.numerics import relative_error, rounding_tolerance
 from csae.shared.residual import block_output
+from csae.shared.schema import ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,21 @@ RESTART_ROUNDINGS = 8
 #: Measured on a tiny Gemma-2 in bfloat16: 0.8 u. A left-out soft-cap or a wrong head is caught whenever
 #: it moves the largest logit by more than 8 u (3% in bfloat16, 5e-7 in float32).
 HEAD_ROUNDINGS = 8
+
+
+def load_lm(store: ActivationStore, cache_dir: Path, *, model: str | None, dtype: str, device: str) -> LoadedModel:
+    """The language model the store was harvested with (or `model`), checked against the store's width and
+    layers. `dtype` is a resolved compute dtype."""
+    hcfg = store.harvest_config
+    name = model or hcfg.model
+    lm = load_model(name, cache_dir=cache_dir, dtype=dtype, device=device, revision=None if model else hcfg.revision)
+    if lm.d_model != store.d_model:
+        raise UserError(f"model {name!r} has width {lm.d_model}, but the store's activations have {store.d_model}: "
+                        f"pass the model the store was harvested with (--model)")
+    too_deep = [x for x in store.layers if x >= lm.n_layers]
+    if too_deep:
+        raise UserError(f"model {name!r} has {lm.n_layers} blocks; the store's layers {too_deep} do not exist in it")
+    return lm
 
 
 @dataclass

@@ -33,6 +33,7 @@ from csae.evaluate.checkpoints import LayerCheckpoint, Layout, layout, load_run
 from csae.evaluate.curves import write_curves
 from csae.evaluate.downstream import downstream
 from csae.evaluate.headline import DIRECTION, HEADLINE
+from csae.evaluate.lm import load_lm
 from csae.evaluate.report import write_plots, write_report
 from csae.evaluate.stats import FamilyResult, Summary, summarize, verdict
 from csae.evaluate.store_metrics import store_families
@@ -41,7 +42,7 @@ from csae.evaluate.unlearning import unlearning
 from csae.shared.config.base import to_dict
 from csae.shared.config.evaluate import EvalConfig
 from csae.shared.errors import UserError
-from csae.shared.models import LoadedModel, load_model, resolve_dtype
+from csae.shared.models import LoadedModel, resolve_dtype
 from csae.shared.schema import ActivationStore
 
 
@@ -64,20 +65,6 @@ def text_source(store: ActivationStore, cfg: EvalConfig) -> TextSource:
                       context=hcfg.context)
 
 
-def load_lm(store: ActivationStore, cfg: EvalConfig, cache_dir: Path) -> LoadedModel:
-    hcfg = store.harvest_config
-    name = cfg.model or hcfg.model
-    lm = load_model(name, cache_dir=cache_dir, dtype=resolve_dtype(cfg.dtype, cfg.device), device=cfg.device,
-                    revision=None if cfg.model else hcfg.revision)
-    if lm.d_model != store.d_model:
-        raise UserError(f"model {name!r} has width {lm.d_model}, but the store's activations have {store.d_model}: "
-                        f"pass the model the store was harvested with (--model)")
-    too_deep = [x for x in store.layers if x >= lm.n_layers]
-    if too_deep:
-        raise UserError(f"model {name!r} has {lm.n_layers} blocks; the store's layers {too_deep} do not exist in it")
-    return lm
-
-
 def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path], out: Path, *, cache_dir: Path,
              progress: bool = True, lm: LoadedModel | None = None) -> dict[str, dict[str, Any]]:
     """Compute every family, the intervals and the comparison, write the output directory; returns what
@@ -97,7 +84,8 @@ def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path
     if cfg.ce_tokens or cfg.unlearn_known:  # only then is the language model loaded
         src = text_source(store, cfg)
         t0 = time.perf_counter()
-        lm = lm or load_lm(store, cfg, cache_dir)
+        lm = lm or load_lm(store, cache_dir, model=cfg.model, dtype=resolve_dtype(cfg.dtype, cfg.device),
+                           device=cfg.device)
         timings["load_model_s"] = time.perf_counter() - t0
         if cfg.ce_tokens:
             t0 = time.perf_counter()

@@ -194,14 +194,14 @@ def test_zero_budgets_skip_their_family_and_no_model_is_loaded_without_one(store
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """--ce-tokens 0 skips the downstream family, --unlearn-known 0 the unlearning family; with both 0 the
     language model is never loaded (its loader fails the test if called)."""
-    from csae.evaluate import run as run_module
+    from csae.evaluate import lm as lm_module
 
     write_checkpoint(tmp_path / "run", 2, random_sae(D_MODEL, 64))
     group = zarr.open_group(str(store), mode="r")
     assert group.attrs["config"]["model"]  # would be loaded otherwise
     loaded = []
-    real = run_module.load_model
-    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: loaded.append(1) or real(*a, **k))
+    real = lm_module.load_model
+    monkeypatch.setattr(lm_module, "load_model", lambda *a, **k: loaded.append(1) or real(*a, **k))
     code, output = evaluate("--store", store, "--checkpoints", tmp_path / "run", "--out", tmp_path / "e",
                             *FAST, "--ce-tokens", "0", "--unlearn-known", "0")
     assert code == 0, output

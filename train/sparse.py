@@ -13,9 +13,10 @@ decoder's forward f W_dec, W_dec's gradient f^T g, f's gradient g W_dec^T, W_enc
 
 so a step costs one dense matmul plus O(K d). The contrastive head's first layer (f W_1^T) runs the same
 way. Rounding: the encoder's matmul runs in the compute dtype exactly as under autocast (so f is the
-dense path's f, bit for bit); the sparse sums run in float32 on the float32 weights, where autocast would
-round W_dec and g to bfloat16 first: with bfloat16 the two paths differ by about one bfloat16 rounding
-(tests/test_train_sparse.py states the tolerances), in float32 by summation order only.
+dense path's f, bit for bit); the sparse products take their operands in the compute dtype, sum in float32
+and round once, as autocast's matmul does, but in another order: with bfloat16 the two paths differ by
+about one bfloat16 rounding (tests/test_train_sparse.py states the tolerances), in float32 by summation
+order only.
 
 Index work (finding the active entries, ordering them by feature) runs in numpy on CPU tensors, where it
 measured 5-10x faster than torch's nonzero and sort on 2 cores; other devices use torch's.

@@ -135,6 +135,11 @@ class CSAETrainer:
             out.append(x_PD * keep / (1 - self.cfg.augment_dropout) + noise)
         return out[0], out[1]
 
+    def use_sparse(self) -> bool:
+        """Whether the next step takes the sparse path: always with sparse=on, with auto when the last step's
+        density said it pays."""
+        return self.cfg.sparse == "on" or (self.cfg.sparse == "auto" and self.sparse_pays)
+
     def features(self, x_BD: torch.Tensor) -> Features:
         """The SAE's features of a batch: on the active entries only (sparse path) or dense."""
         sae = self.sae
@@ -188,7 +193,7 @@ class CSAETrainer:
         """One optimiser step on a batch; returns the step's metrics as 0-d tensors."""
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(step)
-        self.sparse_now = self.cfg.sparse == "on" or (self.cfg.sparse == "auto" and self.sparse_pays)
+        self.sparse_now = self.use_sparse()
         with record_function("csae.step.forward"):
             terms, x_hat_BD, feats = self.loss_terms(x_BD, step)
         self.opt.zero_grad(set_to_none=True)
@@ -233,7 +238,7 @@ class CSAETrainer:
         if n_dead == 0:
             return 0
         pool_ND = pool()
-        self.sparse_now = self.cfg.sparse == "on" or (self.cfg.sparse == "auto" and self.sparse_pays)
+        self.sparse_now = self.use_sparse()
         err_N = squared_errors(self.reconstruct, pool_ND, distributed=self.rt.distributed)
         dirs_SD = choose_directions(pool_ND, err_N, self.sae.b_dec.detach(), n_dead,
                                     step_generator(self.seed, step, RESAMPLE), self.sae.W_dec.detach()[~dead_F])

@@ -21,11 +21,12 @@ from csae.evaluate.browse.collect import Rows, choose_rows, collect
 from csae.evaluate.browse.logits import best_match, logit_effects, nearest, norm_gain
 from csae.evaluate.browse.site import Dictionary, b64, data_file, shown_tokens, write_site
 from csae.evaluate.checkpoints import LayerCheckpoint, load_run
+from csae.evaluate.lm import load_lm
 from csae.shared.config.base import to_dict
 from csae.shared.config.browse import BrowseConfig
 from csae.shared.errors import UserError
 from csae.shared.files import replace_dir
-from csae.shared.models import LoadedModel, load_model, resolve_device, resolve_dtype
+from csae.shared.models import LoadedModel, resolve_device, resolve_dtype
 from csae.shared.schema import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -67,18 +68,6 @@ def check_tokens(rows: Rows, store_path: str) -> None:
                         f"reads; the browser needs the text of every row: harvest the store with `harvest run`")
 
 
-def load_lm(store: ActivationStore, cfg: BrowseConfig, cache_dir: Path) -> LoadedModel:
-    """The model whose tokenizer, final norm and unembedding the pages use (the store's unless --model)."""
-    hcfg = store.harvest_config
-    name = cfg.model or hcfg.model
-    lm = load_model(name, cache_dir=cache_dir, dtype=cfg.dtype, device=cfg.device,
-                    revision=None if cfg.model else hcfg.revision)
-    if lm.d_model != store.d_model:
-        raise UserError(f"model {name!r} has width {lm.d_model}, but the store's activations have {store.d_model}: "
-                        f"pass the model the store was harvested with (--model)")
-    return lm
-
-
 def token_strings(tokenizer: Any, ids: np.ndarray) -> dict[str, str]:
     texts = tokenizer.batch_decode([[int(i)] for i in ids], clean_up_tokenization_spaces=False)
     return {str(int(i)): t for i, t in zip(ids, texts, strict=True)}
@@ -114,7 +103,7 @@ def build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: 
     rows = choose_rows(store, store.heldout_start(max(fractions)), cfg.rows)
     check_tokens(rows, str(store_path))
     t1 = time.perf_counter()
-    lm = lm or load_lm(store, cfg, cache_dir)
+    lm = lm or load_lm(store, cache_dir, model=cfg.model, dtype=cfg.dtype, device=cfg.device)
     topic_D = store.docs("topic").astype(np.int64) if "docs/topic" in store.group and store.topics else None
     t2 = time.perf_counter()
     geo = geometry(ckpts, lm, cfg, dtype, rows)
