@@ -41,7 +41,6 @@ def test_500_dead_features_from_a_65536_row_pool_get_500_distinct_directions() -
     gen = torch.Generator().manual_seed(0)
     sae = SAE(16, 1024)
     sae.reset_parameters_(gen)
-    opt = torch.optim.AdamW(sae.parameters())
     pool = torch.randn(65_536, 16, generator=gen)
     dead = torch.zeros(1024, dtype=torch.bool)
     dead[torch.randperm(1024, generator=gen)[:500]] = True
@@ -50,7 +49,7 @@ def test_500_dead_features_from_a_65536_row_pool_get_500_distinct_directions() -
     bad = torch.randperm(65_536, generator=gen)[:1000]
     err[bad] = 1.0
     dirs = choose_directions(pool, err, sae.b_dec.detach(), 500, torch.Generator().manual_seed(1))
-    resample_(sae, opt, dirs, dead, scale=0.2, distributed=False)
+    resample_(sae, lambda p: {}, dirs, dead, scale=0.2, distributed=False)
     w = sae.W_dec.detach()[dead]
     assert len(torch.unique(w, dim=0)) == 500 and _off_diagonal_max_cos(w) < 0.99
     # each is the direction of a distinct badly reconstructed row

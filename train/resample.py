@@ -136,10 +136,11 @@ def choose_directions(pool_ND: torch.Tensor, err_N: torch.Tensor, b_dec_D: torch
 
 
 @torch.no_grad()
-def resample_(sae: SAE, optimizer: torch.optim.Optimizer, dirs_SD: torch.Tensor, dead_F: torch.Tensor, *,
-              scale: float, distributed: bool) -> torch.Tensor:
+def resample_(sae: SAE, moments: Callable[[torch.Tensor], dict[str, torch.Tensor]], dirs_SD: torch.Tensor,
+              dead_F: torch.Tensor, *, scale: float, distributed: bool) -> torch.Tensor:
     """Point the features in dead_F along dirs_SD (one unit row per dead feature) in place; returns their
-    indices (S,)."""
+    indices (S,). `moments(param)` gives the optimiser's per-element state of a parameter, whose entries of
+    the resampled features are zeroed."""
     idx_S = dead_F.nonzero().squeeze(1)
     if distributed:
         dist.broadcast(dirs_SD, src=0)
@@ -149,8 +150,6 @@ def resample_(sae: SAE, optimizer: torch.optim.Optimizer, dirs_SD: torch.Tensor,
     sae.W_enc[:, idx_S] = dirs_SD.T * (scale * enc_norm)
     sae.b_enc[idx_S] = 0.0
     for param, select in ((sae.W_enc, (slice(None), idx_S)), (sae.b_enc, (idx_S,)), (sae.W_dec, (idx_S,))):
-        state = optimizer.state.get(param, {})
-        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            if key in state:
-                state[key][select] = 0.0
+        for moment in moments(param).values():
+            moment[select] = 0.0
     return idx_S

@@ -13,10 +13,13 @@ decoder's forward f W_dec, W_dec's gradient f^T g, f's gradient g W_dec^T, W_enc
 
 so a step costs one dense matmul plus O(K d). The contrastive head's first layer (f W_1^T) runs the same
 way. Rounding: the encoder's matmul runs in the compute dtype exactly as under autocast (so f is the
-dense path's f, bit for bit); the sparse products take their operands in the compute dtype, sum in float32
-and round once, as autocast's matmul does, but in another order: with bfloat16 the two paths differ by
-about one bfloat16 rounding (tests/test_train_sparse.py states the tolerances), in float32 by summation
-order only.
+dense path's f, bit for bit); the decode takes its operands in the compute dtype, sums in float32 and
+rounds once, as autocast's matmul does, but in another order. The gradients (g_f, dW_dec, dW_enc) are
+computed from float32 operands in float32: under bfloat16 autocast the dense path rounds the operands and
+the result to bfloat16, which on CPU costs a pass over each (F, D) matrix in and out of bfloat16 that is
+slower than the float32 gather itself. So with bfloat16 the two paths differ by about one bfloat16
+rounding (tests/test_train_sparse.py states the tolerances; the sparse gradients are the closer to exact),
+in float32 by summation order only.
 
 Index work (finding the active entries, ordering them by feature) runs in numpy on CPU tensors, where it
 measured 5-10x faster than torch's nonzero and sort on 2 cores; other devices use torch's.
@@ -84,71 +87,68 @@ def _bags(idx_K: torch.Tensor, table_ND: torch.Tensor, offsets: torch.Tensor, w_
 
 
 def _sampled_dots(pat: Pattern, g_BN: torch.Tensor, W_FN: torch.Tensor) -> torch.Tensor:
-    """(g W^T) at the pattern's entries, (K,): g[b] . W[i] for each active (b, i), rounded to W's dtype.
-    Torch's SDDMM (sampled_addmm) runs in float32 only: bfloat16 operands are widened exactly, summed in
-    float32 and rounded once, as a bfloat16 matmul does. (embedding_bag's per-sample-weight backward
+    """(g W^T) at the pattern's entries, (K,): g[b] . W[i] for each active (b, i), float32 operands and
+    result (torch's SDDMM, sampled_addmm, runs in float32 only). (embedding_bag's per-sample-weight backward
     computes the same dots in bfloat16 but measured 5 ms a call at any width, 40x sampled_addmm's at 128.)"""
     with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm is all we use of it
         warnings.simplefilter("ignore", UserWarning)
         csr = torch.sparse_csr_tensor(pat.row_offsets, pat.cols_K, g_BN.new_zeros(pat.nnz, dtype=torch.float32),
                                       (pat.n_rows, pat.n_cols), check_invariants=False)  # zeros: 0 x NaN is NaN
-    dots_K = torch.sparse.sampled_addmm(csr, g_BN.float(), W_FN.float().T, beta=0.0).values()
-    return dots_K.to(W_FN.dtype)
+    return torch.sparse.sampled_addmm(csr, g_BN, W_FN.T, beta=0.0).values()
 
 
 class _SparseMatmul(torch.autograd.Function):
-    """S @ W for S (B, F) given by a pattern and its values (K,), W (F, N): the product in `dtype`
-    (float32 accumulation, one rounding, as autocast's matmul), its gradients too."""
+    """S @ W for S (B, F) given by a pattern and its values (K,), W (F, N) float32: the product in `dtype`
+    (float32 accumulation, one rounding, as autocast's matmul), its gradients in float32."""
 
     @staticmethod
     def forward(ctx, vals_K: torch.Tensor, W_FN: torch.Tensor, pat: Pattern,  # type: ignore[override]
                 dtype: torch.dtype, name: str) -> torch.Tensor:
         with record_function(f"csae.sparse.{name}"):
-            W_c = W_FN.to(dtype, memory_format=torch.contiguous_format)
-            ctx.save_for_backward(vals_K, W_c)
+            ctx.save_for_backward(vals_K, W_FN)
             ctx.pat, ctx.name = pat, name
-            return _bags(pat.cols_K, W_c, pat.row_offsets, vals_K)
+            return _bags(pat.cols_K, W_FN.to(dtype, memory_format=torch.contiguous_format), pat.row_offsets, vals_K)
 
     @staticmethod
     @record_function("csae.sparse.matmul.backward")
     def backward(ctx, g_BN: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        vals_K, W_c = ctx.saved_tensors
+        vals_K, W_FN = ctx.saved_tensors
         pat: Pattern = ctx.pat
-        g_c = g_BN.to(W_c.dtype).contiguous()
+        g_BN = g_BN.float().contiguous()
         d_vals = d_W = None
         if ctx.needs_input_grad[0]:
-            d_vals = _sampled_dots(pat, g_c, W_c).float()
+            d_vals = _sampled_dots(pat, g_BN, W_FN)
         if ctx.needs_input_grad[1]:  # S^T g, one bag per feature
             perm = pat.by_col_K
-            d_W = _bags(pat.rows_K[perm], g_c, pat.col_offsets, vals_K[perm]).float()
+            d_W = _bags(pat.rows_K[perm], g_BN, pat.col_offsets, vals_K[perm])
         return d_vals, d_W, None, None, None
 
 
 class _SparseEncode(torch.autograd.Function):
     """ReLU((x - b_dec) W_enc + b_enc) at its non-zero entries (K,), the pattern handed back in `out`.
     The matmul runs in `dtype` rounded as autocast rounds it; bias and ReLU in float32. Backward: W_enc's,
-    b_enc's and b_dec's gradients (and x's, if asked) from the K entries only."""
+    b_enc's and b_dec's gradients (and x's, if asked) from the K entries only, in float32."""
 
     @staticmethod
     @record_function("csae.sparse.encoder")
     def forward(ctx, x_BD: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,  # type: ignore[override]
                 dtype: torch.dtype, out: dict) -> torch.Tensor:
-        xc_c = (x_BD.float() - b_dec).to(dtype)
-        pre_BF = xc_c @ W_enc.to(dtype)  # in `dtype`; autocast adds the float32 bias to it in float32:
+        xc_BD = x_BD.float() - b_dec
+        pre_BF = xc_BD.to(dtype) @ W_enc.to(dtype)  # in `dtype`; autocast adds the float32 bias to it in float32:
         pat = Pattern.of(torch.gt(pre_BF, -b_enc))  # pre + b > 0 exactly when pre > -b
-        ctx.save_for_backward(xc_c, W_enc)
+        ctx.save_for_backward(xc_BD, W_enc)
         ctx.pat = out["pattern"] = pat
         return pre_BF.view(-1).take(pat.flat_K).float() + b_enc.take(pat.cols_K)
 
     @staticmethod
     @record_function("csae.sparse.encoder.backward")
     def backward(ctx, g_K: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        xc_c, W_enc = ctx.saved_tensors
+        xc_BD, W_enc = ctx.saved_tensors
         pat: Pattern = ctx.pat
         g_K = g_K.float()
         perm = pat.by_col_K
         # (F, D) transposed to W_enc's (D, F): no copy when W_enc is stored feature-major (see CSAETrainer)
-        dW_enc = _bags(pat.rows_K[perm], xc_c, pat.col_offsets, g_K[perm]).float().t()
+        dW_enc = _bags(pat.rows_K[perm], xc_BD, pat.col_offsets, g_K[perm]).t()
         db_enc = g_K.new_zeros(pat.n_cols).index_add_(0, pat.cols_K, g_K)
         dx = None
         if ctx.needs_input_grad[0]:  # g_pre W_enc^T: never needed in training (x is data)
