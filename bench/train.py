@@ -8,7 +8,9 @@ For each size (d_model x expansion) and dtype (float32, bfloat16 autocast), on a
 The trainers start with their encoder biases set so that each row fires --l0 features, the L0 the default
 L1 reaches on real data (50 of 2,560 on layer 8 of Gemma 3 270M; ~80 for a 16k dictionary), so the
 timing sees training's steady state rather than the first steps of a fresh SAE, where half the features
-fire. The bare loop's cost does not depend on it. Timing skips the first steps (warm-up, first buffer)
+fire; they train at lr 1e-5 so that the density stays there for the timed steps (at the default lr the
+synthetic rows pull a fresh SAE to ~2x the L0 within 60 steps; a step's cost depends on its density, not
+on lr). The bare loop's cost does not depend on either. Timing skips the first steps (warm-up, first buffer)
 and reports the median of --repeats interleaved runs. The last line is `ratio <plain trainer / bare>` at
 the default settings (640 x 4) in the dtype `auto` resolves to on this machine.
 
@@ -98,7 +100,7 @@ def trainer_run(store: Path, out: Path, steps: int, expansion: int, l0: int, dty
                 **overrides: object) -> tuple[float, float]:
     """(steps/s of the real trainer from the elapsed time it logs per step, mean L0 over the timed steps)."""
     cfg = resolve(TrainConfig(expansion=expansion, batch_size=BATCH, tokens=BATCH * steps, dtype=dtype,  # type: ignore[arg-type]
-                              warmup_steps=10, l1_warmup_steps=0,  # the steady state's L1
+                              warmup_steps=10, l1_warmup_steps=0, lr=1e-5,  # the steady state's L1 and L0
                               checkpoint_every=10**9, seeds=(0,), **overrides))  # type: ignore[arg-type]
     with FiringAt(l0):
         fit(cfg, store, out, layers=[0], overwrite=True, progress=False)

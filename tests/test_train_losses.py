@@ -155,10 +155,15 @@ def test_diversity_gradient_equals_autograd_of_the_formula() -> None:
     """The hand-written backward against autograd through the formula written out (float32: sums in
     another order, ~1e-7 relative)."""
     w = torch.randn(7, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    idx = torch.tensor([0, 2, 3, 6])
-    losses.diversity(w, idx).backward()
-    mine, w.grad = w.grad.clone(), None
-    u = torch.nn.functional.normalize(w[idx], dim=1)
-    cos = u @ u.T
-    ((cos.pow(2).sum() - cos.diagonal().pow(2).sum()) / (4 * 3)).backward()
-    assert torch.allclose(mine, w.grad, rtol=1e-5, atol=1e-7) and w.grad.abs().max() > 1e-3
+    other = torch.randn(7, 5, generator=torch.Generator().manual_seed(1))
+    for idx in (torch.tensor([6, 0, 3, 2]), None):
+        # with another term's dense gradient on w too (as the decoder's in training)
+        ((w * other).sum() + losses.diversity(w, idx)).backward()
+        mine, w.grad = w.grad.clone(), None
+        assert mine.layout == torch.strided
+        u = torch.nn.functional.normalize(w if idx is None else w[idx], dim=1)
+        cos = u @ u.T
+        n = len(u)
+        ((w * other).sum() + (cos.pow(2).sum() - cos.diagonal().pow(2).sum()) / (n * (n - 1))).backward()
+        assert torch.allclose(mine, w.grad, rtol=1e-5, atol=1e-7) and (mine - other).abs().max() > 1e-3
+        w.grad = None

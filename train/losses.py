@@ -34,34 +34,43 @@ def info_nce(z_a_PC: torch.Tensor, z_p_PC: torch.Tensor, temperature: float) -> 
     return 0.5 * (F.cross_entropy(s_PP, target_P) + F.cross_entropy(s_PP.T, target_P))
 
 
-class _OffDiagonalSquares(torch.autograd.Function):
-    """sum_{i != j} (w_i . w_j)^2 of the rows of w (S, D) -> (), with its gradient 4 (G - diag G) w written
-    out: one S x S x D product backward instead of autograd's two (G = w w^T has w on both sides)."""
+class _Diversity(torch.autograd.Function):
+    """sum_{i != j} cos(w_i, w_j)^2 over the rows idx_S of W (F, D) -> (), in float32, with its gradient
+    written out: with u the unit rows and G = u u^T, dL/du = 4 (G - diag G) u (one S x S x D product instead of
+    autograd's two: G has u on both sides), and through the normalisation dL/dw = (dL/du - u (u . dL/du)) / |w|.
+    The gradient comes back sparse, on the S rows: a dense one would zero all F rows and add them into W's
+    gradient every step, more work than the term itself."""
 
     @staticmethod
-    def forward(ctx, w_SD: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        gram_SS = w_SD @ w_SD.T
-        gram_SS.diagonal().zero_()
-        ctx.save_for_backward(w_SD, gram_SS)
-        return gram_SS.pow(2).sum()
+    def forward(ctx, W_FD: torch.Tensor, idx_S: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        w_SD = W_FD[idx_S].float()
+        norm_S1 = w_SD.norm(dim=1, keepdim=True).clamp_min(1e-12)  # as F.normalize
+        u_SD = w_SD / norm_S1
+        off_SS = u_SD @ u_SD.T
+        off_SS.diagonal().zero_()
+        ctx.save_for_backward(idx_S, u_SD, norm_S1, off_SS)
+        ctx.shape, ctx.dtype = W_FD.shape, W_FD.dtype
+        return off_SS.pow(2).sum()
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        w_SD, off_SS = ctx.saved_tensors
-        return (off_SS @ w_SD) * (4 * g)
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        idx_S, u_SD, norm_S1, off_SS = ctx.saved_tensors
+        du_SD = (off_SS @ u_SD) * (4 * g)
+        dw_SD = (du_SD - u_SD * (u_SD * du_SD).sum(dim=1, keepdim=True)) / norm_S1
+        return torch.sparse_coo_tensor(idx_S.unsqueeze(0), dw_SD.to(ctx.dtype), ctx.shape, check_invariants=False), None
 
 
 def diversity(W_dec_FD: torch.Tensor, idx_S: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared cosine similarity over ordered pairs of distinct decoder rows. (F, D), (S,) -> ().
 
-    idx_S picks a subset of rows (the Gram matrix of all F rows costs F^2 D per step); None uses all.
+    idx_S picks a subset of distinct rows (the Gram matrix of all F rows costs F^2 D per step); None uses all.
     sum_{i != j} cos(w_i, w_j)^2 / (S (S - 1)), in float32.
     """
-    w_SD = F.normalize((W_dec_FD if idx_S is None else W_dec_FD[idx_S]).float(), dim=1)
-    n = w_SD.shape[0]
+    idx_S = torch.arange(len(W_dec_FD), device=W_dec_FD.device) if idx_S is None else idx_S
+    n = len(idx_S)
     if n < 2:
-        return w_SD.new_zeros(())
-    return _OffDiagonalSquares.apply(w_SD) / (n * (n - 1))
+        return W_dec_FD.new_zeros((), dtype=torch.float32)
+    return _Diversity.apply(W_dec_FD, idx_S) / (n * (n - 1))
 
 
 def fvu(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
