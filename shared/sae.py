@@ -57,20 +57,30 @@ class SAE(nn.Module):
         f_BF = self.encode(x_BD)
         return self.decode(f_BF), f_BF
 
+    def _decoder_blocks(self) -> range:
+        """Starts of blocks of decoder rows of ~256 KB: the row-wise updates below read and write each block
+        while it is in cache, one pass over W_dec from memory instead of one per operation (same results)."""
+        return range(0, self.d_sae, max(1, (1 << 18) // (self.d_in * self.W_dec.element_size())))
+
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm_(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        blocks = self._decoder_blocks()
+        for i in blocks:
+            w = self.W_dec[i: i + blocks.step]
+            w.div_(w.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions_(self) -> None:
         """Project out of each decoder row's gradient its component along that row, so a step moves the
         row along the unit sphere instead of changing its norm (which renormalising would undo):
         g_i -= (g_i . w_i / w_i . w_i) w_i, in place (training calls it every step)."""
-        g, w = self.W_dec.grad, self.W_dec
-        if g is None:
+        if self.W_dec.grad is None:
             return
-        coef_F = torch.linalg.vecdot(g, w) / torch.linalg.vecdot(w, w).clamp_min(1e-16)
-        g.addcmul_(w, coef_F.unsqueeze(1).to(g.dtype), value=-1.0)
+        blocks = self._decoder_blocks()
+        for i in blocks:
+            g, w = self.W_dec.grad[i: i + blocks.step], self.W_dec[i: i + blocks.step]
+            coef_F = torch.linalg.vecdot(g, w) / torch.linalg.vecdot(w, w).clamp_min(1e-16)
+            g.addcmul_(w, coef_F.unsqueeze(1).to(g.dtype), value=-1.0)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> SAE:

@@ -10,6 +10,7 @@ import torch
 
 from csae.shared.config.base import ConfigError
 from csae.shared.config.train import PAPER, PAPER_OURS, PRESETS, TrainConfig, preset
+from csae.shared.sae import SAE
 from csae.train import losses
 from csae.train.trainer import CSAETrainer, Runtime
 
@@ -70,6 +71,24 @@ def test_decoder_norm_and_gradient_projection() -> None:
     expected = g - (g * w).sum(1, keepdim=True) * w  # rows of w are unit
     assert torch.allclose(sae.W_dec.grad, expected, atol=1e-6)
     assert torch.allclose((sae.W_dec.grad * w).sum(1), torch.zeros(8), atol=1e-6)
+
+
+def test_decoder_updates_in_blocks_equal_the_whole_matrix_formula() -> None:
+    """Over several cache-sized blocks of rows (64 x 2,560: 3 blocks), the row-wise updates equal the
+    formulas applied to the whole matrix at once, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    sae = SAE(64, 2560)
+    assert len(sae._decoder_blocks()) > 2
+    w0 = torch.randn(2560, 64, generator=gen) * torch.rand(2560, 1, generator=gen)
+    g0 = torch.randn(2560, 64, generator=gen)
+    with torch.no_grad():
+        sae.W_dec.copy_(w0)
+    sae.W_dec.grad = g0.clone()
+    sae.remove_gradient_parallel_to_decoder_directions_()
+    expected = g0 - ((g0 * w0).sum(1) / (w0 * w0).sum(1))[:, None] * w0
+    assert torch.allclose(sae.W_dec.grad, expected, rtol=1e-5, atol=1e-6)
+    sae.set_decoder_norm_to_unit_norm_()
+    assert torch.equal(sae.W_dec.detach(), w0 / w0.norm(dim=1, keepdim=True))
 
 
 #: Largest weight difference after 3 AdamW steps (lr 1e-2) between the trainer and the hand-written step.
