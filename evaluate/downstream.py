@@ -24,9 +24,10 @@ import torch
 from tqdm import tqdm
 
 from csae.evaluate.checkpoints import LayerCheckpoint
-from csae.evaluate.lm import Restart, check_head, clean_pass, token_stats
+from csae.evaluate.lm import Restart, check_head, clean_pass
 from csae.evaluate.stats import FamilyResult, Figure, Units, additive
 from csae.evaluate.text import TextBatch, TextSource, text_batches
+from csae.evaluate.vocab import token_stats
 from csae.shared.config.evaluate import EvalConfig
 from csae.shared.models import LoadedModel
 
