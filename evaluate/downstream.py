@@ -7,9 +7,10 @@ next-token cross-entropy and KL to the clean model on held-out text, in two conv
   positions, the zero-ablation at every position (BOS zeroed too). `ce_score_saelens`, `kl_score_saelens`.
 
 Both score the same predictions (every text position but the last), so only the zero-ablation reference
-differs. All interventions share one clean pass per batch, and each chunk of clean log-probabilities is
-computed once and compared with every intervention, so the 262k-way log-softmax runs 1 + (interventions)
-times per prediction. Sums are kept per document, the bootstrap's unit.
+differs. All interventions share one clean pass per batch, and the clean and every intervention's logits
+are walked block by block over the vocabulary together (evaluate/vocab.py), so the 262k-way head runs
+1 + (interventions) times per prediction and no log-softmax is materialised. Sums are kept per document,
+the bootstrap's unit.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import torch
 from tqdm import tqdm
 
 from csae.evaluate.checkpoints import LayerCheckpoint
-from csae.evaluate.lm import Restart, check_head, clean_pass, token_stats
+from csae.evaluate.lm import Restart, check_head, clean_pass
 from csae.evaluate.stats import FamilyResult, Figure, Units, additive
 from csae.evaluate.text import TextBatch, TextSource, text_batches
+from csae.evaluate.vocab import token_stats
 from csae.shared.config.evaluate import EvalConfig
 from csae.shared.models import LoadedModel
 

@@ -173,59 +173,6 @@ def head_logits(model: Any, h_ND: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-@dataclass
-class TokenStats:
-    logp_N: torch.Tensor
-    """log p(target) per position."""
-    correct_N: torch.Tensor
-    """Whether argmax of the logits is the target."""
-    kl_N: torch.Tensor | None = None
-    """KL(p_reference || p) per position (when a reference was given)."""
-    top_NK: torch.Tensor | None = None
-    """The `topk` highest-scoring token ids per position, best first (when asked for)."""
-
-
-@torch.inference_mode()
-def token_stats(model: Any, targets_N: torch.Tensor, hs: list[torch.Tensor], chunk: int,
-                reference: int | None = None, topk: int = 0) -> list[TokenStats]:
-    """Next-token statistics for several final-hidden-state sets (each (N, D), same positions and
-    targets), with the log-softmax over the vocabulary computed `chunk` positions at a time. When
-    `reference` is an index into `hs`, every set also gets its KL from that set's distribution; `topk`
-    keeps the best token ids of each position."""
-    n = len(targets_N)
-    logp = [torch.empty(n) for _ in hs]
-    correct = [torch.empty(n, dtype=torch.bool) for _ in hs]
-    kl = [torch.empty(n) for _ in hs] if reference is not None else None
-    top = [torch.empty(n, topk, dtype=torch.long) for _ in hs] if topk else None
-    order = sorted(range(len(hs)), key=lambda i: i != reference)  # the reference first: the others need it
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        tgt = targets_N[start:stop].unsqueeze(1)
-        p_ref = neg_h_ref = None
-        for i in order:
-            # argmax and top-k of the logits themselves: subtracting the log-normaliser may round two
-            # nearly equal logits to a tie, and the unlearning shortcut reproduces the logits' argmax
-            logits = head_logits(model, hs[i][start:stop]).cpu()
-            correct[i][start:stop] = logits.argmax(dim=1) == tgt.squeeze(1)
-            if top is not None:
-                top[i][start:stop] = logits.topk(topk, dim=1).indices
-            lse = torch.logsumexp(logits, dim=1)
-            logp[i][start:stop] = logits.gather(1, tgt).squeeze(1) - lse
-            if kl is None:
-                continue
-            # KL(p_ref || p) = sum_v p_ref,v log p_ref,v - sum_v p_ref,v logits_v + lse: one pass over the
-            # vocabulary per set instead of materialising its log-softmax
-            if p_ref is None:
-                lp_ref = logits - lse.unsqueeze(1)
-                p_ref = lp_ref.exp()
-                neg_h_ref = torch.einsum("nv,nv->n", p_ref, lp_ref)
-                del lp_ref
-            kl[i][start:stop] = (neg_h_ref - torch.einsum("nv,nv->n", p_ref, logits) + lse).clamp_min(0)
-            del logits
-    return [TokenStats(logp[i], correct[i], kl[i] if kl is not None else None, top[i] if top is not None else None)
-            for i in range(len(hs))]
-
-
 @torch.inference_mode()
 def check_head(model: Any, batch: TextBatch) -> None:
     """`head_logits` of the final hidden state must equal the model's own logits, within HEAD_ROUNDINGS.

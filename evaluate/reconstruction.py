@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from csae.evaluate.heldout import SaePass
-from csae.evaluate.stats import Figure, additive, ratio
+from csae.evaluate.stats import Figure, additive, per_replicate, ratio
 
 
 def _f64(*xs: torch.Tensor) -> list[torch.Tensor]:
@@ -90,17 +90,18 @@ def reconstruction_figures(p: SaePass, dense_thresholds: Sequence[float]) -> dic
         return t[:, 0] / (t[:, 1] - (t[:, 3:] ** 2).sum(axis=1) / t[:, 2])
 
     fires = p.fires_DF.astype(np.float64)
-    present = (p.fires_DF > 0).astype(np.float64)
+    # firing counts per feature on the resampled documents, shared by the dead and dense figures; a feature
+    # is dead on them exactly when its count is 0 (counts and weights are non-negative)
+    counts = per_replicate(lambda w: w @ fires)
 
     def dense(threshold: float) -> Figure:
         value = float(((fires.sum(axis=0) / p.n_D.sum()) > threshold).mean())
-        return Figure(value, lambda w: ((w @ fires) / (w @ p.n_D)[:, None] > threshold).mean(axis=1))
+        return Figure(value, lambda w: (counts(w) / (w @ p.n_D)[:, None] > threshold).mean(axis=1))
 
     figs = {"fvu": additive(sums, fvu), "explained_variance": additive(sums, lambda t: 1 - fvu(t)),
             "mse": ratio(p.err_D, p.n_D * d_model), "cosine": ratio(p.cos_D, p.n_D),
             "relative_bias": ratio(p.hh_D, p.xh_D), "l2_ratio": ratio(p.l2r_D, p.nonzero_D),
             "l0": ratio(p.l0_D, p.n_D), "l1": ratio(p.l1_D, p.n_D),
-            "dead_fraction": Figure(float((present.sum(axis=0) == 0).mean()),
-                                    lambda w: ((w @ present) == 0).mean(axis=1))}
+            "dead_fraction": Figure(float((fires.sum(axis=0) == 0).mean()), lambda w: (counts(w) == 0).mean(axis=1))}
     figs.update({f"dense_fraction_{t:g}": dense(t) for t in dense_thresholds})
     return figs

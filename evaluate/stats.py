@@ -71,6 +71,19 @@ def ratio(num_D: np.ndarray, den_D: np.ndarray) -> Figure:
     return additive(np.stack([num_D, den_D], axis=1), lambda t: t[:, 0] / t[:, 1])
 
 
+def per_replicate(fn: Resample) -> Resample:
+    """fn with its last result kept: several figures of one SAE that share a costly intermediate (e.g. firing
+    counts on the resampled documents) ask for it with the same weights array in one replicate batch."""
+    last: list[np.ndarray] = []
+
+    def cached(w_BD: np.ndarray) -> np.ndarray:
+        if not last or last[0] is not w_BD:
+            last[:] = [w_BD, fn(w_BD)]
+        return last[1]
+
+    return cached
+
+
 @dataclass(frozen=True)
 class Units:
     """The documents a family's figures are computed on: how many of each kind (resampled separately)."""

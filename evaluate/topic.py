@@ -25,27 +25,38 @@ import math
 import numpy as np
 from scipy import stats as sps
 
-from csae.evaluate.stats import Figure
+from csae.evaluate.stats import Figure, per_replicate
 
 #: Permutations computed together (bounds memory to K x T x this many floats).
 _PERM_BLOCK = 64
 
 
 def entropy_bits(counts: np.ndarray) -> np.ndarray:
-    """Shannon entropy (bits) along the last axis of non-negative counts (0 log 0 = 0; NaN for all-zero)."""
-    total = counts.sum(axis=-1, keepdims=True)
+    """Shannon entropy (bits) along the last axis of non-negative counts (0 log 0 = 0; NaN for all-zero), as
+    log2(S) - sum_t c_t log2(c_t) / S with S = sum_t c_t: one logarithm per count, no normalised copy."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum(axis=-1)
+    log_c = np.zeros_like(counts)
+    np.log2(counts, out=log_c, where=counts > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        p = counts / total
-        logp = np.where(p > 0, np.log2(np.where(p > 0, p, 1.0)), 0.0)
-    return -(p * logp).sum(axis=-1)
+        return np.log2(total) - np.einsum("...t,...t->...", counts, log_c) / total
 
 
-def _counts(fires_KD: np.ndarray, w_BD: np.ndarray, onehot_BDT: np.ndarray) -> np.ndarray:
-    """c (B, K, T): per replicate b, sum_d w_bd fires_kd onehot_bdt."""
-    b, d, t = onehot_BDT.shape
-    m = (w_BD[:, :, None] * onehot_BDT).astype(np.float32).transpose(1, 0, 2).reshape(d, b * t)
+def _counts(fires_KD: np.ndarray, w_BD: np.ndarray, topic_BD: np.ndarray, n_topics: int) -> np.ndarray:
+    """c (B, K, T): per replicate b, sum_d w_bd fires_kd [topic_bd = t] (each replicate its own topics)."""
+    b, d = w_BD.shape
+    m = np.zeros((d, b * n_topics), dtype=np.float32)
+    m[np.arange(d), np.arange(b)[:, None] * n_topics + topic_BD] = w_BD
     counts = fires_KD @ m  # integer-valued and far below 2^24: exact in float32, and twice as fast
-    return counts.reshape(len(fires_KD), b, t).transpose(1, 0, 2).astype(np.float64)
+    return counts.reshape(len(fires_KD), b, n_topics).transpose(1, 0, 2).astype(np.float64)
+
+
+def _grouped_counts(groups: list[tuple[np.ndarray, np.ndarray]], w_BD: np.ndarray) -> np.ndarray:
+    """c (B, K, T) for the documents' own topics: per topic t, fires of its documents times their weights
+    (groups[t] = (fires_K of topic t's documents, their indices)); T times fewer products than `_counts`,
+    the same integer sums."""
+    w32 = w_BD.astype(np.float32)
+    return np.stack([(fires @ w32[:, docs].T).T for fires, docs in groups], axis=2).astype(np.float64)
 
 
 def topic_figures(fires_DF: np.ndarray, n_D: np.ndarray, topic_D: np.ndarray, n_topics: int, *, min_fires: int,
@@ -67,23 +78,24 @@ def topic_figures(fires_DF: np.ndarray, n_D: np.ndarray, topic_D: np.ndarray, n_
     null_sum, below = np.zeros(len(fires_KD)), np.zeros(len(fires_KD))
     for start in range(0, permutations, _PERM_BLOCK):
         perms = np.stack([rng.permutation(d) for _ in range(min(_PERM_BLOCK, permutations - start))])
-        h_null = entropy_bits(_counts(fires_KD, np.ones((len(perms), d)), onehot_DT[perms]))  # (P, K)
+        h_null = entropy_bits(_counts(fires_KD, np.ones((len(perms), d)), topic_D[perms], n_topics))  # (P, K)
         null_sum += h_null.sum(axis=0)
         below += (h_null <= h_obs_K + 1e-12).sum(axis=0)
     p_K = (1 + below) / (1 + permutations)
     significant = sps.false_discovery_control(p_K) <= fdr
     excess = float(np.mean(null_sum / permutations - h_obs_K) / h_q)
+    groups = [(np.ascontiguousarray(fires_KD[:, topic_D == t]), np.flatnonzero(topic_D == t))
+              for t in range(n_topics)]
+    observed = per_replicate(lambda w_BD: entropy_bits(_grouped_counts(groups, w_BD)))  # H_j, for both figures
 
     def resample_excess(w_BD: np.ndarray) -> np.ndarray:
         perms = np.stack([rng.permutation(d) for _ in range(len(w_BD))])
-        h = entropy_bits(_counts(fires_KD, w_BD, np.broadcast_to(onehot_DT, (len(w_BD), d, n_topics))))
-        h_null = entropy_bits(_counts(fires_KD, w_BD, onehot_DT[perms]))
+        h_null = entropy_bits(_counts(fires_KD, w_BD, topic_D[perms], n_topics))
         hq = entropy_bits((w_BD * n_D) @ onehot_DT)
-        return np.nanmean(h_null - h, axis=1) / hq
+        return np.nanmean(h_null - observed(w_BD), axis=1) / hq
 
     def resample_ratio(w_BD: np.ndarray) -> np.ndarray:
-        h = entropy_bits(_counts(fires_KD, w_BD, np.broadcast_to(onehot_DT, (len(w_BD), d, n_topics))))
-        return np.nanmean(h, axis=1) / entropy_bits((w_BD * n_D) @ onehot_DT)
+        return np.nanmean(observed(w_BD), axis=1) / entropy_bits((w_BD * n_D) @ onehot_DT)
 
     figs = {"topic_excess": Figure(excess, resample_excess),
             "topic_significant_fraction": Figure(float(significant.mean())),

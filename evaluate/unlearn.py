@@ -25,10 +25,10 @@ from csae.evaluate.lm import (
     Top1Reference,
     clean_pass,
     still_top1,
-    token_stats,
     top1_reference,
 )
 from csae.evaluate.text import TextBatch
+from csae.evaluate.vocab import token_stats
 
 #: x (N, D) at text positions -> (intervened x (N, D), changed (N,) bool)
 Intervention = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -210,3 +210,37 @@ def test_build_sequences_counts_predictions_exactly(tiny_gemma3: Path, topic_cor
     assert sorted(per_doc) == list(range(len(per_doc))) and len(per_doc) == 25
     first = tok(docs[0].text, add_special_tokens=False)["input_ids"]
     assert capped[0].ids == [tok.bos_token_id, *first[:5]]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gemma3", "tiny_gemma2"])
+def test_blocked_token_stats_equal_the_full_log_softmax(fixture: str, request: pytest.FixtureRequest,
+                                                        dtype: str) -> None:
+    """The walk over vocabulary blocks (here 7 entries a block, the last one shorter) against the full logits'
+    float64 log-softmax: log p(target), KL from the reference set, and the argmax where the top two logits
+    are further apart than the head's rounding (a closer pair may tie in bfloat16)."""
+    from csae.evaluate.vocab import token_stats
+
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture), dtype=getattr(torch, dtype)).eval()
+    if fixture == "tiny_gemma2":
+        model.config.final_logit_softcapping = 1.5  # a cap that bends this model's logits (see above)
+    gen = torch.Generator().manual_seed(0)
+    d, vocab = model.config.hidden_size, model.config.vocab_size
+    assert vocab % 7
+    base = 1.0 if fixture == "tiny_gemma2" else 4.0  # below the cap's saturation, where bfloat16 logits tie
+    hs = [torch.randn(23, d, generator=gen) * base * scale for scale in (1.0, 1.5, 3.0)]
+    targets = torch.randint(0, vocab, (23,), generator=gen)
+    targets[:12] = lm.head_logits(model, hs[0][:12]).argmax(dim=1)  # right for the first set
+    got = token_stats(model, targets, hs, chunk=10, reference=1, block=7)
+    logits = [lm.head_logits(model, h).double() for h in hs]
+    lps = [torch.log_softmax(x, dim=1) for x in logits]
+    for st, lp, x in zip(got, lps, logits, strict=True):
+        torch.testing.assert_close(st.logp_N.double(), lp.gather(1, targets.unsqueeze(1)).squeeze(1),
+                                   rtol=CE_TOLERANCE[dtype], atol=CE_TOLERANCE[dtype])
+        want_kl = (lps[1].exp() * (lps[1] - lp)).sum(dim=1)
+        torch.testing.assert_close(st.kl_N.double(), want_kl, rtol=KL_TOLERANCE[dtype], atol=1e-6)  # type: ignore
+        top2 = x.topk(2, dim=1).values
+        clear = top2[:, 0] - top2[:, 1] > 4 * torch.finfo(getattr(torch, dtype)).eps * x.abs().max(dim=1).values
+        assert clear.sum() >= 3
+        assert torch.equal(st.correct_N[clear], (lp.argmax(dim=1) == targets)[clear])
+    assert got[0].correct_N[:12].sum() >= 10
+    assert (got[1].kl_N == 0).all() and (got[0].kl_N > 1e-3).all()  # type: ignore[union-attr]

@@ -83,3 +83,31 @@ def test_rare_features_and_documents_without_topic_are_left_out() -> None:
     figs, extras = _figures(fires, n_D, topic_D)
     assert extras["topic_features"] == 1 and extras["topic_docs"] == N_DOCS - 10
     assert figs["topic_significant_fraction"].value == 1.0
+
+
+def test_resampled_entropy_ratio_equals_the_ratio_on_duplicated_documents() -> None:
+    """The replicate of topic_entropy_ratio on document weights w equals the plug-in ratio (scipy's entropy) of
+    a corpus where document d appears w_d times; the null's counts equal a brute-force sum per permuted topic."""
+    from csae.evaluate.topic import _counts
+
+    rng = np.random.default_rng(4)
+    n_D, topic_D = _corpus(rng)
+    fires = rng.binomial(n_D[:, None].astype(int), rng.uniform(0.05, 0.3, size=(1, 25))).astype(float)
+    figs, _ = _figures(fires, n_D, topic_D)
+    w_BD = rng.multinomial(N_DOCS, np.full(N_DOCS, 1 / N_DOCS), size=3).astype(float)
+    got = figs["topic_entropy_ratio"].resample(w_BD)
+    for row, w in zip(got, w_BD, strict=True):
+        c_FT = np.zeros((25, N_TOPICS))
+        q_T = np.zeros(N_TOPICS)
+        for d in range(N_DOCS):
+            for _ in range(int(w[d])):
+                c_FT[:, topic_D[d]] += fires[d]
+                q_T[topic_D[d]] += n_D[d]
+        assert row == pytest.approx(np.mean(entropy(c_FT, base=2, axis=1)) / entropy(q_T, base=2), rel=1e-12)
+
+    topics_BD = np.stack([rng.permutation(topic_D) for _ in range(3)])
+    want = np.zeros((3, 25, N_TOPICS))
+    for b in range(3):
+        for d in range(N_DOCS):
+            want[b, :, topics_BD[b, d]] += w_BD[b, d] * fires[d]
+    assert np.array_equal(_counts(fires.T.astype(np.float32), w_BD, topics_BD, N_TOPICS), want)

@@ -14,9 +14,10 @@ from eval_fixtures import FORGET, identity_sae, tiny_gemma3, topic_corpus  # noq
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from csae.evaluate.checkpoints import LayerCheckpoint
-from csae.evaluate.lm import head_logits, still_top1, token_stats, top1_reference
+from csae.evaluate.lm import head_logits, still_top1, top1_reference
 from csae.evaluate.text import TextSource
 from csae.evaluate.unlearning import unlearning
+from csae.evaluate.vocab import token_stats
 from csae.shared.checkpoint import LayerInfo
 from csae.shared.config.evaluate import EvalConfig
 from csae.shared.config.train import TrainConfig

@@ -28,7 +28,8 @@ class EvalConfig:
     """Sequences per language-model forward."""
 
     logit_chunk: int = 512
-    """Token positions per log-softmax chunk over the vocabulary (bounds memory: chunk x vocab floats)."""
+    """Token positions whose next-token statistics are computed together (each chunk walks the vocabulary in
+    blocks of about 1M logits, so memory stays small whatever the chunk)."""
 
     contrastive_batch: int = 128
     """Anchor/positive pairs per held-out InfoNCE batch, each pair from a different sequence, so every
