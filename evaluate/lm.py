@@ -162,11 +162,13 @@ class Restart:
             self.mode = "hook"
 
 
-def head_logits(model: Any, h_ND: torch.Tensor) -> torch.Tensor:
-    """Logits (N, V) from final hidden states, as the model computes them (incl. Gemma's soft-capping)."""
+def head_logits(model: Any, h_ND: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Logits (N, V) from final hidden states, as the model computes them (incl. Gemma's soft-capping); of
+    the vocabulary entries [start, stop) only, when given (evaluate/vocab.py walks the head in blocks)."""
     head = model.get_output_embeddings()
-    param = next(head.parameters())
-    logits = head(h_ND.to(param.device, param.dtype)).float()
+    weight = head.weight[start:stop]
+    bias = head.bias[start:stop] if getattr(head, "bias", None) is not None else None
+    logits = torch.nn.functional.linear(h_ND.to(weight.device, weight.dtype), weight, bias).float()
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

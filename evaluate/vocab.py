@@ -68,21 +68,12 @@ def _stats(model: Any, targets_N: torch.Tensor, hs: list[torch.Tensor], referenc
     return _blocked(model, targets_N, hs, reference, block)
 
 
-def _block_logits(model: Any, h_ND: torch.Tensor, start: int, stop: int, cap: float | None) -> torch.Tensor:
-    """Logits of vocabulary entries [start, stop), computed as `head_logits` computes them."""
-    head = model.get_output_embeddings()
-    bias = head.bias[start:stop] if getattr(head, "bias", None) is not None else None
-    logits = torch.nn.functional.linear(h_ND, head.weight[start:stop], bias).float()
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
 def _blocked(model: Any, targets_N: torch.Tensor, hs: list[torch.Tensor], reference: int | None,
              block: int) -> list[tuple[torch.Tensor | None, ...]]:
     """One walk over the vocabulary for every set: running max m, normaliser s = sum exp(l - m), first argmax,
     target logit; with a reference r, a_i = sum exp(l_r - m_r) (l_r - l_i), so that
     KL(p_r || p_i) = a_i / s_r - lse_r + lse_i."""
     param = next(model.get_output_embeddings().parameters())
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     vocab, dev = model.get_output_embeddings().weight.shape[0], param.device
     hs = [h.to(dev, param.dtype) for h in hs]
     targets_N = targets_N.to(dev)
@@ -98,7 +89,7 @@ def _blocked(model: Any, targets_N: torch.Tensor, hs: list[torch.Tensor], refere
         inside = (targets_N >= start) & (targets_N < stop)
         ref_logits = ref_e = None
         for i in order:
-            logits = _block_logits(model, hs[i], start, stop, cap)
+            logits = head_logits(model, hs[i], start, stop)
             top, where = logits.max(dim=1)  # first maximum within the block; strict > keeps the earliest block
             better = top > best[i]
             best[i], arg[i] = torch.where(better, top, best[i]), torch.where(better, where + start, arg[i])
