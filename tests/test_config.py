@@ -27,7 +27,7 @@ def test_every_field_has_a_docstring_and_it_is_the_help() -> None:
         docs = field_docs(cls)
         assert set(docs) == set(cls.__dataclass_fields__), cls
     text = CliRunner().invoke(harvest_main, ["run", "--help"], terminal_width=400).output
-    assert "Token rows to store (BOS and padding excluded)." in text and "[default: 250000]" in text
+    assert "Token rows to store (BOS and padding excluded)." in text and "[default: 200000]" in text
 
 
 def test_dict_round_trip_and_unknown_keys() -> None:

@@ -29,7 +29,7 @@ class HarvestConfig:
     """Blocks to store: layer L is the residual stream after block L (0-based, TransformerLens
     blocks.L.hook_resid_post). Empty: the model's preset layers."""
 
-    tokens: int = 250_000
+    tokens: int = 200_000
     """Token rows to store (BOS and padding excluded). Stops early, with a warning, if the corpus runs out."""
 
     context: int = 128
