@@ -24,7 +24,16 @@ from tqdm import tqdm
 from csae.evaluate.checkpoints import LayerCheckpoint
 from csae.evaluate.lm import Restart, clean_pass
 from csae.evaluate.stats import FamilyResult, Figure, Units, additive, seed_of
-from csae.evaluate.text import TextBatch, TextSource, alternate, batches, build_sequences, round_robin, text_batches
+from csae.evaluate.text import (
+    Piece,
+    TextBatch,
+    TextSource,
+    alternate,
+    batches,
+    build_sequences,
+    round_robin,
+    text_batches,
+)
 from csae.evaluate.unlearn import (
     EvalText,
     Score,
@@ -213,17 +222,31 @@ def _topic_docs(src: TextSource, cfg: EvalConfig) -> tuple[tuple[list[Document],
 def _known_text(lm: LoadedModel, docs: Iterable[Document], src: TextSource, cfg: EvalConfig,
                 layers: list[int]) -> EvalText:
     """Test text: whole documents in order until `unlearn_known` known tokens, a window of sequences at a time
-    (sorted by length within the window, so padding stays small)."""
+    (sorted by length within the window, so padding stays small). The window that crosses `unlearn_known`
+    keeps only the documents up to the one that reaches it (its clean pass is redone on them): the test's
+    restarts and CE cost in proportion to its predictions."""
     tok = lm.tokenizer
     pieces = build_sequences(docs, tok, src.context, 2**62)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def clean(part: list[Piece]) -> EvalText:
+        text = EvalText(lm.model, layers, cfg.logit_chunk)
+        for batch in batches(part, cfg.lm_batch_size, pad, tok.bos_token_id is not None):
+            text.add(batch)
+        return text
+
     text = EvalText(lm.model, layers, cfg.logit_chunk)
     window = 2 * cfg.lm_batch_size
     for start in range(0, len(pieces), window):
-        for batch in batches(pieces[start:start + window], cfg.lm_batch_size, pad, tok.bos_token_id is not None):
-            text.add(batch)
-        if text.n_known >= cfg.unlearn_known:
+        part = pieces[start:start + window]
+        cleaned = clean(part)
+        missing = cfg.unlearn_known - text.n_known
+        if cleaned.n_known >= missing:
+            reached = int(np.searchsorted(np.cumsum(cleaned.known_per_doc()), missing))  # first doc that reaches it
+            kept = [p for p in part if p.doc <= reached]
+            text.extend(clean(kept) if len(kept) < len(part) else cleaned)
             break
+        text.extend(cleaned)
     return text
 
 

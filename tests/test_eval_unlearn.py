@@ -168,3 +168,32 @@ def test_top1_shortcut_equals_the_full_head(fixture: str, request: pytest.Fixtur
             assert used < len(h) // 2, used  # the bound decides most small changes
     assert 0 < int((~want).sum()) < len(h)  # the large changes flip some predictions: not vacuous
     assert decided_without_head > len(h)
+
+
+@pytest.mark.parametrize("target", [1, 20, 45])
+def test_test_text_stops_at_the_document_that_reaches_unlearn_known(tiny_gemma3: Path,  # noqa: F811
+                                                                     topic_corpus: Path, target: int) -> None:  # noqa: F811
+    """Whole documents in order, up to the first one with which the known tokens reach unlearn_known: known
+    tokens counted here by a direct forward of each sequence alone (float32: the rule, not the rounding, is
+    under test; the batched passes agree with single ones to the last bit there)."""
+    from csae.evaluate.text import build_sequences
+    from csae.evaluate.unlearning import _known_text
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_gemma3)
+    docs = _docs(topic_corpus)
+    src = TextSource(str(topic_corpus), 0.5, 33)
+    cfg = EvalConfig(unlearn_known=target, lm_batch_size=2)  # windows of 4 sequences: the stop falls inside one
+    per_doc: dict[int, int] = {}
+    for piece in build_sequences(docs, tok, src.context, 2**62):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([piece.ids])).logits[0]
+        ids = torch.tensor(piece.ids)
+        per_doc[piece.doc] = per_doc.get(piece.doc, 0) + int((logits[1:-1].argmax(dim=1) == ids[2:]).sum())
+    cumulative = torch.tensor([per_doc[d] for d in range(len(per_doc))]).cumsum(0)
+    assert cumulative[-1] >= target, "the fixture corpus must hold enough known tokens"
+    want_docs = int((cumulative < target).sum()) + 1
+
+    text = _known_text(LoadedModel(model=model, tokenizer=tok, identity={}), docs, src, cfg, [LAYER])
+    assert text.n_docs == want_docs
+    assert text.n_known == int(cumulative[want_docs - 1]) >= target
