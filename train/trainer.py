@@ -101,7 +101,6 @@ class CSAETrainer:
         self.opt = self._adamw(self.opt_tensors[:n_sae])
         self.opt_head = self._adamw(self.opt_tensors[n_sae:]) if self.head_params else None
         self.max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        self.no_inf = torch.zeros((), device=rt.device)  # found_inf of the fused kernel: never skip the step
         self.last_fired_F = torch.full((d_sae,), -1, dtype=torch.long, device=rt.device)
         # sparse path: decided per step from the previous step's density (dense at the start: a fresh
         # SAE has about half its features active)
@@ -258,10 +257,11 @@ class CSAETrainer:
     def clipped_step(self, opt: torch.optim.AdamW, params: list[torch.Tensor], norm: torch.Tensor) -> None:
         """AdamW on gradients clipped to norm max_norm. Fused: the kernel divides each gradient by
         max(1, (norm + 1e-6) / max_norm) as it reads it (torch's GradScaler protocol: opt.grad_scale, a tensor,
-        so no host sync), which saves the clip's own pass over every gradient. Elsewhere: clip, then step."""
+        so no host sync), which saves the clip's own pass over every gradient (its found_inf, optional in the
+        CPU and CUDA kernels, stays unset: a step is never skipped, and setting it costs an op per parameter).
+        Elsewhere: clip, then step."""
         if self.fused:
             opt.grad_scale = ((norm + 1e-6) / self.max_norm).clamp_min(1.0)  # type: ignore[attr-defined]
-            opt.found_inf = self.no_inf  # type: ignore[attr-defined]
         else:
             torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)
         opt.step()
