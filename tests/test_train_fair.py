@@ -199,7 +199,7 @@ def test_augment_positives_keep_working(store_path: Path, tmp_path: Path) -> Non
 def test_scaling_the_heads_gradient_does_not_change_the_sae_update() -> None:
     """Clip 0.05 acts on every step of both parts. Under one global norm, 1000x the head's gradient shrinks
     the SAE's step: weights then differ by 4e-3 after one step (measured). Clipped separately, the first
-    step is bit-identical; later steps see a head that differs by rounding (clip_grad_norm_ divides by
+    step is bit-identical; later steps see a head that differs by rounding (the clip divides by
     norm + 1e-6), measured 3e-8 after 4 steps."""
     cfg = TrainConfig(expansion=2, tokens=64 * 10, batch_size=64, grad_clip=0.05, warmup_steps=0, lr=1e-2,
                       head_dim=8, resample_every=0)

@@ -55,6 +55,18 @@ def load_state(directory: Path) -> dict[str, Any] | None:
                         f"from step 0 with --resume, or replace the run with --overwrite") from None
 
 
+def split_optimiser_state(state: dict[str, Any], n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A one-group optimiser state dict as two: its first n parameters' and the rest's (the same tensors and
+    step counts, so a run resumed from an older checkpoint continues exactly where it stopped)."""
+    (group,) = state["param_groups"]
+
+    def part(ids: list[int]) -> dict[str, Any]:
+        return {"state": {i: state["state"][j] for i, j in enumerate(ids) if j in state["state"]},
+                "param_groups": [{**group, "params": list(range(len(ids)))}]}
+
+    return part(group["params"][:n]), part(group["params"][n:])
+
+
 class MetricsLog:
     """Append-only CSV, one row per step (DVC plots it directly). On resume, rows of steps not covered
     by the checkpoint are dropped first, so the log matches the weights."""

@@ -30,11 +30,13 @@ from csae.shared.errors import UserError
 from csae.shared.head import ContrastiveHead
 from csae.shared.sae import SAE
 from csae.train import losses, sparse
-from csae.train.checkpoint import STATE_FILE, MetricsLog, all_finite, save_state
+from csae.train.checkpoint import STATE_FILE, MetricsLog, all_finite, save_state, split_optimiser_state
 from csae.train.loader import ChunkLoader, NonFiniteActivations
 from csae.train.resample import choose_directions, dead_mask, resample_, squared_errors
 from csae.train.sparse import Features
 
+#: Where torch's AdamW has a fused kernel (elsewhere its default, op by op, with the clip done beforehand).
+FUSED_DEVICES = ("cpu", "cuda")
 METRIC_NAMES = ("loss", "recon_loss", "l1", "info_nce", "diversity", "l0", "fvu", "grad_norm_sae", "grad_norm_head")
 
 
@@ -83,20 +85,33 @@ class CSAETrainer:
         self.sae.W_enc = torch.nn.Parameter(self.sae.W_enc.detach().t().contiguous().t())
         self.head.first.weight = torch.nn.Parameter(self.head.first.weight.detach().t().contiguous().t())
         # the head only gets gradients (and optimiser state) when the contrastive term is on
+        self.sae_params = list(self.sae.parameters())
         self.head_params = list(self.head.parameters()) if cfg.contrastive else []
-        self.params = list(self.sae.parameters()) + self.head_params
-        # fused: one kernel over all parameters; torch's default on CPU loops over them op by op (measured
+        self.params = self.sae_params + self.head_params
+        # fused: one kernel per optimiser; torch's default on CPU loops over the parameters op by op (measured
         # 4-8x slower for 2 x 640 x 2,560 weights, as long as a matmul of the step at 2 threads). The fused
         # kernel copies a non-contiguous tensor in and out of a contiguous buffer (parameter, gradient and both
         # moments: 2.8 ms instead of 0.9 for W_enc), so it updates the feature-major weights through their
         # contiguous transposes: the same storage, and AdamW is elementwise.
+        self.fused = rt.device.type in FUSED_DEVICES
         self.opt_tensors = [p if p.is_contiguous() else p.detach().t() for p in self.params]
-        self.opt = torch.optim.AdamW(self.opt_tensors, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     fused=rt.device.type in ("cpu", "cuda"))
+        # One optimiser for the SAE, one for the head: each part has its own clip factor, which the fused
+        # kernel takes as one divisor per optimiser (see clipped_step)
+        n_sae = len(self.sae_params)
+        self.opt = self._adamw(self.opt_tensors[:n_sae])
+        self.opt_head = self._adamw(self.opt_tensors[n_sae:]) if self.head_params else None
+        self.max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         self.last_fired_F = torch.full((d_sae,), -1, dtype=torch.long, device=rt.device)
         # sparse path: decided per step from the previous step's density (dense at the start: a fresh
         # SAE has about half its features active)
         self.sparse_pays = self.sparse_now = False
+
+    def _adamw(self, tensors: list[torch.Tensor]) -> torch.optim.AdamW:
+        return torch.optim.AdamW(tensors, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=self.fused)
+
+    @property
+    def optimisers(self) -> list[torch.optim.AdamW]:
+        return [self.opt] + ([self.opt_head] if self.opt_head is not None else [])
 
     @torch.no_grad()
     def init_b_dec_(self, sample_ND: torch.Tensor, iters: int = 30) -> None:
@@ -195,8 +210,8 @@ class CSAETrainer:
 
     def step(self, x_BD: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """One optimiser step on a batch; returns the step's metrics as 0-d tensors."""
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(step)
+        for opt in self.optimisers:
+            opt.param_groups[0]["lr"] = self.lr_at(step)
         self.sparse_now = self.use_sparse()
         with record_function("csae.step.forward"):
             terms, x_hat_BD, feats = self.loss_terms(x_BD, step)
@@ -214,16 +229,16 @@ class CSAETrainer:
             self.sae.remove_gradient_parallel_to_decoder_directions_()
             # The SAE and the head are clipped each by its own norm: under one global norm, the head's and
             # InfoNCE's gradients would shrink the SAE's step, and the CSAE's SAE would take smaller steps
-            # than its baseline's for a reason that is not its loss.
-            max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-            terms["grad_norm_sae"] = torch.nn.utils.clip_grad_norm_(list(self.sae.parameters()), max_norm)
-            terms["grad_norm_head"] = (torch.nn.utils.clip_grad_norm_(self.head_params, max_norm)
-                                       if self.head_params else x_BD.new_zeros(()))
+            # than its baseline's for a reason that is not its loss. The clip itself happens in the optimiser.
+            terms["grad_norm_sae"] = self.grad_norm(self.sae_params)
+            terms["grad_norm_head"] = self.grad_norm(self.head_params) if self.head_params else x_BD.new_zeros(())
         with record_function("csae.step.optimizer"):
             for t, p in zip(self.opt_tensors, self.params, strict=True):
                 if t is not p:
                     t.grad = None if p.grad is None else p.grad.t()
-            self.opt.step()
+            self.clipped_step(self.opt, self.sae_params, terms["grad_norm_sae"])
+            if self.opt_head is not None:
+                self.clipped_step(self.opt_head, self.head_params, terms["grad_norm_head"])
             self.sae.set_decoder_norm_to_unit_norm_()
         with torch.no_grad(), record_function("csae.step.stats"):
             self.last_fired_F.masked_fill_(feats.fired(), step)
@@ -233,6 +248,23 @@ class CSAETrainer:
         self.density = float(terms["l0"]) / self.sae.d_sae
         self.sparse_pays = sparse.pays(self.density, self.rt.device, self.rt.autocast_dtype)
         return terms
+
+    @staticmethod
+    def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+        """The norm of the parameters' gradients before clipping (what clip_grad_norm_ returns)."""
+        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+    def clipped_step(self, opt: torch.optim.AdamW, params: list[torch.Tensor], norm: torch.Tensor) -> None:
+        """AdamW on gradients clipped to norm max_norm. Fused: the kernel divides each gradient by
+        max(1, (norm + 1e-6) / max_norm) as it reads it (torch's GradScaler protocol: opt.grad_scale, a tensor,
+        so no host sync), which saves the clip's own pass over every gradient (its found_inf, optional in the
+        CPU and CUDA kernels, stays unset: a step is never skipped, and setting it costs an op per parameter).
+        Elsewhere: clip, then step."""
+        if self.fused:
+            opt.grad_scale = ((norm + 1e-6) / self.max_norm).clamp_min(1.0)  # type: ignore[attr-defined]
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)
+        opt.step()
 
     def maybe_resample(self, step: int, pool: Callable[[], torch.Tensor]) -> int | None:
         """Resample after step `step` if it ends a window; returns how many features (None: not due).
@@ -258,7 +290,7 @@ class CSAETrainer:
     def moments(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         """The optimiser's per-element state of a parameter (exp_avg, exp_avg_sq, ...), laid out like it."""
         t = next(t for t, p in zip(self.opt_tensors, self.params, strict=True) if p is param)
-        state = self.opt.state.get(t, {})
+        state = next((opt.state[t] for opt in self.optimisers if t in opt.state), {})
         return {k: v if t is param else v.t() for k, v in state.items() if v.shape == t.shape}
 
     def dead_fraction(self, step: int) -> float:
@@ -267,12 +299,18 @@ class CSAETrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"sae": self.sae.state_dict(), "head": self.head.state_dict(), "opt": self.opt.state_dict(),
+                "opt_head": None if self.opt_head is None else self.opt_head.state_dict(),
                 "last_fired": self.last_fired_F, "sparse_pays": self.sparse_pays}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sae.load_state_dict(state["sae"])
         self.head.load_state_dict(state["head"])
-        self.opt.load_state_dict(state["opt"])
+        opt, opt_head = state["opt"], state.get("opt_head")
+        if "opt_head" not in state:  # written before the head had its own optimiser: one over SAE + head
+            opt, opt_head = split_optimiser_state(opt, len(self.sae_params))
+        self.opt.load_state_dict(opt)
+        if self.opt_head is not None:
+            self.opt_head.load_state_dict(opt_head)
         self.last_fired_F.copy_(state["last_fired"])
         self.sparse_pays = bool(state.get("sparse_pays", False))
 
