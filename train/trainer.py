@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +20,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.profiler import record_function
-from tqdm import tqdm
 
 from csae.shared.checkpoint import LayerInfo, write_final
 from csae.shared.config.base import to_dict
@@ -30,8 +28,9 @@ from csae.shared.errors import UserError
 from csae.shared.head import ContrastiveHead
 from csae.shared.sae import SAE
 from csae.train import losses, sparse
-from csae.train.checkpoint import STATE_FILE, MetricsLog, all_finite, save_state, split_optimiser_state
+from csae.train.checkpoint import STATE_FILE, all_finite, save_state, split_optimiser_state
 from csae.train.loader import ChunkLoader, NonFiniteActivations
+from csae.train.report import StepReport
 from csae.train.resample import choose_directions, dead_mask, resample_, squared_errors
 from csae.train.sparse import Features
 
@@ -315,38 +314,6 @@ class CSAETrainer:
         self.sparse_pays = bool(state.get("sparse_pays", False))
 
 
-class _Report:
-    """The per-step row of metrics.csv and the progress bar (tokens/s, steps/s, ETA)."""
-
-    def __init__(self, cfg: TrainConfig, directory: Path, layer: int, start_step: int, end: int, *, writer: bool,
-                 progress: bool) -> None:
-        self.cfg, self.start_step, self.end = cfg, start_step, end
-        self.log = MetricsLog(directory, start_step=start_step, enabled=writer)
-        self.bar = tqdm(total=cfg.steps, initial=start_step, desc=f"layer {layer}", disable=not (progress and writer),
-                        unit="step", dynamic_ncols=True)
-        self.t0 = time.perf_counter()
-
-    def record(self, step: int, values: dict[str, float], trainer: CSAETrainer,
-               resampled: int | None) -> dict[str, float]:
-        with record_function("csae.log"):
-            now = time.perf_counter()
-            done = step + 1 - self.start_step
-            last = {"step": step, **values, "lr": trainer.lr_at(step), "dead_frac": trainer.dead_fraction(step),
-                    "resampled": resampled if resampled is not None else 0,
-                    "tokens_per_s": done * self.cfg.batch_size / max(now - self.t0, 1e-9), "elapsed_s": now - self.t0}
-            self.log.write(last)
-            self.bar.update(1)
-            if step % 10 == 0 or step + 1 == self.end:
-                self.bar.set_postfix_str(f"tok/s {last['tokens_per_s']:,.0f} recon {values['recon_loss']:.3g} "
-                                         f"l1 {values['l1']:.3g} nce {values['info_nce']:.3g} div "
-                                         f"{values['diversity']:.2g} L0 {values['l0']:.0f} fvu {values['fvu']:.3f}")
-            return last
-
-    def close(self) -> None:
-        self.bar.close()
-        self.log.close()
-
-
 def train_layer(cfg: TrainConfig, trainer: CSAETrainer, loader: ChunkLoader, directory: Path, info: LayerInfo, *,
                 start_step: int = 0, stop_at: int | None = None, progress: bool = True,
                 on_resample: Callable[[int, CSAETrainer], None] | None = None) -> dict[str, float]:
@@ -360,7 +327,7 @@ def train_layer(cfg: TrainConfig, trainer: CSAETrainer, loader: ChunkLoader, dir
     """
     layer, writer = info.layer, trainer.rt.rank == 0
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    report = _Report(cfg, directory, layer, start_step, end, writer=writer, progress=progress)
+    report = StepReport(cfg, directory, layer, start_step, end, writer=writer, progress=progress)
     batches = iter(loader)
     last: dict[str, float] = {}
     try:
@@ -389,7 +356,8 @@ def train_layer(cfg: TrainConfig, trainer: CSAETrainer, loader: ChunkLoader, dir
             if resampled is not None and on_resample is not None:
                 on_resample(step, trainer)
             # 4. log
-            last = report.record(step, values, trainer, resampled)
+            last = report.record(step, values, lr=trainer.lr_at(step), dead_frac=trainer.dead_fraction(step),
+                                 resampled=resampled)
             # 5. checkpoint (the last step's is the deliverables, written below)
             if writer and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 if not all_finite(trainer.sae, trainer.head):

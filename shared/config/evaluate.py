@@ -76,12 +76,13 @@ class EvalConfig:
     """Unlearning: tokens of forget and of retain selection text (each) whose firing rates select features.
     Only the residual at the layer is needed, so these are cheap."""
 
-    sweep_predictions: int = 128
+    sweep_predictions: int = 256
     """Unlearning: predictions of forget and of retain selection text (each) on which the sweep chooses
     (tau, n, c). Top-1 accuracy only, through the exact shortcut (no LM head where its bound decides).
-    The sweep only chooses; the test split reports. 128 (~55 known retain tokens: A_retain >= 0.99 then
-    allows no lost token) keeps `make repro` within its time budget; 256 and 512 double and quadruple the
-    sweep's time for a finer choice."""
+    The sweep only chooses; the test split reports (512 doubled the sweep's time, the pipeline's largest
+    single cost, for a finer choice). 128 saved a minute of `make repro` but chose badly: with ~55 known
+    retain tokens A_retain >= 0.99 allows no lost token, 3 of the 12 default SAEs found no setting, and the
+    chosen ones kept only 0.96-0.97 of the retain test text."""
 
     unlearn_known: int = 1000
     """Unlearning: known tokens (the clean model's top-1 prediction is right) of forget and of retain text

@@ -1,0 +1,45 @@
+"""The per-step row of metrics.csv and the progress bar of one layer's training (tokens/s, steps/s, ETA)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from torch.profiler import record_function
+from tqdm import tqdm
+
+from csae.shared.config.train import TrainConfig
+from csae.train.checkpoint import MetricsLog
+
+
+class StepReport:
+    """Writes each step's metrics (only on the writing rank) and moves the bar."""
+
+    def __init__(self, cfg: TrainConfig, directory: Path, layer: int, start_step: int, end: int, *, writer: bool,
+                 progress: bool) -> None:
+        self.cfg, self.start_step, self.end = cfg, start_step, end
+        self.log = MetricsLog(directory, start_step=start_step, enabled=writer)
+        self.bar = tqdm(total=cfg.steps, initial=start_step, desc=f"layer {layer}", disable=not (progress and writer),
+                        unit="step", dynamic_ncols=True)
+        self.t0 = time.perf_counter()
+
+    def record(self, step: int, values: dict[str, float], *, lr: float, dead_frac: float,
+               resampled: int | None) -> dict[str, float]:
+        """The step's row (its metrics, lr, dead share, features resampled, speed); returns it."""
+        with record_function("csae.log"):
+            now = time.perf_counter()
+            done = step + 1 - self.start_step
+            last = {"step": step, **values, "lr": lr, "dead_frac": dead_frac,
+                    "resampled": resampled if resampled is not None else 0,
+                    "tokens_per_s": done * self.cfg.batch_size / max(now - self.t0, 1e-9), "elapsed_s": now - self.t0}
+            self.log.write(last)
+            self.bar.update(1)
+            if step % 10 == 0 or step + 1 == self.end:
+                self.bar.set_postfix_str(f"tok/s {last['tokens_per_s']:,.0f} recon {values['recon_loss']:.3g} "
+                                         f"l1 {values['l1']:.3g} nce {values['info_nce']:.3g} div "
+                                         f"{values['diversity']:.2g} L0 {values['l0']:.0f} fvu {values['fvu']:.3f}")
+            return last
+
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()
