@@ -76,13 +76,13 @@ class EvalConfig:
     """Unlearning: tokens of forget and of retain selection text (each) whose firing rates select features.
     Only the residual at the layer is needed, so these are cheap."""
 
-    sweep_predictions: int = 256
+    sweep_predictions: int = 128
     """Unlearning: predictions of forget and of retain selection text (each) on which the sweep chooses
     (tau, n, c). Top-1 accuracy only, through the exact shortcut (no LM head where its bound decides).
-    The sweep only chooses; the test split reports (512 doubled the sweep's time, the pipeline's largest
-    single cost, for a finer choice). 128 saved a minute of `make repro` but chose badly: with ~55 known
-    retain tokens A_retain >= 0.99 allows no lost token, 3 of the 12 default SAEs found no setting, and the
-    chosen ones kept only 0.96-0.97 of the retain test text."""
+    The sweep only chooses; the test split reports. 128 keeps `make repro` within 15 minutes with bfloat16
+    (256: 15 min 4 s). Its cost: with ~55 known retain tokens A_retain >= 0.99 allows no lost token, so 3 of
+    the 12 default SAEs found no setting (256: 1 of 12); on the test split the chosen settings kept 0.964-0.996
+    of the known retain tokens (256: 0.967-0.992)."""
 
     unlearn_known: int = 1000
     """Unlearning: known tokens (the clean model's top-1 prediction is right) of forget and of retain text
