@@ -80,9 +80,9 @@ class EvalConfig:
     """Unlearning: predictions of forget and of retain selection text (each) on which the sweep chooses
     (tau, n, c). Top-1 accuracy only, through the exact shortcut (no LM head where its bound decides).
     The sweep only chooses; the test split reports. 128 keeps `make repro` within 15 minutes with bfloat16
-    (256: 15 min 4 s). Its cost: with ~55 known retain tokens A_retain >= 0.99 allows no lost token, so 3 of
-    the 12 default SAEs found no setting (256: 1 of 12); on the test split the chosen settings kept 0.964-0.996
-    of the known retain tokens (256: 0.967-0.992)."""
+    (256: 15 min 4 s). Its cost: with ~55 known retain tokens A_retain >= 0.99 allows no lost token, so in two
+    runs 1 and 3 of the 12 default SAEs found no setting (256, one run: 1); on the test split the chosen
+    settings kept 0.934-0.996 of the known retain tokens (256: 0.967-0.992)."""
 
     unlearn_known: int = 1000
     """Unlearning: known tokens (the clean model's top-1 prediction is right) of forget and of retain text
