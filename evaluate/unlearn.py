@@ -176,14 +176,6 @@ class EvalText:
         self.items.extend(other.items)
         self.tuple_out = self.tuple_out or other.tuple_out
 
-    def known_per_doc(self) -> np.ndarray:
-        """Known tokens per document (index: document number)."""
-        out = np.zeros(self.n_docs)
-        for it in self.items:
-            docs = it.batch.doc_B.unsqueeze(1).expand_as(it.correct_BT)[it.correct_BT]
-            out += np.bincount(docs.numpy(), minlength=self.n_docs)
-        return out
-
     @property
     def n_known(self) -> int:
         return int(sum(int(it.correct_BT.sum()) for it in self.items))

@@ -242,7 +242,8 @@ def _known_text(lm: LoadedModel, docs: Iterable[Document], src: TextSource, cfg:
         cleaned = clean(part)
         missing = cfg.unlearn_known - text.n_known
         if cleaned.n_known >= missing:
-            reached = int(np.searchsorted(np.cumsum(cleaned.known_per_doc()), missing))  # first doc that reaches it
+            known_D = cleaned.clean().known_D  # known tokens per document (index: document number)
+            reached = int(np.searchsorted(np.cumsum(known_D), missing))  # the first document that reaches it
             kept = [p for p in part if p.doc <= reached]
             text.extend(clean(kept) if len(kept) < len(part) else cleaned)
             break
