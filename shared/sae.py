@@ -58,9 +58,12 @@ class SAE(nn.Module):
         return self.decode(f_BF), f_BF
 
     def _decoder_blocks(self) -> range:
-        """Starts of blocks of decoder rows of ~256 KB: the row-wise updates below read and write each block
-        while it is in cache, one pass over W_dec from memory instead of one per operation (same results)."""
-        return range(0, self.d_sae, max(1, (1 << 18) // (self.d_in * self.W_dec.element_size())))
+        """Starts of blocks of decoder rows of ~1 MB: the row-wise updates below read and write each block
+        while it is in cache, one pass over W_dec from memory instead of one per operation (same results).
+        Measured at d 640 x 2,560 on 2 cores (1 MB of L2 each), from a cold cache: the projection takes
+        0.66 ms in 1 MB blocks, 0.85 in 256 KB ones (more small ops) and 0.85 unblocked; the renormalisation
+        0.39, 0.59 and 0.30."""
+        return range(0, self.d_sae, max(1, (1 << 20) // (self.d_in * self.W_dec.element_size())))
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm_(self) -> None:
@@ -73,14 +76,14 @@ class SAE(nn.Module):
     def remove_gradient_parallel_to_decoder_directions_(self) -> None:
         """Project out of each decoder row's gradient its component along that row, so a step moves the
         row along the unit sphere instead of changing its norm (which renormalising would undo):
-        g_i -= (g_i . w_i / w_i . w_i) w_i, in place (training calls it every step)."""
+        g_i -= (g_i . w_i) w_i, in place (training calls it every step). The rows must be unit norm, as
+        training keeps them (set_decoder_norm_to_unit_norm_ after every change; as SAELens' projection)."""
         if self.W_dec.grad is None:
             return
         blocks = self._decoder_blocks()
         for i in blocks:
             g, w = self.W_dec.grad[i: i + blocks.step], self.W_dec[i: i + blocks.step]
-            coef_F = torch.linalg.vecdot(g, w) / torch.linalg.vecdot(w, w).clamp_min(1e-16)
-            g.addcmul_(w, coef_F.unsqueeze(1).to(g.dtype), value=-1.0)
+            g.addcmul_(w, torch.linalg.vecdot(g, w).unsqueeze(1).to(g.dtype), value=-1.0)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> SAE:

@@ -50,6 +50,7 @@ class Pattern:
     flat_K: torch.Tensor  # rows_K * n_cols + cols_K
     row_offsets: torch.Tensor  # (B + 1,): entries of row b are k in [row_offsets[b], row_offsets[b + 1])
     by_col_K: torch.Tensor  # permutation of k sorting the entries by column, then row
+    rows_by_col_K: torch.Tensor  # rows_K[by_col_K] (every sum per feature gathers rows in this order)
     col_offsets: torch.Tensor  # (F + 1,)
 
     @property
@@ -70,7 +71,7 @@ class Pattern:
             by_col_K = torch.argsort(flat_K % F_, stable=True)
         rows_K, cols_K = flat_K // F_, flat_K % F_
         return cls(B, F_, rows_K, cols_K, flat_K, _offsets(torch.bincount(rows_K, minlength=B)), by_col_K,
-                   _offsets(torch.bincount(cols_K, minlength=F_)))
+                   rows_K[by_col_K], _offsets(torch.bincount(cols_K, minlength=F_)))
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -119,8 +120,7 @@ class _SparseMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_vals = _sampled_dots(pat, g_BN, W_FN)
         if ctx.needs_input_grad[1]:  # S^T g, one bag per feature
-            perm = pat.by_col_K
-            d_W = _bags(pat.rows_K[perm], g_BN, pat.col_offsets, vals_K[perm])
+            d_W = _bags(pat.rows_by_col_K, g_BN, pat.col_offsets, vals_K[pat.by_col_K])
         return d_vals, d_W, None, None, None
 
 
@@ -146,9 +146,8 @@ class _SparseEncode(torch.autograd.Function):
         xc_BD, W_enc = ctx.saved_tensors
         pat: Pattern = ctx.pat
         g_K = g_K.float()
-        perm = pat.by_col_K
         # (F, D) transposed to W_enc's (D, F): no copy when W_enc is stored feature-major (see CSAETrainer)
-        dW_enc = _bags(pat.rows_K[perm], xc_BD, pat.col_offsets, g_K[perm]).t()
+        dW_enc = _bags(pat.rows_by_col_K, xc_BD, pat.col_offsets, g_K[pat.by_col_K]).t()
         db_enc = g_K.new_zeros(pat.n_cols).index_add_(0, pat.cols_K, g_K)
         dx = None
         if ctx.needs_input_grad[0]:  # g_pre W_enc^T: never needed in training (x is data)

@@ -197,12 +197,12 @@ class CSAETrainer:
                 v1, v2 = self.views(x_BD[: len(x_BD) // 2], step)
                 z_BC = self.head_z(self.features(torch.cat([v1, v2])))
                 terms["info_nce"] = losses.info_nce(z_BC[: len(v1)], z_BC[len(v1):], cfg.temperature)
-        if cfg.beta > 0:  # in float32, outside autocast: at S = 256 rows the product is small, and under
-            idx_S = None   # bfloat16 autocast the casts of its operands and gradients cost more than it
+        if cfg.beta > 0:  # its matmuls in the compute dtype, the rest in float32 (losses.diversity)
+            idx_S = None
             if self.sae.d_sae > cfg.diversity_features:
                 g = step_generator(self.seed, step, DIVERSITY)
                 idx_S = torch.randperm(self.sae.d_sae, generator=g)[: cfg.diversity_features].to(x_BD.device)
-            terms["diversity"] = losses.diversity(self.sae.W_dec, idx_S)
+            terms["diversity"] = losses.diversity(self.sae.W_dec, idx_S, self.rt.autocast_dtype or torch.float32)
         terms["loss"] = (terms["recon_loss"] + self.l1_at(step) * terms["l1"] + cfg.alpha * terms["info_nce"]
                          + cfg.beta * terms["diversity"])
         return terms, x_hat_BD, feats
