@@ -10,11 +10,13 @@ L1 reaches on real data (50 of 2,560 on layer 8 of Gemma 3 270M; ~80 for a 16k d
 timing sees training's steady state rather than the first steps of a fresh SAE, where half the features
 fire; they train at lr 1e-5 so that the density stays there for the timed steps (at the default lr the
 synthetic rows pull a fresh SAE to ~2x the L0 within 60 steps; a step's cost depends on its density, not
-on lr). The bare loop's cost does not depend on either. Timing skips the first steps (warm-up, first buffer)
-and reports the median of --repeats interleaved runs. The last line is `ratio <plain trainer / bare>` at
-the default settings (640 x 4) in the dtype `auto` resolves to on this machine.
+on lr). The bare loop's cost does not depend on either. Timing skips the first steps (warm-up, first buffer).
+Each of --repeats rounds runs the three next to each other (in reversed order every other round); the speeds
+printed are medians over rounds, the ratios medians of each round's ratio, so that a slow spell of a shared
+machine moves numerator and denominator together. The last line is `ratio <plain trainer / bare>` at the
+default settings (640 x 4) in the dtype `auto` resolves to on this machine.
 
-    python bench/train.py [--steps 60] [--repeats 3] [--sizes 640x4:50 2304x8:80] [--profile]
+    python bench/train.py [--steps 100] [--repeats 5] [--sizes 640x4:50 2304x8:80] [--profile]
 
 --profile prints where the trainer's time goes (torch.profiler, grouped by the trainer's labels).
 """
@@ -123,10 +125,15 @@ def profile(store: Path, out: Path, steps: int, expansion: int, l0: int, dtype: 
               f"{e.cpu_time_total / max(total, 1):6.1%} of the loop")
 
 
+def paired(a: list[float], b: list[float]) -> float:
+    """The median over repeats of a_r / b_r: each ratio of two runs made next to each other."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", nargs="+", default=["640x4:50", "2304x8:80"], help="d_model x expansion : L0")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -145,29 +152,41 @@ def main() -> None:
             make_test_store(store, layers=(0,), d_model=d, n_docs=128, seq_len=64, chunk_rows=1024)
             s = ActivationStore.open(store)
             x_ND = s.read(0, 0, s.heldout_start(0.1)).float() * (d**0.5 / s.mean_norm(0))
-            steps = args.steps if d * expansion <= 4096 else max(SKIP + 6, args.steps // 5)
+            small = d * expansion <= 4096  # the large size: fewer, shorter rounds (a bare step takes seconds)
+            steps = args.steps if small else max(SKIP + 7, args.steps // 8)
+            repeats = args.repeats if small else min(args.repeats, 3)
             for dtype in args.dtypes:
                 ac = torch.bfloat16 if dtype == "bfloat16" else None
+                plain = {"alpha": 0.0, "beta": 0.0, "resample_every": 0}
                 runs: dict[str, list[float]] = {"bare": [], "plain": [], "csae": []}
                 l0s = []
-                plain = {"alpha": 0.0, "beta": 0.0, "resample_every": 0}
-                for _ in range(args.repeats):  # interleaved, so background load hits all three alike
-                    runs["bare"].append(bare_loop(x_ND, expansion, steps, ac))
-                    rate, got = trainer_run(store, Path(tmp) / "ck", steps, expansion, int(l0), dtype, **plain)
-                    runs["plain"].append(rate)
-                    l0s.append(got)
-                    runs["csae"].append(trainer_run(store, Path(tmp) / "ck", steps, expansion, int(l0), dtype)[0])
+                for r in range(repeats):
+                    # interleaved, the order reversed every other repeat: drifting background load hits all three
+                    # alike, and each ratio below pairs runs made next to each other
+                    for name in ("bare", "plain", "csae")[:: 1 if r % 2 == 0 else -1]:
+                        if name == "bare":
+                            runs["bare"].append(bare_loop(x_ND, expansion, steps, ac))
+                            continue
+                        rate, got = trainer_run(store, Path(tmp) / "ck", steps, expansion, int(l0), dtype,
+                                                **(plain if name == "plain" else {}))
+                        runs[name].append(rate)
+                        l0s.append(got)
                 med = {k: statistics.median(v) for k, v in runs.items()}
+                speedup = paired(runs["plain"], runs["bare"])
+                cost = paired(runs["plain"], runs["csae"]) - 1
                 print(f"d={d:5d} x{expansion} {dtype:8s} L0 {statistics.mean(l0s):5.1f}  bare {med['bare']:7.2f} "
                       f"steps/s  plain {med['plain']:7.2f} steps/s ({med['plain'] * BATCH:8,.0f} tok/s)  csae "
-                      f"{med['csae']:7.2f} steps/s  plain/bare {med['plain'] / med['bare']:.2f}  csae step cost "
-                      f"+{med['plain'] / med['csae'] - 1:.0%} over plain", flush=True)
+                      f"{med['csae']:7.2f} steps/s  plain/bare {speedup:.2f}  csae step cost {cost:+.0%} over plain "
+                      f"(medians of {repeats} rounds of {steps} steps)", flush=True)
+                pairs = list(zip(runs["plain"], runs["bare"], runs["csae"], strict=True))
+                print("    per round: plain/bare " + " ".join(f"{p / b:.2f}" for p, b, _ in pairs)
+                      + "  csae cost " + " ".join(f"{p / c - 1:+.0%}" for p, _, c in pairs))
                 if args.profile:
                     for name, over in (("plain", plain), ("csae", {})):
                         print(f"  profile {name}:")
                         profile(store, Path(tmp) / "ck", steps, expansion, int(l0), dtype, **over)
                 if headline is None or (d == 640 and expansion == 4 and dtype == native):
-                    headline = med["plain"] / med["bare"]
+                    headline = speedup
     print(f"ratio {headline:.2f}")
 
 
