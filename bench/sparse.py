@@ -7,7 +7,7 @@ both paths alike); medians. Prints ms per step and dense/sparse for each density
 break-even density per dtype (what train/sparse.py SPARSE_BELOW holds). Last line: `ratio <dense/sparse
 at 2% density in the dtype auto gives here>`.
 
-    python bench/sparse.py [--densities 0.01 0.02 0.05 0.1 0.2 0.3] [--steps 20] [--rounds 3]
+    python bench/sparse.py [--densities 0.02 0.05 0.1 0.15 0.2 0.3 0.4] [--steps 20] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def ms_per_step(trainer: CSAETrainer, x_BD: torch.Tensor, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3])
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4])
     parser.add_argument("--d", type=int, default=640)
     parser.add_argument("--expansion", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
