@@ -231,6 +231,6 @@ Features = SparseFeatures | DenseFeatures
 SPARSE_BELOW = {torch.float32: 0.3, torch.bfloat16: 0.13}
 
 
-def pays(density: float, device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
+def pays(density: float, device: torch.device, compute_dtype: torch.dtype) -> bool:
     """Whether a step at this density is faster on the sparse path (measured on CPUs; elsewhere dense)."""
-    return device.type == "cpu" and density < SPARSE_BELOW[autocast_dtype or torch.float32]
+    return device.type == "cpu" and density < SPARSE_BELOW[compute_dtype]

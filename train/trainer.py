@@ -66,6 +66,11 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world > 1
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the products run in: autocast's, else float32."""
+        return self.autocast_dtype or torch.float32
+
 
 class CSAETrainer:
     def __init__(self, cfg: TrainConfig, d_in: int, rt: Runtime, seed: int) -> None:
@@ -162,7 +167,7 @@ class CSAETrainer:
         """The SAE's features of a batch: on the active entries only (sparse path) or dense."""
         sae = self.sae
         if self.sparse_now:
-            return sparse.encode(x_BD, sae.W_enc, sae.b_enc, sae.b_dec, self.rt.autocast_dtype or torch.float32)
+            return sparse.encode(x_BD, sae.W_enc, sae.b_enc, sae.b_dec, self.rt.compute_dtype)
         with self._autocast():
             return sparse.DenseFeatures(sae.encode(x_BD), self.rt.autocast_dtype)
 
@@ -202,7 +207,7 @@ class CSAETrainer:
             if self.sae.d_sae > cfg.diversity_features:
                 g = step_generator(self.seed, step, DIVERSITY)
                 idx_S = torch.randperm(self.sae.d_sae, generator=g)[: cfg.diversity_features].to(x_BD.device)
-            terms["diversity"] = losses.diversity(self.sae.W_dec, idx_S, self.rt.autocast_dtype or torch.float32)
+            terms["diversity"] = losses.diversity(self.sae.W_dec, idx_S, self.rt.compute_dtype)
         terms["loss"] = (terms["recon_loss"] + self.l1_at(step) * terms["l1"] + cfg.alpha * terms["info_nce"]
                          + cfg.beta * terms["diversity"])
         return terms, x_hat_BD, feats
@@ -245,7 +250,7 @@ class CSAETrainer:
             terms["fvu"] = losses.fvu(x_BD, x_hat_BD)
         # the next step takes the sparse path when this step's density says it pays
         self.density = float(terms["l0"]) / self.sae.d_sae
-        self.sparse_pays = sparse.pays(self.density, self.rt.device, self.rt.autocast_dtype)
+        self.sparse_pays = sparse.pays(self.density, self.rt.device, self.rt.compute_dtype)
         return terms
 
     @staticmethod
