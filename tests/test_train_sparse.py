@@ -113,11 +113,17 @@ def test_auto_switches_on_the_previous_steps_density() -> None:
     assert trainer.density > 0.9 and not trainer.sparse_now
 
 
-def test_pattern_orders() -> None:
+@pytest.mark.parametrize("make", ["of_numpy", "of_torch"])  # CPU and other devices
+def test_pattern_orders(make: str) -> None:
     mask = torch.rand(7, 11, generator=torch.Generator().manual_seed(0)) > 0.6
-    pat = sparse.Pattern.of(mask)
+    mask[:, 10] = mask[3] = mask[6] = False  # empty rows (an inner one, the last) and an empty last column
+    mask[[1, 4], 0] = True  # rows that start at their first column
+    pat = getattr(sparse.Pattern, make)(mask)
     rows, cols = mask.nonzero().unbind(1)
     assert torch.equal(pat.rows_K, rows) and torch.equal(pat.cols_K, cols)
+    assert torch.equal(pat.flat_K, rows * 11 + cols)
     by_col = mask.t().nonzero()  # (col, row) in column-major order
-    assert torch.equal(pat.cols_K[pat.by_col_K], by_col[:, 0]) and torch.equal(pat.rows_K[pat.by_col_K], by_col[:, 1])
+    assert torch.equal(pat.cols_K[pat.by_col_K], by_col[:, 0]) and torch.equal(pat.rows_by_col_K, by_col[:, 1])
     assert torch.equal(pat.row_offsets.diff(), mask.sum(1)) and torch.equal(pat.col_offsets.diff(), mask.sum(0))
+    feats = sparse.SparseFeatures(pat, torch.ones(pat.nnz), torch.float32)
+    assert torch.equal(feats.fired(), mask.any(0)) and not feats.fired()[10]

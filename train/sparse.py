@@ -59,16 +59,28 @@ class Pattern:
 
     @classmethod
     def of(cls, mask_BF: torch.Tensor) -> Pattern:
+        return cls.of_numpy(mask_BF) if mask_BF.device.type == "cpu" else cls.of_torch(mask_BF)
+
+    @classmethod
+    def of_numpy(cls, mask_BF: torch.Tensor) -> Pattern:
+        """On CPU tensors, all in numpy (each torch op would add its dispatch): 0.94 ms against 1.13 with the
+        offsets and column order in torch, at B 512, F 2,560, K 37k on 2 cores."""
         B, F_ = mask_BF.shape
-        if mask_BF.device.type == "cpu":
-            flat = np.flatnonzero(mask_BF.numpy())
-            cols = flat % F_
-            # a stable radix sort on 16-bit keys: numpy's fastest
-            by_col = np.argsort(cols.astype(np.uint16 if F_ <= 1 << 16 else np.int64), kind="stable")
-            flat_K, by_col_K = torch.from_numpy(flat), torch.from_numpy(by_col)
-        else:
-            flat_K = mask_BF.reshape(-1).nonzero().squeeze(1)
-            by_col_K = torch.argsort(flat_K % F_, stable=True)
+        flat = np.flatnonzero(mask_BF.numpy())
+        rows, cols = np.divmod(flat, F_)
+        # a stable radix sort on 16-bit keys: numpy's fastest
+        by_col = np.argsort(cols.astype(np.uint16 if F_ <= 1 << 16 else np.int64), kind="stable")
+        row_offsets = np.searchsorted(flat, np.arange(B + 1) * F_)  # flat is sorted: row b starts at b F
+        col_offsets = np.zeros(F_ + 1, dtype=np.int64)
+        np.cumsum(np.bincount(cols, minlength=F_), out=col_offsets[1:])
+        return cls(B, F_, *map(torch.from_numpy, (rows, cols, flat, row_offsets, by_col, rows[by_col], col_offsets)))
+
+    @classmethod
+    def of_torch(cls, mask_BF: torch.Tensor) -> Pattern:
+        """On any device, in torch."""
+        B, F_ = mask_BF.shape
+        flat_K = mask_BF.reshape(-1).nonzero().squeeze(1)
+        by_col_K = torch.argsort(flat_K % F_, stable=True)
         rows_K, cols_K = flat_K // F_, flat_K % F_
         return cls(B, F_, rows_K, cols_K, flat_K, _offsets(torch.bincount(rows_K, minlength=B)), by_col_K,
                    rows_K[by_col_K], _offsets(torch.bincount(cols_K, minlength=F_)))
@@ -120,7 +132,7 @@ class _SparseMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_vals = _sampled_dots(pat, g_BN, W_FN)
         if ctx.needs_input_grad[1]:  # S^T g, one bag per feature
-            d_W = _bags(pat.rows_by_col_K, g_BN, pat.col_offsets, vals_K[pat.by_col_K])
+            d_W = _bags(pat.rows_by_col_K, g_BN, pat.col_offsets, vals_K.index_select(0, pat.by_col_K))
         return d_vals, d_W, None, None, None
 
 
@@ -147,7 +159,7 @@ class _SparseEncode(torch.autograd.Function):
         pat: Pattern = ctx.pat
         g_K = g_K.float()
         # (F, D) transposed to W_enc's (D, F): no copy when W_enc is stored feature-major (see CSAETrainer)
-        dW_enc = _bags(pat.rows_by_col_K, xc_BD, pat.col_offsets, g_K[pat.by_col_K]).t()
+        dW_enc = _bags(pat.rows_by_col_K, xc_BD, pat.col_offsets, g_K.index_select(0, pat.by_col_K)).t()
         db_enc = g_K.new_zeros(pat.n_cols).index_add_(0, pat.cols_K, g_K)
         dx = None
         if ctx.needs_input_grad[0]:  # g_pre W_enc^T: never needed in training (x is data)
@@ -179,7 +191,7 @@ class SparseFeatures:
 
     def fired(self) -> torch.Tensor:
         """(F,) bool: features active in some row."""
-        return torch.bincount(self.pat.cols_K, minlength=self.pat.n_cols) > 0
+        return self.pat.col_offsets[1:] > self.pat.col_offsets[:-1]
 
     def dense(self) -> torch.Tensor:
         """f as a dense (B, F) tensor (differentiable)."""
