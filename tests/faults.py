@@ -84,8 +84,11 @@ SLOW_STEPS = """
 
 
 def command(stage: str, args: list[str], patch: str = "") -> list[str]:
-    """argv running `<stage> <args>` in a fresh interpreter, with `patch` applied first."""
-    code = f"import os, signal, sys\n{textwrap.dedent(patch)}\nfrom csae.{stage}.cli import main\nsys.exit(main())"
+    """argv running `<stage> <args>` in a fresh interpreter, with `patch` applied first. Ctrl-C gets Python's
+    default handler, as in a terminal: a suite started in the background of a script (`make test &`) would
+    hand its children SIGINT ignored, and the Ctrl-C tests would see runs that never stop."""
+    code = (f"import os, signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            f"{textwrap.dedent(patch)}\nfrom csae.{stage}.cli import main\nsys.exit(main())")
     return [sys.executable, "-c", code, *map(str, args)]
 
 

@@ -121,7 +121,9 @@ def test_heldout_split_is_disjoint_from_train(tmp_path: Path, full_store: Path, 
 
 
 def _run_cli(args: list[str]) -> subprocess.Popen[str]:
-    code = "import sys; from csae.harvest.cli import main; sys.exit(main())"
+    # Ctrl-C with Python's default handler even when the suite runs in the background (see faults.command)
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from csae.harvest.cli import main; sys.exit(main())")
     return subprocess.Popen([sys.executable, "-c", code, "run", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
