@@ -17,6 +17,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from faults import command
 from tolerances import ROW_TOLERANCE, row_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,11 +122,8 @@ def test_heldout_split_is_disjoint_from_train(tmp_path: Path, full_store: Path, 
 
 
 def _run_cli(args: list[str]) -> subprocess.Popen[str]:
-    # Ctrl-C with Python's default handler even when the suite runs in the background (see faults.command)
-    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "from csae.harvest.cli import main; sys.exit(main())")
-    return subprocess.Popen([sys.executable, "-c", code, "run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(command("harvest", ["run", *args]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def rows_on_disk(store: Path) -> int:
