@@ -35,14 +35,17 @@ class ContrastiveHead(nn.Module):
         return out
 
     def save(self, directory: str | Path) -> None:
+        """The weights only: the sizes are their shapes. (No safetensors metadata: its writer orders the keys
+        of a metadata dict differently from run to run, so two identical heads would differ byte for byte.)"""
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
-        meta = {"d_sae": str(self.d_sae), "d_out": str(self.d_out), "hidden": str(self.hidden)}
-        atomic_write(Path(directory) / HEAD_FILE, lambda p: save_file(tensors, p, metadata=meta),
+        atomic_write(Path(directory) / HEAD_FILE, lambda p: save_file(tensors, p),
                      need=sum(t.numel() * 4 for t in tensors.values()))
 
     @classmethod
     def load(cls, directory: str | Path) -> ContrastiveHead:
-        tensors, meta = read_safetensors(Path(directory) / HEAD_FILE)
-        head = cls(int(meta["d_sae"]), int(meta["d_out"]), int(meta["hidden"]))
+        tensors, _ = read_safetensors(Path(directory) / HEAD_FILE)  # older files' metadata repeats the shapes
+        width, d_sae = tensors["first.weight"].shape
+        second = tensors.get("second.weight")
+        head = cls(d_sae, width, 0) if second is None else cls(d_sae, second.shape[0], width)
         head.load_state_dict(tensors)
         return head

@@ -53,8 +53,7 @@ def reference_sae(tmp_path_factory: pytest.TempPathFactory, reference: Path) -> 
 
 
 def _weights(layer_dir: Path) -> dict[str, list[float]]:
-    """The SAE's and head's tensors (exact values; file bytes are not stable: safetensors orders metadata keys
-    at random)."""
+    """The SAE's and head's tensors (exact values)."""
     out = {}
     for name in ("sae_weights.safetensors", "head.safetensors"):
         out.update({f"{name}:{k}": v.flatten().tolist() for k, v in load_file(layer_dir / name).items()})

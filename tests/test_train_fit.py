@@ -9,6 +9,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
 from csae.shared import schema
 from csae.shared.checkpoint import LayerInfo, load_layer, read_metrics
@@ -91,6 +92,26 @@ def test_folding_the_input_scale_gives_raw_unit_sae_and_head() -> None:
         torch.testing.assert_close(x_hat, x_hat_s / s)
         torch.testing.assert_close(raw_head(f), head(f_s))
         assert (f > 0).any() and (f == 0).any()  # not vacuous: some features fire, some do not
+
+
+@pytest.mark.parametrize("hidden", [0, 6])
+def test_head_files_round_trip_and_repeat_byte_for_byte(tmp_path: Path, hidden: int) -> None:
+    head = ContrastiveHead(24, 4, hidden=hidden)
+    files = []
+    for i in range(8):  # safetensors orders metadata keys at random: 8 equal files rule that out
+        (tmp_path / str(i)).mkdir()
+        head.save(tmp_path / str(i))
+        files.append((tmp_path / str(i) / "head.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+    back = ContrastiveHead.load(tmp_path / "0")
+    assert (back.d_sae, back.d_out, back.hidden) == (24, 4, hidden)
+    f = torch.rand(5, 24)
+    assert torch.equal(back(f), head(f))
+    # a file of the earlier format (sizes repeated in its metadata) still loads
+    (tmp_path / "old").mkdir()
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, tmp_path / "old" / "head.safetensors",
+              metadata={"d_sae": "24", "d_out": "4", "hidden": str(hidden)})
+    assert torch.equal(ContrastiveHead.load(tmp_path / "old")(f), head(f))
 
 
 def test_resume_equals_uninterrupted(store_path: Path, trained: Path, tmp_path: Path, dtype: str) -> None:
