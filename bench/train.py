@@ -125,11 +125,6 @@ def profile(store: Path, out: Path, steps: int, expansion: int, l0: int, dtype: 
               f"{e.cpu_time_total / max(total, 1):6.1%} of the loop")
 
 
-def paired(a: list[float], b: list[float]) -> float:
-    """The median over repeats of a_r / b_r: each ratio of two runs made next to each other."""
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100)
@@ -172,15 +167,16 @@ def main() -> None:
                         runs[name].append(rate)
                         l0s.append(got)
                 med = {k: statistics.median(v) for k, v in runs.items()}
-                speedup = paired(runs["plain"], runs["bare"])
-                cost = paired(runs["plain"], runs["csae"]) - 1
+                # each round's ratios pair runs made next to each other; the figures are their medians
+                speedups = [p / b for p, b in zip(runs["plain"], runs["bare"], strict=True)]
+                costs = [p / c - 1 for p, c in zip(runs["plain"], runs["csae"], strict=True)]
+                speedup, cost = statistics.median(speedups), statistics.median(costs)
                 print(f"d={d:5d} x{expansion} {dtype:8s} L0 {statistics.mean(l0s):5.1f}  bare {med['bare']:7.2f} "
                       f"steps/s  plain {med['plain']:7.2f} steps/s ({med['plain'] * BATCH:8,.0f} tok/s)  csae "
                       f"{med['csae']:7.2f} steps/s  plain/bare {speedup:.2f}  csae step cost {cost:+.0%} over plain "
                       f"(medians of {repeats} rounds of {steps} steps)", flush=True)
-                pairs = list(zip(runs["plain"], runs["bare"], runs["csae"], strict=True))
-                print("    per round: plain/bare " + " ".join(f"{p / b:.2f}" for p, b, _ in pairs)
-                      + "  csae cost " + " ".join(f"{p / c - 1:+.0%}" for p, _, c in pairs))
+                print("    per round: plain/bare " + " ".join(f"{r:.2f}" for r in speedups)
+                      + "  csae cost " + " ".join(f"{c:+.0%}" for c in costs))
                 if args.profile:
                     for name, over in (("plain", plain), ("csae", {})):
                         print(f"  profile {name}:")
