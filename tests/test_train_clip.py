@@ -1,6 +1,6 @@
-"""The gradient clip inside the fused AdamW (a divisor per optimiser, torch's GradScaler protocol) against
-clipping the gradients and then stepping, written out; and resuming from a checkpoint written when the SAE
-and the head shared one optimiser."""
+"""The gradient clip inside the fused AdamW (torch's GradScaler divisor, the head's gradients rescaled to their own
+factor) against clipping each part's gradients and then stepping, written out; and resuming from a checkpoint
+written when the SAE and the head had an optimiser each."""
 
 from __future__ import annotations
 
@@ -95,18 +95,23 @@ def test_clip_in_the_optimiser_equals_clipping_then_stepping(dtype: str, fused: 
         assert any(clipped[part]) and not all(clipped[part]), (part, clipped[part])
 
 
-def test_a_checkpoint_with_one_optimiser_for_sae_and_head_resumes_exactly() -> None:
-    """A state written when one AdamW held the SAE's and the head's parameters (its "opt" lists them all)
-    loads into the two optimisers with the same moments and step counts, and the next step is bit-identical."""
+def test_a_checkpoint_with_an_optimiser_per_part_resumes_exactly() -> None:
+    """A state written when the SAE and the head had an optimiser each ("opt" and "opt_head") loads into the
+    one optimiser with the same moments and step counts, and the next step is bit-identical."""
     gen = torch.Generator().manual_seed(1)
     xs = [torch.randn(64, D, generator=gen) * 4 for _ in range(4)]
     ran = _trainer("float32")
     for step in range(3):
         ran.step(xs[step], step)
-    joint = torch.optim.AdamW(ran.opt_tensors, lr=ran.cfg.lr, weight_decay=ran.cfg.weight_decay, fused=True)
-    for t in ran.opt_tensors:
-        joint.state[t] = next(opt.state[t] for opt in ran.optimisers if t in opt.state)
-    old = {k: v for k, v in ran.state_dict().items() if k != "opt_head"} | {"opt": joint.state_dict()}
+    n_sae = len(ran.sae_params)
+    parts = []
+    for tensors in (ran.opt_tensors[:n_sae], ran.opt_tensors[n_sae:]):
+        opt = torch.optim.AdamW(tensors, lr=ran.cfg.lr, weight_decay=ran.cfg.weight_decay, fused=True)
+        for t in tensors:
+            opt.state[t] = ran.opt.state[t]
+        parts.append(opt.state_dict())
+    assert len(parts[1]["state"]) == len(ran.head_params) > 0
+    old = ran.state_dict() | {"opt": parts[0], "opt_head": parts[1]}
     old = copy.deepcopy(old)  # as torch.load returns it: nothing shared with `ran`
     resumed = _trainer("float32")
     resumed.load_state_dict(old)
@@ -115,7 +120,8 @@ def test_a_checkpoint_with_one_optimiser_for_sae_and_head_resumes_exactly() -> N
         ma, mb = ran.moments(a), resumed.moments(b)
         assert ma.keys() == mb.keys() == {"exp_avg", "exp_avg_sq"}
         assert all(torch.equal(ma[k], mb[k]) for k in ma)
-    assert all(int(s["step"]) == 3 for opt in resumed.optimisers for s in opt.state.values())
+    assert len(resumed.opt.state) == len(resumed.params)
+    assert all(int(s["step"]) == 3 for s in resumed.opt.state.values())
     ran.step(xs[3], 3)
     resumed.step(xs[3], 3)
     for a, b in zip(ran.params, resumed.params, strict=True):

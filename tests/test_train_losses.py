@@ -46,7 +46,7 @@ def test_info_nce_gradient_equals_autograd_of_the_formula() -> None:
         ref = 0.5 * (F.cross_entropy(s, target) + F.cross_entropy(s.T, target))
         ref_a, ref_p = torch.autograd.grad(ref, (z_a, z_p))
         za32, zp32 = (z.detach().float().requires_grad_() for z in (z_a, z_p))
-        got = losses.info_nce(za32, zp32, tau)
+        got = losses.info_nce(torch.cat([za32, zp32]), tau)
         got.backward()
         assert got.item() == pytest.approx(ref.item(), rel=tol)
         for mine, exact in ((za32.grad, ref_a), (zp32.grad, ref_p)):
@@ -67,11 +67,11 @@ def test_info_nce_matches_formula() -> None:
     row = [-(cos[i][i] / tau - math.log(sum(math.exp(cos[i][j] / tau) for j in range(3)))) for i in range(3)]
     col = [-(cos[j][j] / tau - math.log(sum(math.exp(cos[i][j] / tau) for i in range(3)))) for j in range(3)]
     expected = 0.5 * (sum(row) / 3 + sum(col) / 3)
-    assert losses.info_nce(a, p, tau).item() == pytest.approx(expected, rel=1e-5)
+    assert losses.info_nce(torch.cat([a, p]), tau).item() == pytest.approx(expected, rel=1e-5)
     # identical, well separated pairs give a loss near 0; swapping the positives makes it large
     e = torch.eye(3) * 10
-    assert losses.info_nce(e, e, 0.05).item() < 1e-6
-    assert losses.info_nce(e, e.roll(1, 0), 0.05).item() > 10
+    assert losses.info_nce(torch.cat([e, e]), 0.05).item() < 1e-6
+    assert losses.info_nce(torch.cat([e, e.roll(1, 0)]), 0.05).item() > 10
 
 
 def test_diversity_matches_formula_and_subset() -> None:

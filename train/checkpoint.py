@@ -55,16 +55,14 @@ def load_state(directory: Path) -> dict[str, Any] | None:
                         f"from step 0 with --resume, or replace the run with --overwrite") from None
 
 
-def split_optimiser_state(state: dict[str, Any], n: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A one-group optimiser state dict as two: its first n parameters' and the rest's (the same tensors and
-    step counts, so a run resumed from an older checkpoint continues exactly where it stopped)."""
-    (group,) = state["param_groups"]
-
-    def part(ids: list[int]) -> dict[str, Any]:
-        return {"state": {i: state["state"][j] for i, j in enumerate(ids) if j in state["state"]},
-                "param_groups": [{**group, "params": list(range(len(ids)))}]}
-
-    return part(group["params"][:n]), part(group["params"][n:])
+def join_optimiser_states(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two one-group optimiser state dicts (the SAE's, then the head's, as checkpoints held them for a while)
+    as the one-group state of an optimiser over both parameter lists: the same tensors and step counts, so
+    a run resumed from such a checkpoint continues exactly where it stopped."""
+    (group,), (other,) = first["param_groups"], second["param_groups"]
+    n = len(group["params"])
+    state = dict(first["state"]) | {n + i: s for i, s in second["state"].items()}
+    return {"state": state, "param_groups": [{**group, "params": list(range(n + len(other["params"])))}]}
 
 
 class MetricsLog:

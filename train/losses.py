@@ -21,20 +21,22 @@ def l1(f_BF: torch.Tensor) -> torch.Tensor:
 
 
 class _InfoNCE(torch.autograd.Function):
-    """The symmetric InfoNCE of `info_nce` with its gradient written out. With a, p the unit rows,
-    s = a p^T / t, R and C the softmaxes of s over rows and over columns:
+    """The symmetric InfoNCE of `info_nce` with its gradient written out. With u the unit rows of z, a and p
+    their halves (anchors, positives), s = a p^T / t, R and C the softmaxes of s over rows and over columns:
         L = (1 / 2P) sum_i (lse_j s_ij - s_ii) + (1 / 2P) sum_j (lse_i s_ij - s_jj)
         dL/ds = (R + C - 2 I) / 2P;   dL/da = dL/ds p / t,   dL/dp = (dL/ds)^T a / t
-    and through the normalisation dL/dz = (dL/da - a (a . dL/da)) / |z|. Two exponentials of the P x P
+    and through the normalisation dL/dz = (dL/du - u (u . dL/du)) / |z|. Two exponentials of the P x P
     similarities instead of autograd's four (each cross entropy's forward and backward), and one graph node
-    instead of ~15: 1.1 against 1.3 ms forward and backward at P 256, C 128 on 2 cores."""
+    for the whole (2P, C) input instead of ~15 plus the halves' slices: 1.13 against 1.31 ms forward and
+    backward at P 256, C 128 on 2 cores (against 1.54 for autograd through two cross entropies)."""
 
     @staticmethod
-    def forward(ctx, z_a_PC: torch.Tensor, z_p_PC: torch.Tensor, temperature: float) -> torch.Tensor:  # type: ignore[override]
-        z_a_PC, z_p_PC = z_a_PC.float(), z_p_PC.float()
-        norm_a, norm_p = (z.norm(dim=1, keepdim=True).clamp_min(1e-12) for z in (z_a_PC, z_p_PC))
-        a_PC, p_PC = z_a_PC / norm_a, z_p_PC / norm_p  # as F.normalize
-        s_PP = (a_PC @ p_PC.T) / temperature
+    def forward(ctx, z_BC: torch.Tensor, temperature: float) -> torch.Tensor:  # type: ignore[override]
+        z_BC = z_BC.float()
+        P = len(z_BC) // 2
+        norm_B1 = z_BC.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        u_BC = z_BC / norm_B1  # as F.normalize
+        s_PP = torch.mm(u_BC[:P], u_BC[P:].T).div_(temperature)
         diag_P = s_PP.diagonal()
         softmaxes, total = [], s_PP.new_zeros(())
         for dim in (1, 0):  # over each row (anchor i's candidates), then each column (positive j's)
@@ -44,30 +46,33 @@ class _InfoNCE(torch.autograd.Function):
             softmaxes.append(e_PP.div_(sum_P.unsqueeze(dim)))
             # lse - s_ii per row as (m - s_ii) + log(sum): no cancellation of large terms when the loss is small
             total = total + ((m_P - diag_P) + sum_P.log()).sum()
-        ctx.save_for_backward(a_PC, p_PC, norm_a, norm_p, *softmaxes)
+        ctx.save_for_backward(u_BC, norm_B1, *softmaxes)
         ctx.temperature = temperature
-        return total / (2 * len(s_PP))
+        return total / (2 * P)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
-        a_PC, p_PC, norm_a, norm_p, rows_PP, cols_PP = ctx.saved_tensors
-        P = len(a_PC)
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        u_BC, norm_B1, rows_PP, cols_PP = ctx.saved_tensors
+        P = len(rows_PP)
         ds_PP = rows_PP + cols_PP  # (not in place: a retained graph may run backward again)
         ds_PP.diagonal().sub_(2.0)
         ds_PP.mul_(g / (2 * P * ctx.temperature))  # with ds/da's 1 / t
-        da_PC, dp_PC = ds_PP @ p_PC, ds_PP.T @ a_PC
-        dz_a = (da_PC - a_PC * (a_PC * da_PC).sum(dim=1, keepdim=True)) / norm_a
-        dz_p = (dp_PC - p_PC * (p_PC * dp_PC).sum(dim=1, keepdim=True)) / norm_p
-        return dz_a, dz_p, None
+        du_BC = torch.empty_like(u_BC)
+        torch.mm(ds_PP, u_BC[P:], out=du_BC[:P])
+        torch.mm(ds_PP.T, u_BC[:P], out=du_BC[P:])
+        return (du_BC - u_BC * (u_BC * du_BC).sum(dim=1, keepdim=True)) / norm_B1, None
 
 
-def info_nce(z_a_PC: torch.Tensor, z_p_PC: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE over in-batch negatives, in float32. Shapes (P, C), (P, C) -> ().
+def info_nce(z_BC: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE over in-batch negatives, in float32, on pairs stacked in halves: rows [0, P) are the
+    anchors, rows [P, 2P) their positives (the loader's layout). Shape (2P, C) -> ().
 
-    s_ij = cos(z_a_i, z_p_j) / temperature; loss = (CE(s, diag) + CE(s^T, diag)) / 2, i.e. for each anchor the
+    s_ij = cos(z_i, z_{P+j}) / temperature; loss = (CE(s, diag) + CE(s^T, diag)) / 2, i.e. for each anchor the
     positive must beat the other P-1 pairs' positives, and for each positive the other anchors.
     """
-    return _InfoNCE.apply(z_a_PC, z_p_PC, temperature)
+    if len(z_BC) % 2:
+        raise ValueError(f"info_nce takes anchors and positives stacked in halves; got {len(z_BC)} rows")
+    return _InfoNCE.apply(z_BC, temperature)
 
 
 class _Diversity(torch.autograd.Function):

@@ -28,7 +28,7 @@ from csae.shared.errors import UserError
 from csae.shared.head import ContrastiveHead
 from csae.shared.sae import SAE
 from csae.train import losses, sparse
-from csae.train.checkpoint import STATE_FILE, all_finite, save_state, split_optimiser_state
+from csae.train.checkpoint import STATE_FILE, all_finite, join_optimiser_states, save_state
 from csae.train.loader import ChunkLoader, NonFiniteActivations
 from csae.train.report import StepReport
 from csae.train.resample import choose_directions, dead_mask, resample_, squared_errors
@@ -92,30 +92,21 @@ class CSAETrainer:
         self.sae_params = list(self.sae.parameters())
         self.head_params = list(self.head.parameters()) if cfg.contrastive else []
         self.params = self.sae_params + self.head_params
-        # fused: one kernel per optimiser; torch's default on CPU loops over the parameters op by op (measured
-        # 4-8x slower for 2 x 640 x 2,560 weights, as long as a matmul of the step at 2 threads). The fused
-        # kernel copies a non-contiguous tensor in and out of a contiguous buffer (parameter, gradient and both
-        # moments: 2.8 ms instead of 0.9 for W_enc), so it updates the feature-major weights through their
-        # contiguous transposes: the same storage, and AdamW is elementwise.
+        # fused: one kernel for every parameter; torch's default on CPU loops over the parameters op by op
+        # (measured 4-8x slower for 2 x 640 x 2,560 weights, as long as a matmul of the step at 2 threads). The
+        # fused kernel copies a non-contiguous tensor in and out of a contiguous buffer (parameter, gradient and
+        # both moments: 2.8 ms instead of 0.9 for W_enc), so it updates the feature-major weights through their
+        # contiguous transposes: the same storage, and AdamW is elementwise. One optimiser for the SAE and the
+        # head (a second one for the head cost 0.17-0.29 ms a step more: its own call and pass); each part still has
+        # its own clip factor (see clipped_step).
         self.fused = rt.device.type in FUSED_DEVICES
         self.opt_tensors = [p if p.is_contiguous() else p.detach().t() for p in self.params]
-        # One optimiser for the SAE, one for the head: each part has its own clip factor, which the fused
-        # kernel takes as one divisor per optimiser (see clipped_step)
-        n_sae = len(self.sae_params)
-        self.opt = self._adamw(self.opt_tensors[:n_sae])
-        self.opt_head = self._adamw(self.opt_tensors[n_sae:]) if self.head_params else None
+        self.opt = torch.optim.AdamW(self.opt_tensors, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=self.fused)
         self.max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         self.last_fired_F = torch.full((d_sae,), -1, dtype=torch.long, device=rt.device)
         # sparse path: decided per step from the previous step's density (dense at the start: a fresh
         # SAE has about half its features active)
         self.sparse_pays = self.sparse_now = False
-
-    def _adamw(self, tensors: list[torch.Tensor]) -> torch.optim.AdamW:
-        return torch.optim.AdamW(tensors, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=self.fused)
-
-    @property
-    def optimisers(self) -> list[torch.optim.AdamW]:
-        return [self.opt] + ([self.opt_head] if self.opt_head is not None else [])
 
     @torch.no_grad()
     def init_b_dec_(self, sample_ND: torch.Tensor, iters: int = 30) -> None:
@@ -196,12 +187,9 @@ class CSAETrainer:
         if cfg.alpha > 0:
             if cfg.positives == "context":  # rows [0, P) are anchors, [P, 2P) their positives
                 z_BC = self.head_z(feats)
-                half = len(x_BD) // 2
-                terms["info_nce"] = losses.info_nce(z_BC[:half], z_BC[half:], cfg.temperature)
-            else:
-                v1, v2 = self.views(x_BD[: len(x_BD) // 2], step)
-                z_BC = self.head_z(self.features(torch.cat([v1, v2])))
-                terms["info_nce"] = losses.info_nce(z_BC[: len(v1)], z_BC[len(v1):], cfg.temperature)
+            else:  # two views of each anchor, stacked in halves as well
+                z_BC = self.head_z(self.features(torch.cat(self.views(x_BD[: len(x_BD) // 2], step))))
+            terms["info_nce"] = losses.info_nce(z_BC, cfg.temperature)
         if cfg.beta > 0:  # its matmuls in the compute dtype, the rest in float32 (losses.diversity)
             idx_S = None
             if self.sae.d_sae > cfg.diversity_features:
@@ -214,8 +202,7 @@ class CSAETrainer:
 
     def step(self, x_BD: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """One optimiser step on a batch; returns the step's metrics as 0-d tensors."""
-        for opt in self.optimisers:
-            opt.param_groups[0]["lr"] = self.lr_at(step)
+        self.opt.param_groups[0]["lr"] = self.lr_at(step)
         self.sparse_now = self.use_sparse()
         with record_function("csae.step.forward"):
             terms, x_hat_BD, feats = self.loss_terms(x_BD, step)
@@ -240,9 +227,7 @@ class CSAETrainer:
             for t, p in zip(self.opt_tensors, self.params, strict=True):
                 if t is not p:
                     t.grad = None if p.grad is None else p.grad.t()
-            self.clipped_step(self.opt, self.sae_params, terms["grad_norm_sae"])
-            if self.opt_head is not None:
-                self.clipped_step(self.opt_head, self.head_params, terms["grad_norm_head"])
+            self.clipped_step(terms["grad_norm_sae"], terms["grad_norm_head"])
             self.sae.set_decoder_norm_to_unit_norm_()
         with torch.no_grad(), record_function("csae.step.stats"):
             self.last_fired_F.masked_fill_(feats.fired(), step)
@@ -258,17 +243,28 @@ class CSAETrainer:
         """The norm of the parameters' gradients before clipping (what clip_grad_norm_ returns)."""
         return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
-    def clipped_step(self, opt: torch.optim.AdamW, params: list[torch.Tensor], norm: torch.Tensor) -> None:
-        """AdamW on gradients clipped to norm max_norm. Fused: the kernel divides each gradient by
-        max(1, (norm + 1e-6) / max_norm) as it reads it (torch's GradScaler protocol: opt.grad_scale, a tensor,
-        so no host sync), which saves the clip's own pass over every gradient (its found_inf, optional in the
-        CPU and CUDA kernels, stays unset: a step is never skipped, and setting it costs an op per parameter).
-        Elsewhere: clip, then step."""
+    def clip_factor(self, norm: torch.Tensor) -> torch.Tensor:
+        """What clip_grad_norm_ divides the gradients by: max(1, (norm + 1e-6) / max_norm), as a tensor."""
+        return ((norm + 1e-6) / self.max_norm).clamp_min(1.0)
+
+    def clipped_step(self, norm_sae: torch.Tensor, norm_head: torch.Tensor) -> None:
+        """AdamW on gradients clipped part by part, the SAE's to norm max_norm and the head's likewise.
+        Fused: the kernel divides every gradient by the SAE's factor as it reads it (torch's GradScaler
+        protocol: opt.grad_scale, a tensor, so no host sync), which saves the clip's own pass over the SAE's
+        gradients; the head's are first multiplied by the SAE's factor over the head's (exactly 1 when neither
+        clips), so they end up divided by the head's. The kernel's found_inf, optional on CPU and CUDA, stays
+        unset: a step is never skipped, and setting it costs an op per parameter. Elsewhere: clip each part,
+        then step."""
+        head_grads = [p.grad for p in self.head_params if p.grad is not None]
         if self.fused:
-            opt.grad_scale = ((norm + 1e-6) / self.max_norm).clamp_min(1.0)  # type: ignore[attr-defined]
+            factor = self.clip_factor(norm_sae)
+            if head_grads:
+                torch._foreach_mul_(head_grads, factor / self.clip_factor(norm_head))
+            self.opt.grad_scale = factor  # type: ignore[attr-defined]
         else:
-            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)
-        opt.step()
+            torch.nn.utils.clip_grads_with_norm_(self.sae_params, self.max_norm, norm_sae)
+            torch.nn.utils.clip_grads_with_norm_(self.head_params, self.max_norm, norm_head)
+        self.opt.step()
 
     def maybe_resample(self, step: int, pool: Callable[[], torch.Tensor]) -> int | None:
         """Resample after step `step` if it ends a window; returns how many features (None: not due).
@@ -294,7 +290,7 @@ class CSAETrainer:
     def moments(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         """The optimiser's per-element state of a parameter (exp_avg, exp_avg_sq, ...), laid out like it."""
         t = next(t for t, p in zip(self.opt_tensors, self.params, strict=True) if p is param)
-        state = next((opt.state[t] for opt in self.optimisers if t in opt.state), {})
+        state = self.opt.state.get(t, {})
         return {k: v if t is param else v.t() for k, v in state.items() if v.shape == t.shape}
 
     def dead_fraction(self, step: int) -> float:
@@ -303,18 +299,15 @@ class CSAETrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"sae": self.sae.state_dict(), "head": self.head.state_dict(), "opt": self.opt.state_dict(),
-                "opt_head": None if self.opt_head is None else self.opt_head.state_dict(),
                 "last_fired": self.last_fired_F, "sparse_pays": self.sparse_pays}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sae.load_state_dict(state["sae"])
         self.head.load_state_dict(state["head"])
-        opt, opt_head = state["opt"], state.get("opt_head")
-        if "opt_head" not in state:  # written before the head had its own optimiser: one over SAE + head
-            opt, opt_head = split_optimiser_state(opt, len(self.sae_params))
+        opt = state["opt"]
+        if state.get("opt_head") is not None:  # written while the head had an optimiser of its own
+            opt = join_optimiser_states(opt, state["opt_head"])
         self.opt.load_state_dict(opt)
-        if self.opt_head is not None:
-            self.opt_head.load_state_dict(opt_head)
         self.last_fired_F.copy_(state["last_fired"])
         self.sparse_pays = bool(state.get("sparse_pays", False))
 
