@@ -13,10 +13,13 @@ synthetic rows pull a fresh SAE to ~2x the L0 within 60 steps; a step's cost dep
 on lr). The bare loop's cost does not depend on either. Timing skips the first steps (warm-up, first buffer).
 Each of --repeats rounds runs the three next to each other (in reversed order every other round); the speeds
 printed are medians over rounds, the ratios medians of each round's ratio, so that a slow spell of a shared
-machine moves numerator and denominator together. The last line is `ratio <plain trainer / bare>` at the
-default settings (640 x 4) in the dtype `auto` resolves to on this machine.
+machine moves numerator and denominator together. Each ratio comes with a 90% distribution-free interval for
+the median over rounds (the unit of resampling is the round; scipy's quantile_test, order statistics) and
+a verdict against its target: met when the whole interval meets it, missed when none of it does, undecided
+otherwise (more rounds narrow it). The last line is `ratio <plain trainer / bare>` at the default settings
+(640 x 4) in the dtype `auto` resolves to on this machine.
 
-    python bench/train.py [--steps 100] [--repeats 5] [--sizes 640x4:50 2304x8:80] [--profile]
+    python bench/train.py [--steps 100] [--repeats 9] [--sizes 640x4:50 2304x8:80] [--profile]
 
 --profile prints where the trainer's time goes (torch.profiler, grouped by the trainer's labels).
 """
@@ -24,6 +27,7 @@ default settings (640 x 4) in the dtype `auto` resolves to on this machine.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy import stats
 
 from csae.shared.checkpoint import layer_dir, read_metrics
 from csae.shared.config.train import TrainConfig
@@ -41,6 +46,30 @@ from csae.train.run import fit, resolve
 
 BATCH = 512
 SKIP = 5  # warm-up steps left out of every timing
+CONFIDENCE = 0.9
+#: The issue's targets: plain `train fit` at least 2x the bare loop, the CSAE's step at most 25% dearer.
+MIN_SPEEDUP, MAX_CSAE_COST = 2.0, 0.25
+
+
+def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(median, low, high): the median of per-round values and a distribution-free interval for the median of
+    the distribution they are drawn from, from their order statistics (scipy's quantile_test). With 5 rounds
+    it is [min, max] at 94% coverage, with 9 the 2nd and 8th values at 96%; below 5 rounds it is undefined
+    (nan)."""
+    ci = stats.quantile_test(values, p=0.5).confidence_interval(confidence)
+    return statistics.median(values), float(ci.low), float(ci.high)
+
+
+def verdict(low: float, high: float, *, at_least: float = -math.inf, at_most: float = math.inf) -> str:
+    """'met' when the whole interval [low, high] lies within the target, 'missed' when none of it does,
+    'undecided' otherwise (also when the interval is undefined)."""
+    if math.isnan(low) or math.isnan(high):
+        return "undecided"
+    if at_least <= low and high <= at_most:
+        return "met"
+    if high < at_least or low > at_most:
+        return "missed"
+    return "undecided"
 
 
 def bare_loop(x_ND: torch.Tensor, expansion: int, steps: int, dtype: torch.dtype | None) -> float:
@@ -128,7 +157,7 @@ def profile(store: Path, out: Path, steps: int, expansion: int, l0: int, dtype: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--sizes", nargs="+", default=["640x4:50", "2304x8:80"], help="d_model x expansion : L0")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -149,7 +178,7 @@ def main() -> None:
             x_ND = s.read(0, 0, s.heldout_start(0.1)).float() * (d**0.5 / s.mean_norm(0))
             small = d * expansion <= 4096  # the large size: fewer, shorter rounds (a bare step takes seconds)
             steps = args.steps if small else max(SKIP + 7, args.steps // 8)
-            repeats = args.repeats if small else min(args.repeats, 3)
+            repeats = args.repeats if small else min(args.repeats, 5)  # 5: the fewest with an interval
             for dtype in args.dtypes:
                 ac = torch.bfloat16 if dtype == "bfloat16" else None
                 plain = {"alpha": 0.0, "beta": 0.0, "resample_every": 0}
@@ -170,12 +199,16 @@ def main() -> None:
                 # each round's ratios pair runs made next to each other; the figures are their medians
                 speedups = [p / b for p, b in zip(runs["plain"], runs["bare"], strict=True)]
                 costs = [p / c - 1 for p, c in zip(runs["plain"], runs["csae"], strict=True)]
-                speedup, cost = statistics.median(speedups), statistics.median(costs)
+                speedup, s_low, s_high = median_interval(speedups)
+                cost, c_low, c_high = median_interval(costs)
                 print(f"d={d:5d} x{expansion} {dtype:8s} L0 {statistics.mean(l0s):5.1f}  bare {med['bare']:7.2f} "
                       f"steps/s  plain {med['plain']:7.2f} steps/s ({med['plain'] * BATCH:8,.0f} tok/s)  csae "
-                      f"{med['csae']:7.2f} steps/s  plain/bare {speedup:.2f}  csae step cost {cost:+.0%} over plain "
-                      f"(medians of {repeats} rounds of {steps} steps)", flush=True)
-                print("    per round: plain/bare " + " ".join(f"{r:.2f}" for r in speedups)
+                      f"{med['csae']:7.2f} steps/s  plain/bare {speedup:.2f} [{s_low:.2f}, {s_high:.2f}]  csae step "
+                      f"cost {cost:+.1%} [{c_low:+.1%}, {c_high:+.1%}] over plain (medians of {repeats} rounds of "
+                      f"{steps} steps, {CONFIDENCE:.0%} intervals over rounds)", flush=True)
+                print(f"    plain/bare >= {MIN_SPEEDUP}: {verdict(s_low, s_high, at_least=MIN_SPEEDUP)};  csae cost "
+                      f"<= {MAX_CSAE_COST:.0%}: {verdict(c_low, c_high, at_most=MAX_CSAE_COST)};  per round: "
+                      "plain/bare " + " ".join(f"{r:.2f}" for r in speedups)
                       + "  csae cost " + " ".join(f"{c:+.0%}" for c in costs))
                 if args.profile:
                     for name, over in (("plain", plain), ("csae", {})):
