@@ -61,7 +61,7 @@ def join_optimiser_states(first: dict[str, Any], second: dict[str, Any]) -> dict
     a run resumed from such a checkpoint continues exactly where it stopped."""
     (group,), (other,) = first["param_groups"], second["param_groups"]
     n = len(group["params"])
-    state = dict(first["state"]) | {n + i: s for i, s in second["state"].items()}
+    state = first["state"] | {n + i: s for i, s in second["state"].items()}
     return {"state": state, "param_groups": [{**group, "params": list(range(n + len(other["params"])))}]}
 
 

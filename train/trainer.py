@@ -255,10 +255,9 @@ class CSAETrainer:
         clips), so they end up divided by the head's. The kernel's found_inf, optional on CPU and CUDA, stays
         unset: a step is never skipped, and setting it costs an op per parameter. Elsewhere: clip each part,
         then step."""
-        head_grads = [p.grad for p in self.head_params if p.grad is not None]
         if self.fused:
             factor = self.clip_factor(norm_sae)
-            if head_grads:
+            if head_grads := [p.grad for p in self.head_params if p.grad is not None]:
                 torch._foreach_mul_(head_grads, factor / self.clip_factor(norm_head))
             self.opt.grad_scale = factor  # type: ignore[attr-defined]
         else:
