@@ -29,6 +29,27 @@ def test_mse_and_l1_match_hand_computation() -> None:
     assert losses.l0(f).item() == pytest.approx(1.5)
 
 
+def test_reconstruction_value_and_gradients_are_the_formulas() -> None:
+    """The written-out backward: d/dx_hat = 2 (x_hat - x) / B and d/dx its negative, against the formula in
+    float64; a bfloat16 x_hat gets its gradient in bfloat16. A gradient off by the 1/B or the factor 2 would be
+    off by 50% or more."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(48, 24, generator=gen) * 3).requires_grad_()
+    x_hat = torch.randn(48, 24, generator=gen).requires_grad_()
+    loss = losses.reconstruction(x, x_hat)
+    loss.backward()
+    x64, x_hat64 = x.detach().double(), x_hat.detach().double()
+    assert loss.item() == pytest.approx(((x_hat64 - x64) ** 2).sum().item() / 48, rel=1e-6)
+    expected = 2 * (x_hat64 - x64) / 48
+    assert ((x_hat.grad.double() - expected).abs().max() / expected.abs().max()).item() < 1e-6
+    assert ((x.grad.double() + expected).abs().max() / expected.abs().max()).item() < 1e-6
+    x_hat16 = x_hat.detach().bfloat16().requires_grad_()
+    losses.reconstruction(x.detach(), x_hat16).backward()
+    assert x_hat16.grad.dtype == torch.bfloat16
+    expected16 = 2 * (x_hat16.detach().double() - x64) / 48
+    assert ((x_hat16.grad.double() - expected16).abs().max() / expected16.abs().max()).item() < 2**-8
+
+
 def test_info_nce_gradient_equals_autograd_of_the_formula() -> None:
     """The written-out loss and backward against autograd through the cross entropies in float64, at the
     default temperature and at 0.01, where s spans [-100, 100] (exp(s) alone overflows float32) and the loss

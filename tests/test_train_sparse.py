@@ -113,12 +113,19 @@ def test_auto_switches_on_the_previous_steps_density() -> None:
     assert trainer.density > 0.9 and not trainer.sparse_now
 
 
-@pytest.mark.parametrize("make", ["of_numpy", "of_torch"])  # CPU and other devices
+@pytest.mark.parametrize("make", ["of_numpy", "of_torch", "where_positive"])  # CPU, other devices, the encoder's
 def test_pattern_orders(make: str) -> None:
     mask = torch.rand(7, 11, generator=torch.Generator().manual_seed(0)) > 0.6
     mask[:, 10] = mask[3] = mask[6] = False  # empty rows (an inner one, the last) and an empty last column
     mask[[1, 4], 0] = True  # rows that start at their first column
-    pat = getattr(sparse.Pattern, make)(mask)
+    if make == "where_positive":  # scores: positive where the mask is set, else negative, zero or -0.0
+        score = torch.randn(7, 11, generator=torch.Generator().manual_seed(1)).abs()
+        score[~mask] = -score[~mask]
+        score[2, ~mask[2]] = 0.0
+        score[5, ~mask[5]] = -0.0
+        pat = sparse.Pattern.where_positive(score)
+    else:
+        pat = getattr(sparse.Pattern, make)(mask)
     rows, cols = mask.nonzero().unbind(1)
     assert torch.equal(pat.rows_K, rows) and torch.equal(pat.cols_K, cols)
     assert torch.equal(pat.flat_K, rows * 11 + cols)

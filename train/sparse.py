@@ -62,11 +62,22 @@ class Pattern:
         return cls.of_numpy(mask_BF) if mask_BF.device.type == "cpu" else cls.of_torch(mask_BF)
 
     @classmethod
+    def where_positive(cls, s_BF: torch.Tensor) -> Pattern:
+        """Where s > 0. On CPU tensors the compare runs in numpy: 0.07 ms to a bool mask at B 512, F 2,560 on
+        2 cores, where torch's takes 0.48 (its compare to bool is not vectorised)."""
+        if s_BF.device.type != "cpu":
+            return cls.of_torch(s_BF > 0)
+        return cls.of_flat(np.flatnonzero(s_BF.detach().numpy() > 0), *s_BF.shape)
+
+    @classmethod
     def of_numpy(cls, mask_BF: torch.Tensor) -> Pattern:
-        """On CPU tensors, all in numpy (each torch op would add its dispatch): 0.94 ms against 1.13 with the
-        offsets and column order in torch, at B 512, F 2,560, K 37k on 2 cores."""
-        B, F_ = mask_BF.shape
-        flat = np.flatnonzero(mask_BF.numpy())
+        """On CPU tensors, all in numpy."""
+        return cls.of_flat(np.flatnonzero(mask_BF.numpy()), *mask_BF.shape)
+
+    @classmethod
+    def of_flat(cls, flat: np.ndarray, B: int, F_: int) -> Pattern:
+        """From the sorted flat indices of the entries, all in numpy (each torch op would add its dispatch):
+        0.94 ms against 1.13 with the offsets and column order in torch, at B 512, F 2,560, K 37k on 2 cores."""
         rows, cols = np.divmod(flat, F_)
         # a stable radix sort on 16-bit keys: numpy's fastest
         by_col = np.argsort(cols.astype(np.uint16 if F_ <= 1 << 16 else np.int64), kind="stable")
@@ -146,11 +157,13 @@ class _SparseEncode(torch.autograd.Function):
     def forward(ctx, x_BD: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,  # type: ignore[override]
                 dtype: torch.dtype, out: dict) -> torch.Tensor:
         xc_BD = x_BD.float() - b_dec
-        pre_BF = xc_BD.to(dtype) @ W_enc.to(dtype)  # in `dtype`; autocast adds the float32 bias to it in float32:
-        pat = Pattern.of(torch.gt(pre_BF, -b_enc))  # pre + b > 0 exactly when pre > -b
+        # the product in `dtype`, then the float32 bias added in float32, as autocast's dense path adds it (in
+        # place: in float32 the product is a temporary, in bfloat16 .float() makes the copy)
+        s_BF = (xc_BD.to(dtype) @ W_enc.to(dtype)).float().add_(b_enc)
+        pat = Pattern.where_positive(s_BF)
         ctx.save_for_backward(xc_BD, W_enc)
         ctx.pat = out["pattern"] = pat
-        return pre_BF.view(-1).take(pat.flat_K).float() + b_enc.take(pat.cols_K)
+        return s_BF.view(-1).take(pat.flat_K)
 
     @staticmethod
     @record_function("csae.sparse.encoder.backward")

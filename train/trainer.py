@@ -184,20 +184,22 @@ class CSAETrainer:
         x_hat_BD = feats.matmul(self.sae.W_dec, "decoder") + self.sae.b_dec
         terms = {"recon_loss": losses.reconstruction(x_BD, x_hat_BD), "l1": feats.l1(), "info_nce": zero,
                  "diversity": zero}
+        loss = terms["recon_loss"] + self.l1_at(step) * terms["l1"]
         if cfg.alpha > 0:
             if cfg.positives == "context":  # rows [0, P) are anchors, [P, 2P) their positives
                 z_BC = self.head_z(feats)
             else:  # two views of each anchor, stacked in halves as well
                 z_BC = self.head_z(self.features(torch.cat(self.views(x_BD[: len(x_BD) // 2], step))))
             terms["info_nce"] = losses.info_nce(z_BC, cfg.temperature)
+            loss = loss + cfg.alpha * terms["info_nce"]
         if cfg.beta > 0:  # its matmuls in the compute dtype, the rest in float32 (losses.diversity)
             idx_S = None
             if self.sae.d_sae > cfg.diversity_features:
                 g = step_generator(self.seed, step, DIVERSITY)
                 idx_S = torch.randperm(self.sae.d_sae, generator=g)[: cfg.diversity_features].to(x_BD.device)
             terms["diversity"] = losses.diversity(self.sae.W_dec, idx_S, self.rt.compute_dtype)
-        terms["loss"] = (terms["recon_loss"] + self.l1_at(step) * terms["l1"] + cfg.alpha * terms["info_nce"]
-                         + cfg.beta * terms["diversity"])
+            loss = loss + cfg.beta * terms["diversity"]
+        terms["loss"] = loss  # the terms that are off add nothing (no ops for them in the graph)
         return terms, x_hat_BD, feats
 
     def step(self, x_BD: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
@@ -205,7 +207,7 @@ class CSAETrainer:
         self.opt.param_groups[0]["lr"] = self.lr_at(step)
         self.sparse_now = self.use_sparse()
         with record_function("csae.step.forward"):
-            terms, x_hat_BD, feats = self.loss_terms(x_BD, step)
+            terms, _, feats = self.loss_terms(x_BD, step)
         for p in self.params:
             p.grad = None
         with record_function("csae.step.backward"):
@@ -232,7 +234,7 @@ class CSAETrainer:
         with torch.no_grad(), record_function("csae.step.stats"):
             self.last_fired_F.masked_fill_(feats.fired(), step)
             terms["l0"] = feats.l0()
-            terms["fvu"] = losses.fvu(x_BD, x_hat_BD)
+            terms["fvu"] = losses.fvu_of_reconstruction(terms["recon_loss"], x_BD)
         # the next step takes the sparse path when this step's density says it pays
         self.density = float(terms["l0"]) / self.sae.d_sae
         self.sparse_pays = sparse.pays(self.density, self.rt.device, self.rt.compute_dtype)
