@@ -150,7 +150,8 @@ def fvu(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
 def fvu_of_reconstruction(recon: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:
     """The FVU of a batch from its reconstruction term (`reconstruction`: the mean over rows of the squared
     error), so a training step need not form the residual twice. (), (B, D) -> ()."""
-    c = (x_BD.float() - x_BD.float().mean(dim=0)).view(-1)
+    x_BD = x_BD.float()
+    c = (x_BD - x_BD.mean(dim=0)).view(-1)
     return recon.detach() * len(x_BD) / torch.dot(c, c).clamp_min(1e-12)
 
 
