@@ -113,19 +113,36 @@ def test_auto_switches_on_the_previous_steps_density() -> None:
     assert trainer.density > 0.9 and not trainer.sparse_now
 
 
-@pytest.mark.parametrize("make", ["where_positive", "of_torch"])  # the encoder's on CPU (numpy), other devices
-def test_pattern_orders(make: str) -> None:
+def _mask() -> torch.Tensor:
     mask = torch.rand(7, 11, generator=torch.Generator().manual_seed(0)) > 0.6
     mask[:, 10] = mask[3] = mask[6] = False  # empty rows (an inner one, the last) and an empty last column
     mask[[1, 4], 0] = True  # rows that start at their first column
-    if make == "where_positive":  # scores: positive where the mask is set, else negative, zero or -0.0
-        score = torch.randn(7, 11, generator=torch.Generator().manual_seed(1)).abs()
-        score[~mask] = -score[~mask]
-        score[2, ~mask[2]] = 0.0
-        score[5, ~mask[5]] = -0.0
-        pat = sparse.Pattern.where_positive(score)
-    else:
-        pat = getattr(sparse.Pattern, make)(mask)
+    return mask
+
+
+def _product_and_bias(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A product p in `dtype` and a float32 bias b with p + b > 0 exactly where the mask is set: elsewhere
+    p + b is negative, 0.0, -0.0 or NaN. b is a multiple of 1/8 and |p + b| >= 0.5 off zero, so p's
+    rounding to bfloat16 (<= 2^-7 |p|) cannot move a sum across zero."""
+    gen = torch.Generator().manual_seed(1)
+    b = torch.randint(-8, 9, (mask.shape[1],), generator=gen).float() / 8
+    r = 0.5 + torch.rand(mask.shape, generator=gen) * 2
+    p = torch.where(mask, r, -r) - b
+    p[2, ~mask[2]] = -b.expand_as(p)[2, ~mask[2]]  # p + b == 0.0
+    p[5, ~mask[5]] = (-0.0 - b).expand_as(p)[5, ~mask[5]]
+    p[0, ~mask[0]] = float("nan")
+    return p.to(dtype), b
+
+
+@pytest.mark.parametrize("make", ["float32", "bfloat16", "of_torch"])  # the encoder's on CPU, other devices
+def test_pattern_orders(make: str) -> None:
+    mask = _mask()
+    if make == "of_torch":
+        pat = sparse.Pattern.of_torch(mask)
+    else:  # from a product in this dtype and the bias: the values are torch's float32 sums at the entries
+        p, b = _product_and_bias(mask, getattr(torch, make))
+        pat, vals = sparse.active(p, b)
+        assert torch.equal(vals, (p.float() + b)[mask])
     rows, cols = mask.nonzero().unbind(1)
     assert torch.equal(pat.rows_K, rows) and torch.equal(pat.cols_K, cols)
     assert torch.equal(pat.flat_K, rows * 11 + cols)
@@ -134,3 +151,14 @@ def test_pattern_orders(make: str) -> None:
     assert torch.equal(pat.row_offsets.diff(), mask.sum(1)) and torch.equal(pat.col_offsets.diff(), mask.sum(0))
     feats = sparse.SparseFeatures(pat, torch.ones(pat.nnz), torch.float32)
     assert torch.equal(feats.fired(), mask.any(0)) and not feats.fired()[10]
+
+
+@pytest.mark.parametrize("width", [1, 33, 640])  # odd widths: the kernel's vectorised dot has a remainder
+def test_sampled_dots_are_the_products_at_the_entries(width: int) -> None:
+    """g[b] . W[i] at each active (b, i), against the dense product in float64 (empty rows included)."""
+    mask = _mask()
+    gen = torch.Generator().manual_seed(2)
+    g, W = torch.randn(7, width, generator=gen), torch.randn(11, width, generator=gen)
+    got = sparse._sampled_dots(sparse.Pattern.of_torch(mask), g, W)
+    want = (g.double() @ W.double().T)[mask]
+    assert got.dtype == torch.float32 and float((got.double() - want).abs().max()) < 1e-5 * width**0.5

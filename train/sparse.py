@@ -21,21 +21,21 @@ slower than the float32 gather itself. So with bfloat16 the two paths differ by 
 rounding (tests/test_train_sparse.py states the tolerances; the sparse gradients are the closer to exact),
 in float32 by summation order only.
 
-Index work (finding the active entries, ordering them by feature) runs in numpy on CPU tensors, where it
-measured 5-10x faster than torch's nonzero and sort on 2 cores; other devices use torch's.
+Index work (finding the active entries, ordering them by feature) and the SDDMM run in numba kernels on
+CPU tensors (csae.train.kernels; 3x faster than torch and numpy there); other devices use torch's.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from csae.train import losses
+from csae.train import kernels, losses
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,7 @@ class Pattern:
 
     n_rows: int
     n_cols: int
-    rows_K: torch.Tensor
     cols_K: torch.Tensor
-    flat_K: torch.Tensor  # rows_K * n_cols + cols_K
     row_offsets: torch.Tensor  # (B + 1,): entries of row b are k in [row_offsets[b], row_offsets[b + 1])
     by_col_K: torch.Tensor  # permutation of k sorting the entries by column, then row
     rows_by_col_K: torch.Tensor  # rows_K[by_col_K] (every sum per feature gathers rows in this order)
@@ -55,27 +53,23 @@ class Pattern:
 
     @property
     def nnz(self) -> int:
-        return len(self.flat_K)
+        return len(self.cols_K)
+
+    @functools.cached_property
+    def rows_K(self) -> torch.Tensor:
+        counts = self.row_offsets[1:] - self.row_offsets[:-1]
+        return torch.repeat_interleave(torch.arange(self.n_rows, device=counts.device), counts)
+
+    @functools.cached_property
+    def flat_K(self) -> torch.Tensor:
+        """rows_K * n_cols + cols_K: the entries' positions in the flattened (B, F) matrix."""
+        return self.rows_K * self.n_cols + self.cols_K
 
     @classmethod
-    def where_positive(cls, s_BF: torch.Tensor) -> Pattern:
-        """Where s > 0. On CPU tensors the compare runs in numpy: 0.07 ms to a bool mask at B 512, F 2,560 on
-        2 cores, where torch's takes 0.48 (its compare to bool is not vectorised)."""
-        if s_BF.device.type != "cpu":
-            return cls.of_torch(s_BF > 0)
-        return cls.of_flat(np.flatnonzero(s_BF.detach().numpy() > 0), *s_BF.shape)
-
-    @classmethod
-    def of_flat(cls, flat: np.ndarray, B: int, F_: int) -> Pattern:
-        """From the sorted flat indices of the entries, all in numpy (each torch op would add its dispatch):
-        0.94 ms against 1.13 with the offsets and column order in torch, at B 512, F 2,560, K 37k on 2 cores."""
-        rows, cols = np.divmod(flat, F_)
-        # a stable radix sort on 16-bit keys: numpy's fastest
-        by_col = np.argsort(cols.astype(np.uint16 if F_ <= 1 << 16 else np.int64), kind="stable")
-        row_offsets = np.searchsorted(flat, np.arange(B + 1) * F_)  # flat is sorted: row b starts at b F
-        col_offsets = np.zeros(F_ + 1, dtype=np.int64)
-        np.cumsum(np.bincount(cols, minlength=F_), out=col_offsets[1:])
-        return cls(B, F_, *map(torch.from_numpy, (rows, cols, flat, row_offsets, by_col, rows[by_col], col_offsets)))
+    def of_rows(cls, row_offsets: torch.Tensor, cols_K: torch.Tensor, n_cols: int) -> Pattern:
+        """From the row-major entries (CPU tensors: the column order by kernels.by_column)."""
+        col_offsets, by_col_K, rows_by_col_K = kernels.by_column(row_offsets, cols_K, n_cols)
+        return cls(len(row_offsets) - 1, n_cols, cols_K, row_offsets, by_col_K, rows_by_col_K, col_offsets)
 
     @classmethod
     def of_torch(cls, mask_BF: torch.Tensor) -> Pattern:
@@ -84,8 +78,20 @@ class Pattern:
         flat_K = mask_BF.reshape(-1).nonzero().squeeze(1)
         by_col_K = torch.argsort(flat_K % F_, stable=True)
         rows_K, cols_K = flat_K // F_, flat_K % F_
-        return cls(B, F_, rows_K, cols_K, flat_K, _offsets(torch.bincount(rows_K, minlength=B)), by_col_K,
-                   rows_K[by_col_K], _offsets(torch.bincount(cols_K, minlength=F_)))
+        return cls(B, F_, cols_K, _offsets(torch.bincount(rows_K, minlength=B)), by_col_K, rows_K[by_col_K],
+                   _offsets(torch.bincount(cols_K, minlength=F_)))
+
+
+def active(p_BF: torch.Tensor, b_F: torch.Tensor) -> tuple[Pattern, torch.Tensor]:
+    """The pattern of ReLU(p + b) for a product p (B, F) and a float32 bias b, and its values (K,): p + b added
+    in float32, as autocast's dense path adds them (so the values are its f's, bit for bit). On CPU one
+    numba kernel reads p in its own dtype (kernels.active_entries); elsewhere torch."""
+    if p_BF.device.type == "cpu":
+        row_offsets, cols_K, vals_K = kernels.active_entries(p_BF, b_F)
+        return Pattern.of_rows(row_offsets, cols_K, p_BF.shape[1]), vals_K
+    s_BF = p_BF.float().add_(b_F)
+    pat = Pattern.of_torch(s_BF > 0)
+    return pat, s_BF.view(-1).take(pat.flat_K)
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -103,8 +109,11 @@ def _bags(idx_K: torch.Tensor, table_ND: torch.Tensor, offsets: torch.Tensor, w_
 
 def _sampled_dots(pat: Pattern, g_BN: torch.Tensor, W_FN: torch.Tensor) -> torch.Tensor:
     """(g W^T) at the pattern's entries, (K,): g[b] . W[i] for each active (b, i), float32 operands and
-    result (torch's SDDMM, sampled_addmm, runs in float32 only). (embedding_bag's per-sample-weight backward
-    computes the same dots in bfloat16 but measured 5 ms a call at any width, 40x sampled_addmm's at 128.)"""
+    result. On CPU a numba kernel (kernels.sampled_dots); elsewhere torch's SDDMM, sampled_addmm (float32
+    only). (embedding_bag's per-sample-weight backward computes the same dots in bfloat16 but measured 5 ms
+    a call at any width, 40x sampled_addmm's at 128.)"""
+    if g_BN.device.type == "cpu":
+        return kernels.sampled_dots(pat.row_offsets, pat.cols_K, g_BN, W_FN)
     with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm is all we use of it
         warnings.simplefilter("ignore", UserWarning)
         csr = torch.sparse_csr_tensor(pat.row_offsets, pat.cols_K, g_BN.new_zeros(pat.nnz, dtype=torch.float32),
@@ -148,13 +157,12 @@ class _SparseEncode(torch.autograd.Function):
     def forward(ctx, x_BD: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,  # type: ignore[override]
                 dtype: torch.dtype, out: dict) -> torch.Tensor:
         xc_BD = x_BD.float() - b_dec
-        # the product in `dtype`, then the float32 bias added in float32, as autocast's dense path adds it (in
-        # place: in float32 the product is a temporary, in bfloat16 .float() makes the copy)
-        s_BF = (xc_BD.to(dtype) @ W_enc.to(dtype)).float().add_(b_enc)
-        pat = Pattern.where_positive(s_BF)
+        # the product in `dtype`; the float32 bias is added in float32 (as autocast's dense path adds it) by
+        # `active`, on the way to the active entries
+        pat, vals_K = active(xc_BD.to(dtype) @ W_enc.to(dtype), b_enc.detach())
         ctx.save_for_backward(xc_BD, W_enc)
         ctx.pat = out["pattern"] = pat
-        return s_BF.view(-1).take(pat.flat_K)
+        return vals_K
 
     @staticmethod
     @record_function("csae.sparse.encoder.backward")
