@@ -1,4 +1,4 @@
-"""The sparse step's index kernels on CPU, compiled by numba: what torch and numpy do in several passes
+"""The sparse step's kernels on CPU, compiled by numba: what torch and numpy do in several passes
 (and numpy on one thread), done in one or two passes over the data on every core.
 
 - `active_entries`: from the encoder's product p (B, F) and its bias b, the entries where p + b > 0, row by
@@ -10,6 +10,8 @@
 - `by_column`: the same entries in column-major order, a counting sort (0.05 ms; numpy's stable sort and
   bincount took 0.3).
 - `sampled_dots`: g[b] . W[i] at each entry (SDDMM): 0.45 against torch's sampled_addmm's 0.8 ms at D 640.
+- `project_rows_` and `unit_rows_`: the decoder's row-wise updates of every step (the gradient's projection
+  with its norm, and the renormalisation), one pass each.
 
 Compiled on first use and cached beside this file (numba's cache), so a process pays the compile once
 per machine. Each kernel runs on as many threads as torch does.
@@ -93,6 +95,34 @@ def _sampled_dots(row_offsets: np.ndarray, cols_K: np.ndarray, g_BN: np.ndarray,
     return out_K
 
 
+@njit(parallel=True, cache=True, fastmath=True)
+def _project_rows(W_FD: np.ndarray, G_FD: np.ndarray) -> float:
+    sumsq_F = np.empty(len(W_FD), np.float64)
+    for i in prange(len(W_FD)):
+        w_D, g_D = W_FD[i], G_FD[i]
+        c = np.float32(0.0)
+        for d in range(len(w_D)):
+            c += g_D[d] * w_D[d]
+        s = 0.0
+        for d in range(len(w_D)):
+            g_D[d] -= c * w_D[d]
+            s += np.float64(g_D[d]) ** 2
+        sumsq_F[i] = s
+    return sumsq_F.sum()
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _unit_rows(W_FD: np.ndarray) -> None:
+    for i in prange(len(W_FD)):
+        w_D = W_FD[i]
+        s = np.float32(0.0)
+        for d in range(len(w_D)):
+            s += w_D[d] * w_D[d]
+        scale = np.float32(1.0) / max(np.sqrt(s), np.float32(1e-8))
+        for d in range(len(w_D)):
+            w_D[d] *= scale
+
+
 def _threads() -> None:
     """numba's threads for the next kernel: as many as torch's (a caller's torch.set_num_threads holds)."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
@@ -123,3 +153,19 @@ def sampled_dots(row_offsets: torch.Tensor, cols_K: torch.Tensor, g_BN: torch.Te
     _threads()
     return torch.from_numpy(_sampled_dots(row_offsets.numpy(), cols_K.numpy(), g_BN.contiguous().numpy(),
                                           W_FN.contiguous().numpy()))
+
+
+def project_rows_(W_FD: torch.Tensor, G_FD: torch.Tensor) -> float:
+    """G[i] -= (G[i] . W[i]) W[i] for unit rows W[i], in place, and the sum of squares of the result (float64):
+    the decoder gradient's projection and its share of the gradient norm in one pass over W and G, where
+    torch's blocked projection and the norm read G twice (0.5 against 0.94 + 0.4 ms at 2,560 x 640 on 2
+    cores, from a cold cache). Both float32, contiguous, on CPU."""
+    _threads()
+    return float(_project_rows(W_FD.detach().numpy(), G_FD.numpy()))
+
+
+def unit_rows_(W_FD: torch.Tensor) -> None:
+    """W[i] /= max(|W[i]|, 1e-8), in place, in one pass (0.27 against torch's blocked 0.58 ms at 2,560 x
+    640 on 2 cores, cold cache); float32, contiguous, on CPU."""
+    _threads()
+    _unit_rows(W_FD.detach().numpy())

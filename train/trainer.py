@@ -27,7 +27,7 @@ from csae.shared.config.train import TrainConfig
 from csae.shared.errors import UserError
 from csae.shared.head import ContrastiveHead
 from csae.shared.sae import SAE
-from csae.train import losses, sparse
+from csae.train import kernels, losses, sparse
 from csae.train.checkpoint import STATE_FILE, all_finite, join_optimiser_states, save_state
 from csae.train.loader import ChunkLoader, NonFiniteActivations
 from csae.train.report import StepReport
@@ -218,19 +218,17 @@ class CSAETrainer:
                     dist.all_reduce(p.grad)
                     p.grad.div_(self.rt.world)
         with record_function("csae.step.clip"):
-            # move decoder rows along the unit sphere only; renormalising after the step fixes the rest
-            self.sae.remove_gradient_parallel_to_decoder_directions_()
             # The SAE and the head are clipped each by its own norm: under one global norm, the head's and
             # InfoNCE's gradients would shrink the SAE's step, and the CSAE's SAE would take smaller steps
             # than its baseline's for a reason that is not its loss. The clip itself happens in the optimiser.
-            terms["grad_norm_sae"] = self.grad_norm(self.sae_params)
+            terms["grad_norm_sae"] = self.project_decoder_gradient_()
             terms["grad_norm_head"] = self.grad_norm(self.head_params) if self.head_params else x_BD.new_zeros(())
         with record_function("csae.step.optimizer"):
             for t, p in zip(self.opt_tensors, self.params, strict=True):
                 if t is not p:
                     t.grad = None if p.grad is None else p.grad.t()
             self.clipped_step(terms["grad_norm_sae"], terms["grad_norm_head"])
-            self.sae.set_decoder_norm_to_unit_norm_()
+            self.normalise_decoder_()
         with torch.no_grad(), record_function("csae.step.stats"):
             self.last_fired_F.masked_fill_(feats.fired(), step)
             terms["l0"] = feats.l0()
@@ -239,6 +237,25 @@ class CSAETrainer:
         self.density = float(terms["l0"]) / self.sae.d_sae
         self.sparse_pays = sparse.pays(self.density, self.rt.device, self.rt.compute_dtype)
         return terms
+
+    def project_decoder_gradient_(self) -> torch.Tensor:
+        """Moves decoder rows along the unit sphere only (renormalising after the step fixes the rest): removes
+        from each row's gradient its component along the row (SAE.remove_gradient_parallel_to_decoder_directions_)
+        and returns the SAE's gradient norm after it. On CPU one kernel pass over W_dec does both for it."""
+        W_dec = self.sae.W_dec
+        if self.rt.device.type != "cpu" or W_dec.grad is None or not W_dec.grad.is_contiguous():
+            self.sae.remove_gradient_parallel_to_decoder_directions_()
+            return self.grad_norm(self.sae_params)
+        sumsq = kernels.project_rows_(W_dec, W_dec.grad)
+        rest = self.grad_norm([p for p in self.sae_params if p is not W_dec]).double()
+        return (rest * rest + sumsq).sqrt().float()
+
+    def normalise_decoder_(self) -> None:
+        """Unit-norm decoder rows (SAE.set_decoder_norm_to_unit_norm_; on CPU one kernel pass)."""
+        if self.rt.device.type == "cpu":
+            kernels.unit_rows_(self.sae.W_dec)
+        else:
+            self.sae.set_decoder_norm_to_unit_norm_()
 
     @staticmethod
     def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
