@@ -9,7 +9,8 @@
   on 2 cores.
 - `by_column`: the same entries in column-major order, a counting sort (0.05 ms; numpy's stable sort and
   bincount took 0.3).
-- `sampled_dots`: g[b] . W[i] at each entry (SDDMM): 0.45 against torch's sampled_addmm's 0.8 ms at D 640.
+- `sampled_dots`: g[b] . W[i] at each entry (SDDMM), feature by feature: 0.45 against torch's sampled_addmm's
+  0.8 ms at D 640 with W in cache; 0.58 against 0.78 row by row from a cold cache.
 - `project_rows_` and `unit_rows_`: the decoder's row-wise updates of every step (the gradient's projection
   with its norm, and the renormalisation), one pass each.
 
@@ -82,16 +83,17 @@ def _by_column(row_offsets: np.ndarray, cols_K: np.ndarray, n_cols: int) -> tupl
 
 
 @njit(parallel=True, cache=True, fastmath=True)  # fastmath: the dots' sums reassociated (vectorised)
-def _sampled_dots(row_offsets: np.ndarray, cols_K: np.ndarray, g_BN: np.ndarray, W_FN: np.ndarray) -> np.ndarray:
-    out_K = np.empty(len(cols_K), np.float32)
-    for b in prange(len(row_offsets) - 1):
-        g_N = g_BN[b]
-        for k in range(row_offsets[b], row_offsets[b + 1]):
-            w_N = W_FN[cols_K[k]]
+def _sampled_dots(col_offsets: np.ndarray, rows_by_col_K: np.ndarray, by_col_K: np.ndarray, g_BN: np.ndarray,
+                  W_FN: np.ndarray) -> np.ndarray:
+    out_K = np.empty(len(by_col_K), np.float32)
+    for i in prange(len(col_offsets) - 1):  # feature by feature: W is read once, in order
+        w_N = W_FN[i]
+        for j in range(col_offsets[i], col_offsets[i + 1]):
+            g_N = g_BN[rows_by_col_K[j]]
             acc = np.float32(0.0)
-            for n in range(len(g_N)):
+            for n in range(len(w_N)):
                 acc += g_N[n] * w_N[n]
-            out_K[k] = acc
+            out_K[by_col_K[j]] = acc
     return out_K
 
 
@@ -147,12 +149,14 @@ def by_column(row_offsets: torch.Tensor, cols_K: torch.Tensor, n_cols: int) -> t
     return tuple(map(torch.from_numpy, _by_column(row_offsets.numpy(), cols_K.numpy(), n_cols)))
 
 
-def sampled_dots(row_offsets: torch.Tensor, cols_K: torch.Tensor, g_BN: torch.Tensor,
-                 W_FN: torch.Tensor) -> torch.Tensor:
-    """(K,): g[b] . W[i] at each entry (b, i) of the row-major pattern; g and W float32, rows contiguous."""
+def sampled_dots(col_offsets: torch.Tensor, rows_by_col_K: torch.Tensor, by_col_K: torch.Tensor,
+                 g_BN: torch.Tensor, W_FN: torch.Tensor) -> torch.Tensor:
+    """(K,), in the pattern's row-major order: g[b] . W[i] at each entry (b, i), the entries taken feature by
+    feature (the pattern's column order) so that W is read once, in order, while g (B x N, the smaller) stays
+    in cache; g and W float32."""
     _threads()
-    return torch.from_numpy(_sampled_dots(row_offsets.numpy(), cols_K.numpy(), g_BN.contiguous().numpy(),
-                                          W_FN.contiguous().numpy()))
+    return torch.from_numpy(_sampled_dots(col_offsets.numpy(), rows_by_col_K.numpy(), by_col_K.numpy(),
+                                          g_BN.contiguous().numpy(), W_FN.contiguous().numpy()))
 
 
 def project_rows_(W_FD: torch.Tensor, G_FD: torch.Tensor) -> float:

@@ -113,7 +113,7 @@ def _sampled_dots(pat: Pattern, g_BN: torch.Tensor, W_FN: torch.Tensor) -> torch
     only). (embedding_bag's per-sample-weight backward computes the same dots in bfloat16 but measured 5 ms
     a call at any width, 40x sampled_addmm's at 128.)"""
     if g_BN.device.type == "cpu":
-        return kernels.sampled_dots(pat.row_offsets, pat.cols_K, g_BN, W_FN)
+        return kernels.sampled_dots(pat.col_offsets, pat.rows_by_col_K, pat.by_col_K, g_BN, W_FN)
     with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm is all we use of it
         warnings.simplefilter("ignore", UserWarning)
         csr = torch.sparse_csr_tensor(pat.row_offsets, pat.cols_K, g_BN.new_zeros(pat.nnz, dtype=torch.float32),
