@@ -250,9 +250,10 @@ Features = SparseFeatures | DenseFeatures
 
 #: The sparse path pays below this density (active share of B x F), measured with bench/sparse.py: the
 #: step's crossover on 2 cores at d 640, expansion 4, batch 512, per compute dtype. float32: dense/sparse
-#: 1.28 at 20%, 1.02 at 30%, 0.81 at 40%; bfloat16: 1.16 at 10%, 0.94 at 15% (was 15% and 8% before the
-#: sparse step got cheaper; a fresh SAE passes these densities in its first ~100 steps).
-SPARSE_BELOW = {torch.float32: 0.3, torch.bfloat16: 0.13}
+#: 1.84 at 20%, 1.40 at 30%, 1.10 at 40%; bfloat16: 1.29 at 10%, 1.07 at 15%, 0.87 at 20% (2026-12-02, with
+#: the numba kernels; was 30% and 13% before them, 15% and 8% before that; a fresh SAE passes these densities
+#: in its first ~100 steps).
+SPARSE_BELOW = {torch.float32: 0.4, torch.bfloat16: 0.15}
 
 
 def pays(density: float, device: torch.device, compute_dtype: torch.dtype) -> bool:
