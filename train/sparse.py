@@ -22,7 +22,7 @@ rounding (tests/test_train_sparse.py states the tolerances; the sparse gradients
 in float32 by summation order only.
 
 Index work (finding the active entries, ordering them by feature) and the SDDMM run in numba kernels on
-CPU tensors (csae.train.kernels; 3x faster than torch and numpy there); other devices use torch's.
+CPU tensors (csae.train.kernels: 1.8-3x faster than torch and numpy there); other devices use torch's.
 """
 
 from __future__ import annotations
