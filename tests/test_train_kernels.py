@@ -34,3 +34,16 @@ def test_unit_rows_divide_each_row_by_its_norm(n_rows: int, width: int) -> None:
     expected = w.double() / w.double().norm(dim=1, keepdim=True).clamp_min(1e-8)
     assert float((got.double() - expected).abs().max()) < 1e-6
     assert torch.equal(got[3], torch.zeros(width))
+
+
+def test_non_finite_rows_stay_non_finite() -> None:
+    """A diverged row must stay visible to the trainer's checks (no fast-math shortcut maps NaN to a number)."""
+    w = F.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(2)), dim=1)
+    g = torch.randn(4, 8)
+    g[1, 3] = float("nan")
+    assert kernels.project_rows_(w, g) != kernels.project_rows_(w, g)  # NaN sum of squares
+    assert torch.isnan(g[1]).all() and torch.isfinite(g[[0, 2, 3]]).all()
+    w[2, 0] = float("inf")
+    expected = w / w.norm(dim=1, keepdim=True).clamp_min(1e-8)  # row 2: inf / inf = NaN, the rest 0
+    kernels.unit_rows_(w)
+    assert torch.isnan(w[2, 0]) and torch.allclose(w, expected, atol=1e-6, equal_nan=True)

@@ -30,6 +30,11 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+#: numba's fast-math flags for the kernels' sums: reassociation and fused multiply-adds only, so the sums
+#: vectorise; no approximate sqrt or division, and NaN and inf keep IEEE semantics (a diverged weight must
+#: stay non-finite for the trainer to see it).
+SUMS = {"reassoc", "contract"}
+
 
 @njit(inline="always", cache=True)
 def _row_scores(p_F: np.ndarray, shift: int, b_F: np.ndarray, s_F: np.ndarray) -> None:
@@ -87,7 +92,7 @@ def _by_column(row_offsets: np.ndarray, cols_K: np.ndarray, n_cols: int) -> tupl
     return col_offsets, by_col_K, rows_by_col_K
 
 
-@njit(parallel=True, cache=True, fastmath=True)  # fastmath: the dots' sums reassociated (vectorised)
+@njit(parallel=True, cache=True, fastmath=SUMS)
 def _sampled_dots(col_offsets: np.ndarray, rows_by_col_K: np.ndarray, by_col_K: np.ndarray, g_BN: np.ndarray,
                   W_FN: np.ndarray) -> np.ndarray:
     out_K = np.empty(len(by_col_K), np.float32)
@@ -102,7 +107,7 @@ def _sampled_dots(col_offsets: np.ndarray, rows_by_col_K: np.ndarray, by_col_K: 
     return out_K
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=SUMS)
 def _project_rows(W_FD: np.ndarray, G_FD: np.ndarray) -> float:
     sumsq_F = np.empty(len(W_FD), np.float64)
     for i in prange(len(W_FD)):
@@ -118,7 +123,7 @@ def _project_rows(W_FD: np.ndarray, G_FD: np.ndarray) -> float:
     return sumsq_F.sum()
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=SUMS)
 def _unit_rows(W_FD: np.ndarray) -> None:
     for i in prange(len(W_FD)):
         w_D = W_FD[i]
