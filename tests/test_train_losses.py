@@ -74,6 +74,28 @@ def test_info_nce_gradient_equals_autograd_of_the_formula() -> None:
             assert ((mine.double() - exact).norm() / exact.norm()).item() < tol
 
 
+def test_info_nce_with_bfloat16_products_is_within_their_rounding() -> None:
+    """Training under bfloat16 takes InfoNCE's three P x P x C products in bfloat16 (float32 accumulation), as
+    autocast's matmul would. At P 256, C 128, temperature 0.1, against the float64 formula: the value within
+    2^-7 relative and the gradient within 2^-5 in norm (measured 7.3e-4 and 0.0104: the similarities' rounding,
+    2^-8 of |s| <= 10, enters the softmaxes); float32 products: 1.6e-7 and 1.6e-6, within 1e-6 and 1e-5."""
+    gen = torch.Generator().manual_seed(0)
+    z_a = torch.randn(256, 128, generator=gen, dtype=torch.float64)
+    z = torch.cat([z_a, z_a + 0.8 * torch.randn(256, 128, generator=gen, dtype=torch.float64)]).requires_grad_()
+    u = F.normalize(z, dim=1)
+    s = u[:256] @ u[256:].T / 0.1
+    target = torch.arange(256)
+    ref = 0.5 * (F.cross_entropy(s, target) + F.cross_entropy(s.T, target))
+    (ref_grad,) = torch.autograd.grad(ref, z)
+    for dtype, tol_value, tol_grad in ((torch.bfloat16, 2**-7, 2**-5), (torch.float32, 1e-6, 1e-5)):
+        z32 = z.detach().float().requires_grad_()
+        got = losses.info_nce(z32, 0.1, dtype)
+        got.backward()
+        assert abs(got.item() - ref.item()) < tol_value * ref.item()
+        err = ((z32.grad.double() - ref_grad).norm() / ref_grad.norm()).item()
+        assert err < tol_grad, (dtype, err)
+
+
 def test_fvu_matches_hand_computation() -> None:
     x = torch.tensor([[1.0, 0.0], [3.0, 2.0]])  # mean (2, 1): total variance 1+1+1+1 = 4
     x_hat = torch.tensor([[1.0, 1.0], [3.0, 2.0]])  # residual 1

@@ -41,59 +41,71 @@ def l1(f_BF: torch.Tensor) -> torch.Tensor:
     return f_BF.float().abs().sum(dim=1).mean()
 
 
+def _unit_rows(w_SD: torch.Tensor, idx_S: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, |w|) of the rows idx_S of w (all rows: None), in float32: u = w / max(|w|, 1e-12) as F.normalize."""
+    w_SD = (w_SD if idx_S is None else w_SD.index_select(0, idx_S)).float()
+    norm_S1 = torch.linalg.vector_norm(w_SD, dim=1, keepdim=True).clamp_min(1e-12)
+    return w_SD / norm_S1, norm_S1
+
+
+def _unit_rows_backward(u_SD: torch.Tensor, norm_S1: torch.Tensor, du_SD: torch.Tensor, scale: torch.Tensor
+                        ) -> torch.Tensor:
+    """The gradient in w through u = w / |w| when the loss's gradient in u is scale * du (du in any float dtype):
+    (g - u (u . g)) / |w| with g = scale * du, in float32. (A numba kernel for the two row-wise passes measured
+    no faster in the training step.)"""
+    g_SD = du_SD.float() * scale
+    return (g_SD - u_SD * torch.linalg.vecdot(u_SD, g_SD).unsqueeze(1)) / norm_S1
+
+
 class _InfoNCE(torch.autograd.Function):
     """The symmetric InfoNCE of `info_nce` with its gradient written out. With u the unit rows of z, a and p
     their halves (anchors, positives), s = a p^T / t, R and C the softmaxes of s over rows and over columns:
-        L = (1 / 2P) sum_i (lse_j s_ij - s_ii) + (1 / 2P) sum_j (lse_i s_ij - s_jj)
+        L = -(1 / 2P) (sum_i log R_ii + sum_j log C_jj)
         dL/ds = (R + C - 2 I) / 2P;   dL/da = dL/ds p / t,   dL/dp = (dL/ds)^T a / t
-    and through the normalisation dL/dz = (dL/du - u (u . dL/du)) / |z|. Two exponentials of the P x P
-    similarities instead of autograd's four (each cross entropy's forward and backward), and one graph node
-    for the whole (2P, C) input instead of ~15 plus the halves' slices: 1.13 against 1.31 ms forward and
-    backward at P 256, C 128 on 2 cores (against 1.54 for autograd through two cross entropies)."""
+    and through the normalisation dL/dz = (dL/du - u (u . dL/du)) / |z|. The three P x P x C products take
+    their operands in `dtype` with float32 accumulation, as autocast's matmul (bfloat16: 35-45 against
+    95-100 us each at P 256, C 128 on 2 cores); the rest is float32. log_softmax gives log R and log C
+    without overflow or cancellation at any temperature, and exp of them the softmaxes for the backward. One
+    graph node for the whole (2P, C) input instead of autograd's ~15 through two cross entropies."""
 
     @staticmethod
-    def forward(ctx, z_BC: torch.Tensor, temperature: float) -> torch.Tensor:  # type: ignore[override]
-        z_BC = z_BC.float()
+    def forward(ctx, z_BC: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[override]
         P = len(z_BC) // 2
-        norm_B1 = z_BC.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        u_BC = z_BC / norm_B1  # as F.normalize
-        s_PP = torch.mm(u_BC[:P], u_BC[P:].T).div_(temperature)
-        diag_P = s_PP.diagonal()
-        softmaxes, total = [], s_PP.new_zeros(())
-        for dim in (1, 0):  # over each row (anchor i's candidates), then each column (positive j's)
-            m_P = s_PP.amax(dim=dim)
-            e_PP = torch.exp(s_PP - m_P.unsqueeze(dim))
-            sum_P = e_PP.sum(dim=dim)
-            softmaxes.append(e_PP.div_(sum_P.unsqueeze(dim)))
-            # lse - s_ii per row as (m - s_ii) + log(sum): no cancellation of large terms when the loss is small
-            total = total + ((m_P - diag_P) + sum_P.log()).sum()
-        ctx.save_for_backward(u_BC, norm_B1, *softmaxes)
+        u_BC, norm_B1 = _unit_rows(z_BC.float())
+        u_dt = u_BC.to(dtype)
+        s_PP = torch.mm(u_dt[:P], u_dt[P:].T).float().mul_(1 / temperature)
+        log_rows_PP = torch.log_softmax(s_PP, 1)  # anchor i's candidates
+        log_cols_PP = torch.log_softmax(s_PP, 0)  # positive j's
+        loss = (log_rows_PP.trace() + log_cols_PP.trace()) / (-2 * P)
+        ctx.save_for_backward(u_BC, u_dt, norm_B1, log_rows_PP.exp_(), log_cols_PP.exp_())
         ctx.temperature = temperature
-        return total / (2 * P)
+        return loss
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        u_BC, norm_B1, rows_PP, cols_PP = ctx.saved_tensors
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        u_BC, u_dt, norm_B1, rows_PP, cols_PP = ctx.saved_tensors
         P = len(rows_PP)
         ds_PP = rows_PP + cols_PP  # (not in place: a retained graph may run backward again)
         ds_PP.diagonal().sub_(2.0)
-        ds_PP.mul_(g / (2 * P * ctx.temperature))  # with ds/da's 1 / t
-        du_BC = torch.empty_like(u_BC)
-        torch.mm(ds_PP, u_BC[P:], out=du_BC[:P])
-        torch.mm(ds_PP.T, u_BC[:P], out=du_BC[P:])
-        return (du_BC - u_BC * (u_BC * du_BC).sum(dim=1, keepdim=True)) / norm_B1, None
+        ds_dt = ds_PP.to(u_dt.dtype)
+        du_BC = torch.empty_like(u_dt)
+        torch.mm(ds_dt, u_dt[P:], out=du_BC[:P])
+        torch.mm(ds_dt.T, u_dt[:P], out=du_BC[P:])
+        # with ds/da's 1 / t
+        return _unit_rows_backward(u_BC, norm_B1, du_BC, g / (2 * P * ctx.temperature)), None, None
 
 
-def info_nce(z_BC: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE over in-batch negatives, in float32, on pairs stacked in halves: rows [0, P) are the
-    anchors, rows [P, 2P) their positives (the loader's layout). Shape (2P, C) -> ().
+def info_nce(z_BC: torch.Tensor, temperature: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Symmetric InfoNCE over in-batch negatives on pairs stacked in halves: rows [0, P) are the anchors,
+    rows [P, 2P) their positives (the loader's layout). Shape (2P, C) -> ().
 
     s_ij = cos(z_i, z_{P+j}) / temperature; loss = (CE(s, diag) + CE(s^T, diag)) / 2, i.e. for each anchor the
-    positive must beat the other P-1 pairs' positives, and for each positive the other anchors.
+    positive must beat the other P-1 pairs' positives, and for each positive the other anchors. `dtype` is
+    its products' (autocast's), the rest float32.
     """
     if len(z_BC) % 2:
         raise ValueError(f"info_nce takes anchors and positives stacked in halves; got {len(z_BC)} rows")
-    return _InfoNCE.apply(z_BC, temperature)
+    return _InfoNCE.apply(z_BC, temperature, dtype)
 
 
 class _Diversity(torch.autograd.Function):
@@ -102,28 +114,25 @@ class _Diversity(torch.autograd.Function):
     G has u on both sides), and through the normalisation dL/dw = (dL/du - u (u . dL/du)) / |w|.
     Both products (G and G u) take their operands in `dtype`, float32 accumulation, as autocast's matmul: in
     bfloat16 they cost 0.25 and 0.24 ms against float32's 0.42 and 0.75 (S 256, D 640, 2 cores, casts
-    included); the rest is float32.
+    included); G stays in `dtype` for the second, and the rest is float32.
     The gradient comes back sparse, on the S rows: a dense one would zero all F rows and add them into W's
     gradient every step, more work than the term itself."""
 
     @staticmethod
     def forward(ctx, W_FD: torch.Tensor, idx_S: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[override]
-        w_SD = W_FD.index_select(0, idx_S).float()
-        norm_S1 = w_SD.norm(dim=1, keepdim=True).clamp_min(1e-12)  # as F.normalize
-        u_SD = w_SD / norm_S1
+        u_SD, norm_S1 = _unit_rows(W_FD.detach(), idx_S)
         u_dt = u_SD.to(dtype)
-        off_SS = (u_dt @ u_dt.T).float()
+        off_SS = torch.mm(u_dt, u_dt.T)  # in `dtype`, as the backward's product takes it
         off_SS.diagonal().zero_()
-        ctx.save_for_backward(idx_S, u_SD, norm_S1, off_SS)
-        ctx.shape, ctx.dtype, ctx.product_dtype = W_FD.shape, W_FD.dtype, dtype
-        return off_SS.pow(2).sum()
+        o = off_SS.view(-1).float()
+        ctx.save_for_backward(idx_S, u_SD, u_dt, norm_S1, off_SS)
+        ctx.shape, ctx.dtype = W_FD.shape, W_FD.dtype
+        return torch.dot(o, o)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        idx_S, u_SD, norm_S1, off_SS = ctx.saved_tensors
-        dt = ctx.product_dtype
-        du_SD = (off_SS.to(dt) @ u_SD.to(dt)).float() * (4 * g)
-        dw_SD = (du_SD - u_SD * (u_SD * du_SD).sum(dim=1, keepdim=True)) / norm_S1
+        idx_S, u_SD, u_dt, norm_S1, off_SS = ctx.saved_tensors
+        dw_SD = _unit_rows_backward(u_SD, norm_S1, torch.mm(off_SS, u_dt), 4 * g)
         grad = torch.sparse_coo_tensor(idx_S.unsqueeze(0), dw_SD.to(ctx.dtype), ctx.shape, check_invariants=False)
         return grad, None, None
 
