@@ -3,8 +3,13 @@
 For each size (d_model x expansion) and dtype (float32, bfloat16 autocast), on a synthetic store:
   bare   a minimal dense loop: batch from a tensor in RAM, encode/decode, MSE + L1, backward, decoder-gradient
          projection, clip, AdamW (torch's default implementation), renormalise
-  plain  the real trainer (loader thread, logging, checkpoints) with alpha = beta = 0, no resampling
-  csae   the real trainer with the full loss (InfoNCE on context pairs, diversity, resampling)
+  plain  the real trainer (loader thread, logging, checkpoints) with alpha = beta = 0
+  csae   the real trainer with the full loss (InfoNCE on context pairs, diversity)
+  paired the plain and the CSAE trainer's steps alternating on the same batches in one process (no loader):
+         the CSAE's extra cost per step, with the machine's drift between runs paired out
+Neither resamples: the bare loop does not, and the pipeline's baseline resamples exactly as the CSAE does, so
+resampling is no part of the CSAE's extra cost (a round of 300 steps would hold two resamplings, one of 100
+none).
 The trainers start with their encoder biases set so that each row fires --l0 features, the L0 the default
 L1 reaches on real data (50 of 2,560 on layer 8 of Gemma 3 270M; ~80 for a 16k dictionary), so the
 timing sees training's steady state rather than the first steps of a fresh SAE, where half the features
@@ -31,6 +36,7 @@ import math
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +48,7 @@ from csae.shared.config.train import TrainConfig
 from csae.shared.models import resolve_dtype
 from csae.shared.schema import ActivationStore, make_test_store
 from csae.train import trainer as trainer_module
-from csae.train.run import fit, resolve
+from csae.train.run import fit, resolve, runtime
 
 BATCH = 512
 SKIP = 5  # warm-up steps left out of every timing
@@ -140,6 +146,35 @@ def trainer_run(store: Path, out: Path, steps: int, expansion: int, l0: int, dty
     return (len(timed) - 1) / (log[-1]["elapsed_s"] - log[SKIP]["elapsed_s"]), statistics.mean(r["l0"] for r in timed)
 
 
+def paired_step_cost(x_ND: torch.Tensor, steps: int, expansion: int, l0: int, dtype: str,
+                     **overrides: object) -> tuple[float, float, float]:
+    """(CSAE step time / plain step time - 1, L0 plain, L0 CSAE): the two trainers of trainer_run (same seed,
+    same start) step alternately on the same batches, which of them goes first alternating, so the machine's
+    drift reaches both alike; total time over the steps after SKIP, each step until its metrics are on the
+    host (as train fit reads them)."""
+    base = TrainConfig(expansion=expansion, batch_size=BATCH, tokens=BATCH * steps, dtype=dtype,  # type: ignore[arg-type]
+                       warmup_steps=10, l1_warmup_steps=0, lr=1e-5, seeds=(0,), **overrides)  # type: ignore[arg-type]
+    trainers = {}
+    for name, cfg in (("plain", replace(base, alpha=0.0, beta=0.0)), ("csae", base)):
+        cfg = resolve(cfg)
+        with FiringAt(l0):
+            trainers[name] = trainer_module.CSAETrainer(cfg, x_ND.shape[1], runtime(cfg), seed=0)
+            trainers[name].init_b_dec_(x_ND[:4096])
+    gen = torch.Generator().manual_seed(1)
+    spent = {"plain": 0.0, "csae": 0.0}
+    l0s: dict[str, list[float]] = {"plain": [], "csae": []}
+    for step in range(steps):
+        x = x_ND[torch.randint(len(x_ND), (BATCH,), generator=gen)]
+        for name in ("plain", "csae")[:: 1 if step % 2 == 0 else -1]:
+            t = time.perf_counter()
+            metrics = trainers[name].step(x, step)
+            values = torch.stack([metrics[k].float() for k in trainer_module.METRIC_NAMES]).tolist()
+            if step >= SKIP:
+                spent[name] += time.perf_counter() - t
+                l0s[name].append(values[trainer_module.METRIC_NAMES.index("l0")])
+    return spent["csae"] / spent["plain"] - 1, statistics.mean(l0s["plain"]), statistics.mean(l0s["csae"])
+
+
 def profile(store: Path, out: Path, steps: int, expansion: int, l0: int, dtype: str, **overrides: object) -> None:
     """Where the trainer's time goes: self CPU time per label of the training loop and step."""
     from torch.profiler import ProfilerActivity
@@ -152,6 +187,56 @@ def profile(store: Path, out: Path, steps: int, expansion: int, l0: int, dtype: 
     for e in sorted(events, key=lambda e: -e.cpu_time_total):
         print(f"    {e.key:24s} {e.cpu_time_total / 1e3 / e.count:8.2f} ms/call  {e.count:5d} calls  "
               f"{e.cpu_time_total / max(total, 1):6.1%} of the loop")
+
+
+def rounds(store: Path, ck: Path, x_ND: torch.Tensor, steps: int, repeats: int, expansion: int, l0: int,
+           dtype: str) -> dict[str, list[float]]:
+    """Per round: steps/s of the bare loop, plain and CSAE `train fit`, the paired step cost, and the L0s."""
+    ac = torch.bfloat16 if dtype == "bfloat16" else None
+    csae = {"resample_every": 0}
+    plain = {**csae, "alpha": 0.0, "beta": 0.0}
+    out: dict[str, list[float]] = {k: [] for k in ("bare", "plain", "csae", "paired", "l0 plain", "l0 csae",
+                                                    "l0 paired plain", "l0 paired csae")}
+    for r in range(repeats):
+        # interleaved, the order reversed every other repeat: drifting background load hits all of them alike, and
+        # each ratio below pairs runs made next to each other
+        for name in ("bare", "plain", "csae", "paired")[:: 1 if r % 2 == 0 else -1]:
+            if name == "bare":
+                out["bare"].append(bare_loop(x_ND, expansion, steps, ac))
+            elif name == "paired":
+                cost, l0_plain, l0_csae = paired_step_cost(x_ND, steps, expansion, l0, dtype, **csae)
+                out["paired"].append(cost)
+                out["l0 paired plain"].append(l0_plain)
+                out["l0 paired csae"].append(l0_csae)
+            else:
+                rate, got = trainer_run(store, ck, steps, expansion, l0, dtype, **(plain if name == "plain" else csae))
+                out[name].append(rate)
+                out["l0 " + name].append(got)
+    return out
+
+
+def report(d: int, expansion: int, dtype: str, steps: int, out: dict[str, list[float]]) -> float:
+    """Prints a size and dtype's figures, intervals and verdicts; returns plain/bare."""
+    med = {k: statistics.median(v) for k, v in out.items()}
+    mean = {k: statistics.mean(v) for k, v in out.items()}
+    # each round's ratios pair runs made next to each other; the figures are their medians
+    speedups = [p / b for p, b in zip(out["plain"], out["bare"], strict=True)]
+    costs = [p / c - 1 for p, c in zip(out["plain"], out["csae"], strict=True)]
+    speedup, s_low, s_high = median_interval(speedups)
+    cost, c_low, c_high = median_interval(costs)
+    paired, p_low, p_high = median_interval(out["paired"])
+    print(f"d={d:5d} x{expansion} {dtype:8s} L0 plain {mean['l0 plain']:5.1f} csae {mean['l0 csae']:5.1f}  bare "
+          f"{med['bare']:7.2f} steps/s  plain {med['plain']:7.2f} steps/s ({med['plain'] * BATCH:8,.0f} tok/s)  csae "
+          f"{med['csae']:7.2f} steps/s  plain/bare {speedup:.2f} [{s_low:.2f}, {s_high:.2f}]  csae cost in train fit "
+          f"{cost:+.1%} [{c_low:+.1%}, {c_high:+.1%}]  csae step cost, paired steps {paired:+.1%} [{p_low:+.1%}, "
+          f"{p_high:+.1%}] (L0 {mean['l0 paired plain']:.1f} and {mean['l0 paired csae']:.1f}) (medians of "
+          f"{len(speedups)} rounds of {steps} steps, {CONFIDENCE:.0%} intervals over rounds)", flush=True)
+    print(f"    plain/bare >= {MIN_SPEEDUP}: {verdict(s_low, s_high, at_least=MIN_SPEEDUP)};  csae cost <= "
+          f"{MAX_CSAE_COST:.0%}: {verdict(c_low, c_high, at_most=MAX_CSAE_COST)} in train fit, "
+          f"{verdict(p_low, p_high, at_most=MAX_CSAE_COST)} paired;  per round: plain/bare "
+          + " ".join(f"{r:.2f}" for r in speedups) + "  csae cost " + " ".join(f"{c:+.0%}" for c in costs)
+          + "  paired " + " ".join(f"{c:+.0%}" for c in out["paired"]))
+    return speedup
 
 
 def main() -> None:
@@ -180,40 +265,12 @@ def main() -> None:
             steps = args.steps if small else max(SKIP + 7, args.steps // 8)
             repeats = args.repeats if small else min(args.repeats, 5)  # 5: the fewest with an interval
             for dtype in args.dtypes:
-                ac = torch.bfloat16 if dtype == "bfloat16" else None
-                plain = {"alpha": 0.0, "beta": 0.0, "resample_every": 0}
-                runs: dict[str, list[float]] = {"bare": [], "plain": [], "csae": []}
-                l0s = []
-                for r in range(repeats):
-                    # interleaved, the order reversed every other repeat: drifting background load hits all three
-                    # alike, and each ratio below pairs runs made next to each other
-                    for name in ("bare", "plain", "csae")[:: 1 if r % 2 == 0 else -1]:
-                        if name == "bare":
-                            runs["bare"].append(bare_loop(x_ND, expansion, steps, ac))
-                            continue
-                        rate, got = trainer_run(store, Path(tmp) / "ck", steps, expansion, int(l0), dtype,
-                                                **(plain if name == "plain" else {}))
-                        runs[name].append(rate)
-                        l0s.append(got)
-                med = {k: statistics.median(v) for k, v in runs.items()}
-                # each round's ratios pair runs made next to each other; the figures are their medians
-                speedups = [p / b for p, b in zip(runs["plain"], runs["bare"], strict=True)]
-                costs = [p / c - 1 for p, c in zip(runs["plain"], runs["csae"], strict=True)]
-                speedup, s_low, s_high = median_interval(speedups)
-                cost, c_low, c_high = median_interval(costs)
-                print(f"d={d:5d} x{expansion} {dtype:8s} L0 {statistics.mean(l0s):5.1f}  bare {med['bare']:7.2f} "
-                      f"steps/s  plain {med['plain']:7.2f} steps/s ({med['plain'] * BATCH:8,.0f} tok/s)  csae "
-                      f"{med['csae']:7.2f} steps/s  plain/bare {speedup:.2f} [{s_low:.2f}, {s_high:.2f}]  csae step "
-                      f"cost {cost:+.1%} [{c_low:+.1%}, {c_high:+.1%}] over plain (medians of {repeats} rounds of "
-                      f"{steps} steps, {CONFIDENCE:.0%} intervals over rounds)", flush=True)
-                print(f"    plain/bare >= {MIN_SPEEDUP}: {verdict(s_low, s_high, at_least=MIN_SPEEDUP)};  csae cost "
-                      f"<= {MAX_CSAE_COST:.0%}: {verdict(c_low, c_high, at_most=MAX_CSAE_COST)};  per round: "
-                      "plain/bare " + " ".join(f"{r:.2f}" for r in speedups)
-                      + "  csae cost " + " ".join(f"{c:+.0%}" for c in costs))
+                out = rounds(store, Path(tmp) / "ck", x_ND, steps, repeats, expansion, int(l0), dtype)
+                speedup = report(d, expansion, dtype, steps, out)
                 if args.profile:
-                    for name, over in (("plain", plain), ("csae", {})):
+                    for name, over in (("plain", {"alpha": 0.0, "beta": 0.0}), ("csae", {})):
                         print(f"  profile {name}:")
-                        profile(store, Path(tmp) / "ck", steps, expansion, int(l0), dtype, **over)
+                        profile(store, Path(tmp) / "ck", steps, expansion, int(l0), dtype, resample_every=0, **over)
                 if headline is None or (d == 640 and expansion == 4 and dtype == native):
                     headline = speedup
     print(f"ratio {headline:.2f}")

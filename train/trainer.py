@@ -197,7 +197,8 @@ class CSAETrainer:
         x_hat_BD = feats.matmul(self.sae.W_dec, "decoder") + self.sae.b_dec
         terms = {"recon_loss": losses.reconstruction(x_BD, x_hat_BD), "l1": feats.l1(), "info_nce": zero,
                  "diversity": zero}
-        loss = terms["recon_loss"] + self.l1_at(step) * terms["l1"]
+        # each weighted term added by one op (torch.add's alpha), one graph node
+        loss = torch.add(terms["recon_loss"], terms["l1"], alpha=self.l1_at(step))
         if cfg.alpha > 0:
             if cfg.positives == "context":  # rows [0, P) are anchors, [P, 2P) their positives
                 z_BC = self.head_z(feats)
@@ -205,14 +206,14 @@ class CSAETrainer:
                 z_BC = self.head_z(self.features(torch.cat(self.views(x_BD[: len(x_BD) // 2], step))))
             # its products in the compute dtype, the rest in float32 (losses.info_nce)
             terms["info_nce"] = losses.info_nce(z_BC, cfg.temperature, self.rt.compute_dtype)
-            loss = loss + cfg.alpha * terms["info_nce"]
+            loss = torch.add(loss, terms["info_nce"], alpha=cfg.alpha)
         if cfg.beta > 0:  # its matmuls in the compute dtype, the rest in float32 (losses.diversity)
             idx_S = None
             if self.sae.d_sae > cfg.diversity_features:
                 g = step_generator(self.seed, step, DIVERSITY, self.step_rng)
                 idx_S = torch.randperm(self.sae.d_sae, generator=g)[: cfg.diversity_features].to(x_BD.device)
             terms["diversity"] = losses.diversity(self.sae.W_dec, idx_S, self.rt.compute_dtype)
-            loss = loss + cfg.beta * terms["diversity"]
+            loss = torch.add(loss, terms["diversity"], alpha=cfg.beta)
         terms["loss"] = loss  # the terms that are off add nothing (no ops for them in the graph)
         return terms, x_hat_BD, feats
 
