@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from csae.shared.config.train import TrainConfig
-from csae.train import kernels, sparse
+from csae.train import sparse
 from csae.train.trainer import CSAETrainer, Runtime
 
 #: Largest |sparse - dense| relative to the largest |dense| of each compared tensor.
@@ -162,22 +162,3 @@ def test_sampled_dots_are_the_products_at_the_entries(width: int) -> None:
     got = sparse._sampled_dots(sparse.Pattern.of_torch(mask), g, W)
     want = (g.double() @ W.double().T)[mask]
     assert got.dtype == torch.float32 and float((got.double() - want).abs().max()) < 1e-5 * width**0.5
-
-
-@pytest.mark.parametrize("width", [1, 33, 640])
-def test_dots_and_sums_in_one_pass_are_the_sampled_and_the_transposed_products(width: int) -> None:
-    """The backward's single pass (kernels.dots_and_sums): g[b] . W[i] at each active (b, i), and S^T g, row i
-    the sum of vals[b, i] g[b] over the rows where i is active (zero for a feature active nowhere), both
-    against dense products in float64."""
-    mask = _mask()
-    gen = torch.Generator().manual_seed(3)
-    g, W = torch.randn(7, width, generator=gen), torch.randn(11, width, generator=gen)
-    pat = sparse.Pattern.of_torch(mask)
-    vals = torch.rand(pat.nnz, generator=gen) + 0.5
-    dots, sums = kernels.dots_and_sums(pat.col_offsets, pat.rows_by_col_K, pat.by_col_K, vals, g, W)
-    S = torch.zeros(7, 11, dtype=torch.float64)
-    S[mask] = vals.double()
-    tol = 1e-5 * width**0.5
-    assert float((dots.double() - (g.double() @ W.double().T)[mask]).abs().max()) < tol
-    assert sums.shape == W.shape and float((sums.double() - S.T @ g.double()).abs().max()) < tol
-    assert not mask[:, 10].any() and not sums[10].any()

@@ -108,22 +108,6 @@ def _sampled_dots(col_offsets: np.ndarray, rows_by_col_K: np.ndarray, by_col_K: 
 
 
 @njit(parallel=True, cache=True, fastmath=SUMS)
-def _dots_and_sums(col_offsets: np.ndarray, rows_by_col_K: np.ndarray, by_col_K: np.ndarray, vals_K: np.ndarray,
-                   g_BN: np.ndarray, W_FN: np.ndarray, out_K: np.ndarray, sums_FN: np.ndarray) -> None:
-    for i in prange(len(col_offsets) - 1):  # feature by feature: each g row read once for both
-        w_N, acc_N = W_FN[i], sums_FN[i]
-        acc_N[:] = 0
-        for j in range(col_offsets[i], col_offsets[i + 1]):
-            g_N, k = g_BN[rows_by_col_K[j]], by_col_K[j]
-            v = vals_K[k]
-            dot = np.float32(0.0)
-            for n in range(len(w_N)):
-                dot += g_N[n] * w_N[n]
-                acc_N[n] += v * g_N[n]
-            out_K[k] = dot
-
-
-@njit(parallel=True, cache=True, fastmath=SUMS)
 def _project_rows(W_FD: np.ndarray, G_FD: np.ndarray) -> float:
     sumsq_F = np.empty(len(W_FD), np.float64)
     for i in prange(len(W_FD)):
@@ -183,18 +167,6 @@ def sampled_dots(col_offsets: torch.Tensor, rows_by_col_K: torch.Tensor, by_col_
     _threads()
     return torch.from_numpy(_sampled_dots(col_offsets.numpy(), rows_by_col_K.numpy(), by_col_K.numpy(),
                                           g_BN.contiguous().numpy(), W_FN.contiguous().numpy()))
-
-
-def dots_and_sums(col_offsets: torch.Tensor, rows_by_col_K: torch.Tensor, by_col_K: torch.Tensor,
-                  vals_K: torch.Tensor, g_BN: torch.Tensor, W_FN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sampled_dots` and, in the same pass over the entries feature by feature, the sums S^T g (F, N):
-    sum over the rows b where feature i is active of vals[b, i] g[b] (the gradient of W in S @ W), each g row
-    read once for both. vals_K in the pattern's row-major order; g, W and vals float32."""
-    _threads()
-    out_K, sums_FN = torch.empty(len(by_col_K)), torch.empty(W_FN.shape)
-    _dots_and_sums(col_offsets.numpy(), rows_by_col_K.numpy(), by_col_K.numpy(), vals_K.detach().contiguous().numpy(),
-                   g_BN.contiguous().numpy(), W_FN.detach().contiguous().numpy(), out_K.numpy(), sums_FN.numpy())
-    return out_K, sums_FN
 
 
 def project_rows_(W_FD: torch.Tensor, G_FD: torch.Tensor) -> float:

@@ -139,9 +139,6 @@ class _SparseMatmul(torch.autograd.Function):
         vals_K, W_FN = ctx.saved_tensors
         pat: Pattern = ctx.pat
         g_BN = g_BN.float().contiguous()
-        if all(ctx.needs_input_grad[:2]) and g_BN.device.type == "cpu":  # both in one pass over the entries
-            return (*kernels.dots_and_sums(pat.col_offsets, pat.rows_by_col_K, pat.by_col_K, vals_K, g_BN, W_FN),
-                    None, None, None)
         d_vals = d_W = None
         if ctx.needs_input_grad[0]:
             d_vals = _sampled_dots(pat, g_BN, W_FN)
