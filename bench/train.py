@@ -36,7 +36,6 @@ import math
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +54,9 @@ SKIP = 5  # warm-up steps left out of every timing
 CONFIDENCE = 0.9
 #: The issue's targets: plain `train fit` at least 2x the bare loop, the CSAE's step at most 25% dearer.
 MIN_SPEEDUP, MAX_CSAE_COST = 2.0, 0.25
+#: The two trainers' settings over the defaults: neither resamples (see above); plain has no contrastive terms.
+TRAINERS: dict[str, dict[str, Any]] = {"plain": {"resample_every": 0, "alpha": 0.0, "beta": 0.0},
+                                       "csae": {"resample_every": 0}}
 
 
 def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
@@ -133,12 +135,17 @@ class FiringAt:
         trainer_module.CSAETrainer.init_b_dec_ = self.original  # type: ignore[method-assign]
 
 
+def bench_config(steps: int, expansion: int, dtype: str, trainer: str) -> TrainConfig:
+    """The config of a timed trainer (`trainer`: a key of TRAINERS), resolved for this machine."""
+    return resolve(TrainConfig(expansion=expansion, batch_size=BATCH, tokens=BATCH * steps, dtype=dtype,  # type: ignore[arg-type]
+                               warmup_steps=10, l1_warmup_steps=0, lr=1e-5,  # the steady state's L1 and L0
+                               checkpoint_every=10**9, seeds=(0,), **TRAINERS[trainer]))
+
+
 def trainer_run(store: Path, out: Path, steps: int, expansion: int, l0: int, dtype: str,
-                **overrides: object) -> tuple[float, float]:
+                trainer: str) -> tuple[float, float]:
     """(steps/s of the real trainer from the elapsed time it logs per step, mean L0 over the timed steps)."""
-    cfg = resolve(TrainConfig(expansion=expansion, batch_size=BATCH, tokens=BATCH * steps, dtype=dtype,  # type: ignore[arg-type]
-                              warmup_steps=10, l1_warmup_steps=0, lr=1e-5,  # the steady state's L1 and L0
-                              checkpoint_every=10**9, seeds=(0,), **overrides))  # type: ignore[arg-type]
+    cfg = bench_config(steps, expansion, dtype, trainer)
     with FiringAt(l0):
         fit(cfg, store, out, layers=[0], overwrite=True, progress=False)
     log = read_metrics(layer_dir(out, 0, 0))
@@ -146,17 +153,15 @@ def trainer_run(store: Path, out: Path, steps: int, expansion: int, l0: int, dty
     return (len(timed) - 1) / (log[-1]["elapsed_s"] - log[SKIP]["elapsed_s"]), statistics.mean(r["l0"] for r in timed)
 
 
-def paired_step_cost(x_ND: torch.Tensor, steps: int, expansion: int, l0: int, dtype: str,
-                     **overrides: object) -> tuple[float, float, float]:
+def paired_step_cost(x_ND: torch.Tensor, steps: int, expansion: int, l0: int, dtype: str
+                     ) -> tuple[float, float, float]:
     """(CSAE step time / plain step time - 1, L0 plain, L0 CSAE): the two trainers of trainer_run (same seed,
     same start) step alternately on the same batches, which of them goes first alternating, so the machine's
     drift reaches both alike; total time over the steps after SKIP, each step until its metrics are on the
     host (as train fit reads them)."""
-    base = TrainConfig(expansion=expansion, batch_size=BATCH, tokens=BATCH * steps, dtype=dtype,  # type: ignore[arg-type]
-                       warmup_steps=10, l1_warmup_steps=0, lr=1e-5, seeds=(0,), **overrides)  # type: ignore[arg-type]
     trainers = {}
-    for name, cfg in (("plain", replace(base, alpha=0.0, beta=0.0)), ("csae", base)):
-        cfg = resolve(cfg)
+    for name in TRAINERS:
+        cfg = bench_config(steps, expansion, dtype, name)
         with FiringAt(l0):
             trainers[name] = trainer_module.CSAETrainer(cfg, x_ND.shape[1], runtime(cfg), seed=0)
             trainers[name].init_b_dec_(x_ND[:4096])
@@ -175,13 +180,13 @@ def paired_step_cost(x_ND: torch.Tensor, steps: int, expansion: int, l0: int, dt
     return spent["csae"] / spent["plain"] - 1, statistics.mean(l0s["plain"]), statistics.mean(l0s["csae"])
 
 
-def profile(store: Path, out: Path, steps: int, expansion: int, l0: int, dtype: str, **overrides: object) -> None:
+def profile(store: Path, out: Path, steps: int, expansion: int, l0: int, dtype: str, trainer: str) -> None:
     """Where the trainer's time goes: self CPU time per label of the training loop and step."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        trainer_run(store, out, steps, expansion, l0, dtype, **overrides)
+        trainer_run(store, out, steps, expansion, l0, dtype, trainer)
     events = [e for e in prof.key_averages() if e.key.startswith("csae.")]
     total = sum(e.cpu_time_total for e in events if e.key.count(".") == 1)
     for e in sorted(events, key=lambda e: -e.cpu_time_total):
@@ -193,8 +198,6 @@ def rounds(store: Path, ck: Path, x_ND: torch.Tensor, steps: int, repeats: int, 
            dtype: str) -> dict[str, list[float]]:
     """Per round: steps/s of the bare loop, plain and CSAE `train fit`, the paired step cost, and the L0s."""
     ac = torch.bfloat16 if dtype == "bfloat16" else None
-    csae = {"resample_every": 0}
-    plain = {**csae, "alpha": 0.0, "beta": 0.0}
     out: dict[str, list[float]] = {k: [] for k in ("bare", "plain", "csae", "paired", "l0 plain", "l0 csae",
                                                     "l0 paired plain", "l0 paired csae")}
     for r in range(repeats):
@@ -204,12 +207,12 @@ def rounds(store: Path, ck: Path, x_ND: torch.Tensor, steps: int, repeats: int, 
             if name == "bare":
                 out["bare"].append(bare_loop(x_ND, expansion, steps, ac))
             elif name == "paired":
-                cost, l0_plain, l0_csae = paired_step_cost(x_ND, steps, expansion, l0, dtype, **csae)
+                cost, l0_plain, l0_csae = paired_step_cost(x_ND, steps, expansion, l0, dtype)
                 out["paired"].append(cost)
                 out["l0 paired plain"].append(l0_plain)
                 out["l0 paired csae"].append(l0_csae)
             else:
-                rate, got = trainer_run(store, ck, steps, expansion, l0, dtype, **(plain if name == "plain" else csae))
+                rate, got = trainer_run(store, ck, steps, expansion, l0, dtype, name)
                 out[name].append(rate)
                 out["l0 " + name].append(got)
     return out
@@ -268,9 +271,9 @@ def main() -> None:
                 out = rounds(store, Path(tmp) / "ck", x_ND, steps, repeats, expansion, int(l0), dtype)
                 speedup = report(d, expansion, dtype, steps, out)
                 if args.profile:
-                    for name, over in (("plain", {"alpha": 0.0, "beta": 0.0}), ("csae", {})):
+                    for name in TRAINERS:
                         print(f"  profile {name}:")
-                        profile(store, Path(tmp) / "ck", steps, expansion, int(l0), dtype, resample_every=0, **over)
+                        profile(store, Path(tmp) / "ck", steps, expansion, int(l0), dtype, name)
                 if headline is None or (d == 640 and expansion == 4 and dtype == native):
                     headline = speedup
     print(f"ratio {headline:.2f}")
