@@ -281,3 +281,33 @@ def test_diversity_with_bfloat16_products_is_within_their_rounding() -> None:
     assert abs(got.item() - value.item()) < 1e-3 * value.item()
     err = (w.grad.to_dense().double() - exact.grad).norm() / exact.grad.norm()
     assert err < 2**-7, err
+
+
+@pytest.mark.parametrize(("dtype", "value_tol", "grad_tol"), [("float32", 1e-5, 1e-5), ("bfloat16", 1e-3, 2**-7)])
+def test_diversity_on_unit_rows_equals_the_formula_after_the_projection(dtype: str, value_tol: float,
+                                                                        grad_tol: float) -> None:
+    """unit_rows (what training passes: its decoder rows are unit vectors) skips the normalisation. On unit rows,
+    against the float64 cosine formula: the value within value_tol relative, and the gradient, once each row's
+    radial part is projected out (as the trainer's decoder projection does), within grad_tol in norm. Before
+    the projection the two gradients differ by the radial part."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.functional.normalize(torch.randn(1024, 640, generator=gen), dim=1)
+    idx = torch.randperm(1024, generator=gen)[:256]
+    exact = w.double().requires_grad_()
+    u = torch.nn.functional.normalize(exact[idx], dim=1)
+    cos = u @ u.T
+    value = (cos.pow(2).sum() - cos.diagonal().pow(2).sum()) / (256 * 255)
+    value.backward()
+    w.requires_grad_()
+    got = losses.diversity(w, idx, getattr(torch, dtype), unit_rows=True)
+    got.backward()
+    assert abs(got.item() - value.item()) < value_tol * value.item()
+    mine = w.grad.to_dense().double()
+    w64 = w.detach().double()
+
+    def project(g: torch.Tensor) -> torch.Tensor:
+        return g - (g * w64).sum(1, keepdim=True) * w64
+
+    assert (mine - exact.grad).norm() > 0.1 * exact.grad.norm()  # the radial part
+    err = (project(mine) - project(exact.grad)).norm() / project(exact.grad).norm()
+    assert err < grad_tol, err

@@ -121,30 +121,36 @@ def _sampled_dots(pat: Pattern, g_BN: torch.Tensor, W_FN: torch.Tensor) -> torch
     return torch.sparse.sampled_addmm(csr, g_BN, W_FN.T, beta=0.0).values()
 
 
-class _SparseMatmul(torch.autograd.Function):
-    """S @ W for S (B, F) given by a pattern and its values (K,), W (F, N) float32: the product in `dtype`
-    (float32 accumulation, one rounding, as autocast's matmul), its gradients in float32."""
+class _SparseAffine(torch.autograd.Function):
+    """S @ W + b for S (B, F) given by a pattern and its values (K,), W (F, N) and b (N,) float32: the product in
+    `dtype` (float32 accumulation, one rounding, as autocast's matmul), b added in float32 (as to autocast's
+    product), the gradients in float32. With b inside, the gradient arrives in float32 and is used as it is,
+    where autograd would round it to the product's dtype and the backward widen it again (under bfloat16 two
+    passes over (B, N) for nothing but a rounding)."""
 
     @staticmethod
-    def forward(ctx, vals_K: torch.Tensor, W_FN: torch.Tensor, pat: Pattern,  # type: ignore[override]
+    def forward(ctx, vals_K: torch.Tensor, W_FN: torch.Tensor, b_N: torch.Tensor, pat: Pattern,  # type: ignore[override]
                 dtype: torch.dtype, name: str) -> torch.Tensor:
         with record_function(f"csae.sparse.{name}"):
             ctx.save_for_backward(vals_K, W_FN)
             ctx.pat, ctx.name = pat, name
-            return _bags(pat.cols_K, W_FN.to(dtype, memory_format=torch.contiguous_format), pat.row_offsets, vals_K)
+            prod_BN = _bags(pat.cols_K, W_FN.to(dtype, memory_format=torch.contiguous_format), pat.row_offsets, vals_K)
+            return torch.add(prod_BN, b_N)  # float32 for a float32 b, as type promotion gives it
 
     @staticmethod
-    @record_function("csae.sparse.matmul.backward")
+    @record_function("csae.sparse.affine.backward")
     def backward(ctx, g_BN: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         vals_K, W_FN = ctx.saved_tensors
         pat: Pattern = ctx.pat
         g_BN = g_BN.float().contiguous()
-        d_vals = d_W = None
+        d_vals = d_W = d_b = None
         if ctx.needs_input_grad[0]:
             d_vals = _sampled_dots(pat, g_BN, W_FN)
         if ctx.needs_input_grad[1]:  # S^T g, one bag per feature
             d_W = _bags(pat.rows_by_col_K, g_BN, pat.col_offsets, vals_K.index_select(0, pat.by_col_K))
-        return d_vals, d_W, None, None, None
+        if ctx.needs_input_grad[2]:
+            d_b = g_BN.sum(0)
+        return d_vals, d_W, d_b, None, None, None
 
 
 class _SparseEncode(torch.autograd.Function):
@@ -189,10 +195,11 @@ class SparseFeatures:
     vals_K: torch.Tensor
     dtype: torch.dtype  # of the products (autocast's)
 
-    def matmul(self, W_FN: torch.Tensor, name: str = "matmul") -> torch.Tensor:
-        """f @ W, (B, N), in `dtype`, as autocast's matmul gives it (`name` labels it in profiles)."""
+    def affine(self, W_FN: torch.Tensor, b_N: torch.Tensor, name: str = "affine") -> torch.Tensor:
+        """f @ W + b, (B, N): the product in `dtype`, as autocast's matmul gives it, plus b (`name` labels it in
+        profiles)."""
         with torch.autocast(self.vals_K.device.type, enabled=False):
-            return _SparseMatmul.apply(self.vals_K, W_FN, self.pat, self.dtype, name)
+            return _SparseAffine.apply(self.vals_K, W_FN, b_N, self.pat, self.dtype, name)
 
     def l1(self) -> torch.Tensor:
         """Mean over rows of sum_i |f_i| (losses.l1) from the values."""
@@ -227,11 +234,11 @@ class DenseFeatures:
     f_BF: torch.Tensor
     autocast_dtype: torch.dtype | None  # None: float32
 
-    def matmul(self, W_FN: torch.Tensor, name: str = "matmul") -> torch.Tensor:
-        """f @ W under the run's autocast, as the SAE's decode computes it."""
+    def affine(self, W_FN: torch.Tensor, b_N: torch.Tensor, name: str = "affine") -> torch.Tensor:
+        """f @ W + b under the run's autocast, as the SAE's decode computes it."""
         with torch.autocast(self.f_BF.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
-            return self.f_BF @ W_FN
+            return self.f_BF @ W_FN + b_N
 
     def l1(self) -> torch.Tensor:
         return losses.l1(self.f_BF)

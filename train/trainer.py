@@ -178,12 +178,12 @@ class CSAETrainer:
     @torch.no_grad()
     def reconstruct(self, x_BD: torch.Tensor) -> torch.Tensor:
         """x_hat of a batch (the resampling pool's errors), on the path the training step takes."""
-        return self.features(x_BD).matmul(self.sae.W_dec, "decoder") + self.sae.b_dec
+        return self.features(x_BD).affine(self.sae.W_dec, self.sae.b_dec, "decoder")
 
     def head_z(self, feats: Features) -> torch.Tensor:
-        """The contrastive head on features; its first layer through feats.matmul, so sparse stays sparse."""
+        """The contrastive head on features; its first layer through feats.affine, so sparse stays sparse."""
         first, second = self.head.first, self.head.second
-        z_BC = feats.matmul(first.weight.t(), "head") + first.bias
+        z_BC = feats.affine(first.weight.t(), first.bias, "head")
         if second is None:
             return z_BC
         with self._autocast():
@@ -194,7 +194,7 @@ class CSAETrainer:
         cfg = self.cfg
         zero = x_BD.new_zeros(())
         feats = self.features(x_BD)
-        x_hat_BD = feats.matmul(self.sae.W_dec, "decoder") + self.sae.b_dec
+        x_hat_BD = feats.affine(self.sae.W_dec, self.sae.b_dec, "decoder")
         terms = {"recon_loss": losses.reconstruction(x_BD, x_hat_BD), "l1": feats.l1(), "info_nce": zero,
                  "diversity": zero}
         # each weighted term added by one op (torch.add's alpha), one graph node
@@ -212,7 +212,9 @@ class CSAETrainer:
             if self.sae.d_sae > cfg.diversity_features:
                 g = step_generator(self.seed, step, DIVERSITY, self.step_rng)
                 idx_S = torch.randperm(self.sae.d_sae, generator=g)[: cfg.diversity_features].to(x_BD.device)
-            terms["diversity"] = losses.diversity(self.sae.W_dec, idx_S, self.rt.compute_dtype)
+            # the decoder's rows are unit vectors here (normalise_decoder_ after every step, and at initialisation
+            # and resampling), and the gradient's radial part is projected out (project_decoder_gradient_)
+            terms["diversity"] = losses.diversity(self.sae.W_dec, idx_S, self.rt.compute_dtype, unit_rows=True)
             loss = torch.add(loss, terms["diversity"], alpha=cfg.beta)
         terms["loss"] = loss  # the terms that are off add nothing (no ops for them in the graph)
         return terms, x_hat_BD, feats
