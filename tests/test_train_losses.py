@@ -262,24 +262,31 @@ def test_diversity_gradient_equals_autograd_of_the_formula() -> None:
         w.grad = None
 
 
-def test_diversity_with_bfloat16_products_is_within_their_rounding() -> None:
-    """Training under bfloat16 takes the term's two S x S x D products in bfloat16 (float32 accumulation).
-    At S 256, D 640, against the float64 formula: the value within 1e-3 relative (measured 4.1e-5: the
-    rounding errors of 65,280 cosines mostly cancel in the sum) and the gradient within 2^-7 in norm, about
-    one bfloat16 rounding (u = 2^-8; measured 0.0040). In float32: 2.0e-8 and 3.6e-7."""
+def _diversity_case(unit_rows: bool) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """W (1024, 640) float32 requiring grad (unit rows or not), 256 sampled rows, and the float64 cosine
+    formula's value and gradient in W."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(1024, 640, generator=gen)
+    w = torch.nn.functional.normalize(w, dim=1) if unit_rows else w
     idx = torch.randperm(1024, generator=gen)[:256]
     exact = w.double().requires_grad_()
     u = torch.nn.functional.normalize(exact[idx], dim=1)
     cos = u @ u.T
     value = (cos.pow(2).sum() - cos.diagonal().pow(2).sum()) / (256 * 255)
     value.backward()
-    w.requires_grad_()
+    return w.requires_grad_(), idx, value.item(), exact.grad
+
+
+def test_diversity_with_bfloat16_products_is_within_their_rounding() -> None:
+    """Training under bfloat16 takes the term's two S x S x D products in bfloat16 (float32 accumulation).
+    At S 256, D 640, against the float64 formula: the value within 1e-3 relative (measured 4.1e-5: the
+    rounding errors of 65,280 cosines mostly cancel in the sum) and the gradient within 2^-7 in norm, about
+    one bfloat16 rounding (u = 2^-8; measured 0.0040). In float32: 2.0e-8 and 3.6e-7."""
+    w, idx, value, exact_grad = _diversity_case(unit_rows=False)
     got = losses.diversity(w, idx, torch.bfloat16)
     got.backward()
-    assert abs(got.item() - value.item()) < 1e-3 * value.item()
-    err = (w.grad.to_dense().double() - exact.grad).norm() / exact.grad.norm()
+    assert abs(got.item() - value) < 1e-3 * value
+    err = (w.grad.to_dense().double() - exact_grad).norm() / exact_grad.norm()
     assert err < 2**-7, err
 
 
@@ -290,24 +297,16 @@ def test_diversity_on_unit_rows_equals_the_formula_after_the_projection(dtype: s
     against the float64 cosine formula: the value within value_tol relative, and the gradient, once each row's
     radial part is projected out (as the trainer's decoder projection does), within grad_tol in norm. Before
     the projection the two gradients differ by the radial part."""
-    gen = torch.Generator().manual_seed(0)
-    w = torch.nn.functional.normalize(torch.randn(1024, 640, generator=gen), dim=1)
-    idx = torch.randperm(1024, generator=gen)[:256]
-    exact = w.double().requires_grad_()
-    u = torch.nn.functional.normalize(exact[idx], dim=1)
-    cos = u @ u.T
-    value = (cos.pow(2).sum() - cos.diagonal().pow(2).sum()) / (256 * 255)
-    value.backward()
-    w.requires_grad_()
+    w, idx, value, exact_grad = _diversity_case(unit_rows=True)
     got = losses.diversity(w, idx, getattr(torch, dtype), unit_rows=True)
     got.backward()
-    assert abs(got.item() - value.item()) < value_tol * value.item()
+    assert abs(got.item() - value) < value_tol * value
     mine = w.grad.to_dense().double()
     w64 = w.detach().double()
 
     def project(g: torch.Tensor) -> torch.Tensor:
         return g - (g * w64).sum(1, keepdim=True) * w64
 
-    assert (mine - exact.grad).norm() > 0.1 * exact.grad.norm()  # the radial part
-    err = (project(mine) - project(exact.grad)).norm() / project(exact.grad).norm()
+    assert (mine - exact_grad).norm() > 0.1 * exact_grad.norm()  # the radial part
+    err = (project(mine) - project(exact_grad)).norm() / project(exact_grad).norm()
     assert err < grad_tol, err
