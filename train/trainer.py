@@ -59,11 +59,11 @@ def _step_seeds(seed: int, purpose: int, block: int) -> np.ndarray:
     return np.random.SeedSequence([seed, purpose, block, SEED_BLOCK]).generate_state(SEED_BLOCK, np.uint64) >> 1
 
 
-def step_generator(seed: int, step: int, purpose: int, out: torch.Generator | None = None) -> torch.Generator:
-    """A generator that depends only on (seed, step, purpose): what makes resume exact. `out` is re-seeded and
-    returned (manual_seed resets a generator's whole state), else a new one."""
+def step_generator(seed: int, step: int, purpose: int, out: torch.Generator) -> torch.Generator:
+    """`out` re-seeded so that it depends only on (seed, step, purpose), and returned: what makes resume exact
+    (manual_seed resets a generator's whole state, so reusing one generator costs nothing in exactness)."""
     block, i = divmod(step, SEED_BLOCK)
-    return (out or torch.Generator()).manual_seed(int(_step_seeds(seed, purpose, block)[i]))
+    return out.manual_seed(int(_step_seeds(seed, purpose, block)[i]))
 
 
 @dataclass(frozen=True)
