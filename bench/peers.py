@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from csae.shared.models import resolve_dtype
+from csae.shared.models import resolve_dtype, timed_dtypes
 from csae.shared.schema import ActivationStore, make_test_store
 from train import BATCH, SKIP, trainer_run
 
@@ -56,7 +56,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--l0", type=int, default=50)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=None,
+                        help="default: float32, and bfloat16 where `auto` gives it (shared.models.timed_dtypes)")
     args = parser.parse_args()
     import sae_lens
 
@@ -69,7 +70,7 @@ def main() -> None:
         make_test_store(store, layers=(0,), d_model=640, n_docs=128, seq_len=64, chunk_rows=1024)
         s = ActivationStore.open(store)
         x_ND = s.read(0, 0, s.heldout_start(0.1)).float() * (640**0.5 / s.mean_norm(0))
-        for dtype in args.dtypes:
+        for dtype in args.dtypes or timed_dtypes():
             runs: dict[str, list[float]] = {"saelens": [], "plain": [], "csae": []}
             for _ in range(args.repeats):  # interleaved, so background load hits all three alike
                 runs["saelens"].append(saelens_loop(x_ND, 4, args.steps, dtype == "bfloat16"))

@@ -19,7 +19,7 @@ import time
 import torch
 
 from csae.shared.config.train import TrainConfig
-from csae.shared.models import resolve_dtype
+from csae.shared.models import resolve_dtype, timed_dtypes
 from csae.train.trainer import CSAETrainer, Runtime
 
 BATCH = 512
@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--expansion", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=None,
+                        help="default: float32, and bfloat16 where `auto` gives it (shared.models.timed_dtypes)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -61,7 +62,7 @@ def main() -> None:
           f"expansion {args.expansion} batch {BATCH}")
     x_BD = torch.randn(BATCH, args.d, generator=torch.Generator().manual_seed(0))
     headline = None
-    for dtype in args.dtypes:
+    for dtype in args.dtypes or timed_dtypes():
         even = None
         for density in args.densities:
             trainers = {m: make_trainer(args.d, args.expansion, density, dtype, m, x_BD) for m in ("off", "on")}

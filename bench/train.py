@@ -44,7 +44,7 @@ from scipy import stats
 
 from csae.shared.checkpoint import layer_dir, read_metrics
 from csae.shared.config.train import TrainConfig
-from csae.shared.models import resolve_dtype
+from csae.shared.models import resolve_dtype, timed_dtypes
 from csae.shared.schema import ActivationStore, make_test_store
 from csae.train import trainer as trainer_module
 from csae.train.run import fit, resolve, runtime
@@ -247,7 +247,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--sizes", nargs="+", default=["640x4:50", "2304x8:80"], help="d_model x expansion : L0")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=None,
+                        help="default: float32, and bfloat16 where `auto` gives it (shared.models.timed_dtypes)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="also profile the plain and CSAE trainers")
     args = parser.parse_args()
@@ -255,6 +256,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     native = resolve_dtype("auto", "cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, auto dtype here: {native}, batch {BATCH}")
+    dtypes = args.dtypes or timed_dtypes()
+    print(f"dtypes timed: {' '.join(dtypes)} (default: float32, and bfloat16 where this CPU has it natively)")
     headline = None
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
@@ -267,7 +270,7 @@ def main() -> None:
             small = d * expansion <= 4096  # the large size: fewer, shorter rounds (a bare step takes seconds)
             steps = args.steps if small else max(SKIP + 7, args.steps // 8)
             repeats = args.repeats if small else min(args.repeats, 5)  # 5: the fewest with an interval
-            for dtype in args.dtypes:
+            for dtype in dtypes:
                 out = rounds(store, Path(tmp) / "ck", x_ND, steps, repeats, expansion, int(l0), dtype)
                 speedup = report(d, expansion, dtype, steps, out)
                 if args.profile:
