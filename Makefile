@@ -4,16 +4,21 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test lint repro
+.PHONY: setup test test-fast lint repro
 
 setup:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# setuptools notes every editable install of a package-dir layout ("Editable installation..."): information, not a problem
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e ".[dev]"
 
 test:
 	$(PY) -m pytest -q
+
+# The fast tier: every module at tiny size, float32 only, no subprocess or multi-rank runs (-m 'not slow').
+test-fast:
+	$(PY) -m pytest -q -m "not slow"
 
 lint:
 	$(VENV)/bin/ruff check .

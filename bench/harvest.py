@@ -22,12 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from csae.harvest.batches import iter_windows, make_batch
 from csae.harvest.run import harvest, resolve_layers
-from csae.shared import corpora
-from csae.shared.cli import cache_dir
 from csae.shared.config.harvest import HarvestConfig
-from csae.shared.models import load_model, resolve_dtype
-from csae.shared.residual import resid_post
-from csae.shared.sequences import DocTable, iter_sequences
+from csae.shared.device import resolve_dtype
+from csae.shared.entry import cache_dir
+from csae.shared.lm import corpora
+from csae.shared.lm.models import load_model
+from csae.shared.lm.residual import resid_post
+from csae.shared.lm.sequences import DocTable, iter_sequences
 
 
 def bare(cfg: HarvestConfig, lm: object) -> float:

@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from csae.shared.checkpoint import layer_dir, read_metrics
 from csae.shared.config.train import TrainConfig
-from csae.shared.schema import ActivationStore, make_test_store
+from csae.shared.sae.checkpoint import layer_dir, read_metrics
+from csae.shared.store.schema import ActivationStore, make_test_store
 from csae.train.loader import ChunkLoader
 from csae.train.run import fit, resolve
 

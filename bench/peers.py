@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from csae.shared.models import resolve_dtype, timed_dtypes
-from csae.shared.schema import ActivationStore, make_test_store
+from csae.shared.device import resolve_dtype, timed_dtypes
+from csae.shared.store.schema import ActivationStore, make_test_store
 from train import BATCH, SKIP, trainer_run
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--l0", type=int, default=50)
     parser.add_argument("--dtypes", nargs="+", default=None,
-                        help="default: float32, and bfloat16 where `auto` gives it (shared.models.timed_dtypes)")
+                        help="default: float32, and bfloat16 where `auto` gives it (csae.shared.device.timed_dtypes)")
     args = parser.parse_args()
     import sae_lens
 

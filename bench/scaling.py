@@ -1,4 +1,4 @@
-"""Figures for the README's plan for 10^9 tokens, measured on a scaled-down store at d = 2304.
+"""Figures for the plan for 10^9 tokens in docs/scaling.md, measured on a scaled-down store at d = 2304.
 
     python bench/scaling.py [--source acts.zarr] [--rows 196608] [--cold]
 
@@ -89,9 +89,9 @@ def tokenizer_rate() -> float | None:
     try:
         from transformers import AutoTokenizer
 
-        from csae.shared.cli import cache_dir
-        from csae.shared.corpora import iter_documents
-        from csae.shared.models import embedded_model_dir
+        from csae.shared.entry import cache_dir
+        from csae.shared.lm.corpora import iter_documents
+        from csae.shared.lm.models import embedded_model_dir
 
         tok = AutoTokenizer.from_pretrained(embedded_model_dir(cache_dir()))
     except Exception:

@@ -19,8 +19,9 @@ import time
 import torch
 
 from csae.shared.config.train import TrainConfig
-from csae.shared.models import resolve_dtype, timed_dtypes
-from csae.train.trainer import CSAETrainer, Runtime
+from csae.shared.device import resolve_dtype, timed_dtypes
+from csae.train.runtime import Runtime
+from csae.train.trainer import CSAETrainer
 
 BATCH = 512
 
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=None,
-                        help="default: float32, and bfloat16 where `auto` gives it (shared.models.timed_dtypes)")
+                        help="default: float32, and bfloat16 where `auto` gives it (csae.shared.device.timed_dtypes)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:

@@ -42,12 +42,13 @@ from typing import Any
 import torch
 from scipy import stats
 
-from csae.shared.checkpoint import layer_dir, read_metrics
 from csae.shared.config.train import TrainConfig
-from csae.shared.models import resolve_dtype, timed_dtypes
-from csae.shared.schema import ActivationStore, make_test_store
+from csae.shared.device import resolve_dtype, timed_dtypes
+from csae.shared.sae.checkpoint import layer_dir, read_metrics
+from csae.shared.store.schema import ActivationStore, make_test_store
 from csae.train import trainer as trainer_module
 from csae.train.run import fit, resolve, runtime
+from csae.train.training_sae import TrainingSAE
 
 BATCH = 512
 SKIP = 5  # warm-up steps left out of every timing
@@ -113,11 +114,11 @@ def bare_loop(x_ND: torch.Tensor, expansion: int, steps: int, dtype: torch.dtype
 
 
 class FiringAt:
-    """Patch CSAETrainer.init_b_dec_ so that a fresh SAE's features fire `l0` per row (on the b_dec sample):
+    """Patch TrainingSAE.init_b_dec_ so that a fresh SAE's features fire `l0` per row (on the b_dec sample):
     each feature's bias is minus its (1 - l0/F) quantile of pre-activations."""
 
     def __init__(self, l0: int) -> None:
-        self.l0, self.original = l0, trainer_module.CSAETrainer.init_b_dec_
+        self.l0, self.original = l0, TrainingSAE.init_b_dec_
 
     def __enter__(self) -> None:
         original, l0 = self.original, self.l0
@@ -129,10 +130,10 @@ class FiringAt:
             pre = (sample_ND - sae.b_dec) @ sae.W_enc
             sae.b_enc.copy_(-torch.quantile(pre, 1 - l0 / sae.d_sae, dim=0))
 
-        trainer_module.CSAETrainer.init_b_dec_ = init  # type: ignore[method-assign]
+        TrainingSAE.init_b_dec_ = init  # type: ignore[method-assign]
 
     def __exit__(self, *exc: object) -> None:
-        trainer_module.CSAETrainer.init_b_dec_ = self.original  # type: ignore[method-assign]
+        TrainingSAE.init_b_dec_ = self.original  # type: ignore[method-assign]
 
 
 def bench_config(steps: int, expansion: int, dtype: str, trainer: str) -> TrainConfig:
@@ -164,7 +165,7 @@ def paired_step_cost(x_ND: torch.Tensor, steps: int, expansion: int, l0: int, dt
         cfg = bench_config(steps, expansion, dtype, name)
         with FiringAt(l0):
             trainers[name] = trainer_module.CSAETrainer(cfg, x_ND.shape[1], runtime(cfg), seed=0)
-            trainers[name].init_b_dec_(x_ND[:4096])
+            trainers[name].model.init_b_dec_(x_ND[:4096])
     gen = torch.Generator().manual_seed(1)
     spent = {"plain": 0.0, "csae": 0.0}
     l0s: dict[str, list[float]] = {"plain": [], "csae": []}
@@ -248,7 +249,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--sizes", nargs="+", default=["640x4:50", "2304x8:80"], help="d_model x expansion : L0")
     parser.add_argument("--dtypes", nargs="+", default=None,
-                        help="default: float32, and bfloat16 where `auto` gives it (shared.models.timed_dtypes)")
+                        help="default: float32, and bfloat16 where `auto` gives it (csae.shared.device.timed_dtypes)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="also profile the plain and CSAE trainers")
     args = parser.parse_args()

@@ -6,9 +6,6 @@ their files (the activation store, checkpoint directories, metrics). This packag
 (`csae.cli`) and the Python API (`csae.api`: harvest, train, evaluate, load_sae).
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from csae.shared.version import __version__
 
-try:
-    __version__ = version("csae")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+__all__ = ["__version__"]

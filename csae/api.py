@@ -23,15 +23,15 @@ from typing import Any, TypeVar
 
 import torch
 
-from csae.shared.checkpoint import LayerInfo, load_layer
-from csae.shared.cli import cache_dir
 from csae.shared.config.base import from_dict, to_dict
 from csae.shared.config.evaluate import EvalConfig
 from csae.shared.config.harvest import HarvestConfig
 from csae.shared.config.train import TrainConfig, preset
-from csae.shared.head import ContrastiveHead
-from csae.shared.sae import SAE
-from csae.shared.schema import ActivationStore
+from csae.shared.entry import cache_dir
+from csae.shared.sae.autoencoder import SAE
+from csae.shared.sae.checkpoint import LayerInfo, load_layer
+from csae.shared.sae.head import ContrastiveHead
+from csae.shared.store.schema import ActivationStore
 
 __all__ = ["EvalConfig", "HarvestConfig", "TrainConfig", "evaluate", "harvest", "load_sae", "train"]
 

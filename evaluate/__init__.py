@@ -1,1 +1,1 @@
-"""The evaluate stage: metrics of trained SAEs on held-out data (formulas in the README, section Metrics)."""
+"""The evaluate stage: metrics of trained SAEs on held-out data (formulas in docs/metrics.md)."""

@@ -8,10 +8,11 @@ from typing import Any
 
 import click
 
-from csae.shared.cli import Group, cache_dir, params_option, store_option
+from csae.shared.cli import Group, params_option, store_option
 from csae.shared.config.base import click_options, from_dict, given, load_params
 from csae.shared.config.browse import BrowseConfig
 from csae.shared.config.evaluate import EvalConfig
+from csae.shared.entry import cache_dir
 
 
 def checkpoints_option(what: str) -> Callable[[Callable], Callable]:

@@ -8,7 +8,7 @@ comparison of each run with the reference (the last run given), written to an ou
     <out>/metrics_all.json  every figure: per run and layer with intervals, and per seed (point values, counts)
     <out>/unlearning.json   the unlearning sweep, chosen setting and test results per SAE
     <out>/report.md         the verdict table first, then the figures with intervals, counts, time, plots
-    <out>/*.png, <out>/plots/{training,unlearning}/*.csv   plots (evaluate/report.py, evaluate/curves.py)
+    <out>/*.png, <out>/plots/{training,unlearning}/*.csv   plots (evaluate/report/markdown.py, evaluate/report/plots.py)
     <out>/eval_config.json  the EvalConfig used, the store and the checkpoint directories, timings
 
 Families (one module each, each takes its inputs and returns figures): reconstruction/sparsity
@@ -29,21 +29,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from csae.evaluate.checkpoints import LayerCheckpoint, Layout, layout, load_run
-from csae.evaluate.curves import write_curves
-from csae.evaluate.downstream import downstream
-from csae.evaluate.headline import DIRECTION, HEADLINE
-from csae.evaluate.lm import load_lm
-from csae.evaluate.report import write_plots, write_report
+from csae.evaluate.families.downstream import downstream
+from csae.evaluate.families.store import store_families
+from csae.evaluate.families.unlearning.protocol import unlearning
+from csae.evaluate.inputs import LayerCheckpoint, Layout, layout, load_run
+from csae.evaluate.lm.passes import load_lm
+from csae.evaluate.lm.text import TextSource
+from csae.evaluate.report.columns import DIRECTION, HEADLINE
+from csae.evaluate.report.markdown import write_report
+from csae.evaluate.report.plots import write_curves, write_plots
 from csae.evaluate.stats import FamilyResult, Summary, summarize, verdict
-from csae.evaluate.store_metrics import store_families
-from csae.evaluate.text import TextSource
-from csae.evaluate.unlearning import unlearning
 from csae.shared.config.base import to_dict
 from csae.shared.config.evaluate import EvalConfig
+from csae.shared.device import resolve_dtype
 from csae.shared.errors import UserError
-from csae.shared.models import LoadedModel, resolve_dtype
-from csae.shared.schema import ActivationStore
+from csae.shared.lm.models import LoadedModel
+from csae.shared.store.schema import ActivationStore
 
 
 def load_checkpoints(store: ActivationStore, store_path: str | Path, dirs: list[Path]) -> list[LayerCheckpoint]:

@@ -9,7 +9,7 @@ from itertools import islice
 import numpy as np
 import torch
 
-from csae.shared.sequences import Seq
+from csae.shared.lm.sequences import Seq
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """`harvest run`, `harvest info` and `harvest repair`. Thin: parse options, build the config, call harvest.run.
 
 Under `torchrun --nproc_per_node N harvest run ...` (or `-m csae.harvest.cli`) the ranks share the work of one
-store: the process group is set up here from torchrun's environment (see csae.shared.cli.distributed).
+store: the process group is set up here from torchrun's environment (see csae.shared.entry.distributed).
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import json
 
 import click
 
-from csae.shared import schema
-from csae.shared.cli import Group, cache_dir, distributed, params_option, store_option
+from csae.shared.cli import Group, params_option, store_option
 from csae.shared.config.base import click_options, from_dict, given, load_params
 from csae.shared.config.harvest import HarvestConfig
+from csae.shared.entry import cache_dir, distributed
+from csae.shared.store import schema
 
 
 @click.group(cls=Group)
@@ -65,8 +66,7 @@ def info(store: str, as_json: bool, verify: bool) -> None:
             click.echo(f"error: {len(found)} damaged chunk(s) in {store}; `harvest repair {store}` recomputes them",
                        err=True)
             raise SystemExit(4)
-        click.echo("verified  every chunk reads and matches its checksum"
-                   + ("" if opened.attrs.get("checksums") else " (this store predates checksums: decoding only)"))
+        click.echo("verified  every chunk reads and matches its checksum")
     if not opened.attrs.get("complete"):
         raise SystemExit(3)
 
@@ -99,7 +99,7 @@ def summary(store: schema.ActivationStore, path: str) -> str:
         f"layers    {a.get('layers')}  d_model={a.get('d_model')}  dtype={a.get('dtype')}",
         f"tokens    {store.n_rows:,}",
         f"chunks    {a.get('chunk_rows')} rows" + (f", {shards} per shard file" if shards > 1 else "")
-        + f", checksums {a.get('checksums') or 'none (written before checksums)'}",
+        + f", checksums {a.get('checksums')}",
         f"topics    {len(a.get('topics', []))}",
         f"norms     {', '.join(f'{k}: {v:.1f}' for k, v in norms.items()) or '-'}",
         f"size      {size / 2**20:,.1f} MiB ({size / max(store.n_rows, 1) * 1e6 / 2**30:.2f} GiB per 1M tokens)",

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from csae.shared import corpora
 from csae.shared.config.harvest import HarvestConfig
 from csae.shared.errors import UserError
+from csae.shared.lm import corpora
+from csae.shared.lm.sequences import DocTable, Seq, body_length, iter_sequences, piece_lengths, token_counts
 from csae.shared.ranks import Ranks
-from csae.shared.sequences import DocTable, Seq, body_length, iter_sequences, piece_lengths, token_counts
 
 #: Documents tokenized between two exchanges of counts among ranks.
 _BLOCK = 4096

@@ -15,11 +15,11 @@ import numpy as np
 from csae.harvest.plan import assign, make_plan
 from csae.harvest.run import resolve_layers
 from csae.harvest.write import fill
-from csae.shared import schema
 from csae.shared.errors import UserError
+from csae.shared.lm.models import load_model
 from csae.shared.locks import Lock
-from csae.shared.models import load_model
-from csae.shared.verify import Damage, verify
+from csae.shared.store import schema
+from csae.shared.store.verify import Damage, verify
 
 log = logging.getLogger(__name__)
 

@@ -19,17 +19,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from csae import __version__
 from csae.harvest.plan import Plan, assign, make_plan
 from csae.harvest.write import fill
-from csae.shared import corpora, files, progress, schema
+from csae.shared import files
 from csae.shared.config.base import to_dict
 from csae.shared.config.harvest import HarvestConfig
+from csae.shared.device import resolve_device, resolve_dtype
 from csae.shared.errors import UserError
+from csae.shared.lm import corpora
+from csae.shared.lm.models import LoadedModel, load_model, preset_layers
 from csae.shared.locks import Lock, local_target
-from csae.shared.models import LoadedModel, load_model, preset_layers, resolve_device, resolve_dtype
-from csae.shared.progress import chunk_sums
 from csae.shared.ranks import Ranks
+from csae.shared.store import schema
+from csae.shared.store.records import chunk_sums
+from csae.shared.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +182,6 @@ def _open_target(target: str, cfg: HarvestConfig, lm: LoadedModel, plan: Plan, w
         rows_before = 0
     else:
         group = schema.open_group(target, mode="r+")
-        progress.adopt_legacy_(group)
         schema.ensure_rows_(group, plan.n_rows)
         rows_before = existing.n_rows if existing.attrs.get("complete") else 0
     done, _ = chunk_sums(group, plan.n_rows)

@@ -22,12 +22,12 @@ from tqdm import tqdm
 
 from csae.harvest.batches import iter_windows, make_batch
 from csae.harvest.plan import Plan, sequences_from
-from csae.shared import progress, schema
 from csae.shared.config.harvest import HarvestConfig
 from csae.shared.errors import UserError
 from csae.shared.files import disk_full_as_error
-from csae.shared.models import LoadedModel
-from csae.shared.residual import resid_post
+from csae.shared.lm.models import LoadedModel
+from csae.shared.lm.residual import resid_post
+from csae.shared.store import records, schema
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Writer:
         with disk_full_as_error(self.location, int(left * self.row_bytes * _COMPRESSED), self.fix):
             schema.write_rows_(self.group, start, rows[0], rows[1])
             sums = chunk_norm_sums(rows[0], start, self.chunk_rows)
-            progress.record_(span.record, start // self.chunk_rows, sums)
+            records.record_(span.record, start // self.chunk_rows, sums)
 
     def drain(self) -> None:
         for fut in self.pending:
@@ -115,7 +115,7 @@ def fill(group: zarr.Group, location: str, cfg: HarvestConfig, lm: LoadedModel, 
     for first, n in ranges:
         start, stop = first * chunk_rows, min((first + n) * chunk_rows, plan.n_rows)
         meta = {"rank": rank, "world": world, "started": started}
-        spans.append(_Span(start, stop, first, progress.new_record(group, first, n, stop, meta)))
+        spans.append(_Span(start, stop, first, records.new_record(group, first, n, stop, meta)))
     if not spans:
         return
     writer = Writer(group, location, unit_rows, chunk_rows, spans, fix)

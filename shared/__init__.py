@@ -1,2 +1,3 @@
-"""What more than one stage needs: configs, the model and corpus registries, the store schema, the SAE and
-head modules, the checkpoint layout and the rule that cuts documents into sequences."""
+"""What more than one stage needs, at the bottom of the project (it imports no stage): configs (config/), the
+activation store (store/), the language model and corpora (lm/), the SAE, its head and checkpoint layout (sae/),
+the device/dtype policy, safe files and locks, and what entry points read from the environment."""

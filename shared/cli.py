@@ -1,20 +1,16 @@
-"""Click plumbing shared by the three console scripts. Only CLI code reads the environment."""
+"""Click plumbing shared by the console scripts: variadic options, `--version`, one-line errors, common options."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
 
-from csae import __version__
+from csae.shared.entry import configure_logging
 from csae.shared.errors import UserError
-from csae.shared.ranks import Ranks
+from csae.shared.version import __version__
 
 
 def expand_variadic(args: Sequence[str], variadic: Sequence[str]) -> list[str]:
@@ -48,24 +44,6 @@ def _is_number(text: str) -> bool:
     return True
 
 
-class _ClickHandler(logging.Handler):
-    """Log records to stderr through click (resolved at each record, so test runners that swap stderr see
-    them): `warning: ...` for warnings and worse, the bare message for information."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        prefix = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
-        click.echo(prefix + self.format(record), err=True)
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    """Library code logs to the `csae` logger; the command line shows it on stderr (once per process)."""
-    logger = logging.getLogger("csae")
-    logger.setLevel(level)
-    if not any(isinstance(h, _ClickHandler) for h in logger.handlers):
-        logger.addHandler(_ClickHandler())
-        logger.propagate = False
-
-
 class Group(click.Group):
     """A click group with variadic options, `--version`, logging to stderr and one-line errors for `UserError`."""
 
@@ -91,30 +69,6 @@ class Group(click.Group):
             sys.exit(130)
 
 
-def ranks_from_env() -> Ranks:
-    """This process's place in a torchrun job (a single process: rank 0 of 1)."""
-    env = os.environ
-    launched = "TORCHELASTIC_RUN_ID" in env  # torchrun's agent is our parent: the run's lock names it
-    return Ranks(rank=int(env.get("RANK", "0")), world=int(env.get("WORLD_SIZE", "1")),
-                 local_rank=int(env.get("LOCAL_RANK", "0")), launcher_pid=os.getppid() if launched else None)
-
-
-@contextlib.contextmanager
-def distributed(backend: str) -> Iterator[Ranks]:
-    """Under torchrun: the process group (gloo on CPU, nccl on GPU) for the duration of the command."""
-    ranks = ranks_from_env()
-    if not ranks.distributed:
-        yield ranks
-        return
-    import torch.distributed as dist
-
-    dist.init_process_group(backend)
-    try:
-        yield ranks
-    finally:
-        dist.destroy_process_group()
-
-
 #: The activation store every command reads or writes unless told otherwise.
 DEFAULT_STORE = "acts.zarr"
 
@@ -130,11 +84,3 @@ def params_option(section: str, more: str = "") -> Callable[[Callable], Callable
     return click.option("--params", type=click.Path(exists=True, dir_okay=False), default=None,
                         help=f"Read settings from the `{section}` section of this YAML file (DVC's params.yaml)"
                              f"{more}; options given on the command line override it.")
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: $CSAE_CACHE_DIR, else $XDG_CACHE_HOME/csae, else ~/.cache/csae."""
-    if os.environ.get("CSAE_CACHE_DIR"):
-        return Path(os.environ["CSAE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "csae"

@@ -1,6 +1,6 @@
 """Where this process sits in a torchrun job, and the few collective steps harvest and train need.
 
-The CLI reads torchrun's environment (`csae.shared.cli.ranks_from_env`) and sets up the process group;
+The CLI reads torchrun's environment (`csae.shared.entry.ranks_from_env`) and sets up the process group;
 library code gets a `Ranks` and never reads the environment itself.
 """
 

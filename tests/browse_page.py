@@ -1,8 +1,8 @@
 """Drive the feature browser in headless Chromium (Debian's `chromium`, through Playwright; no browser is
 downloaded): open index.html from file://, go to a dictionary, search, open the first feature found, and record
-console errors and every request. The test uses it; so does the README's screenshot:
+console errors and every request. The test uses it; so does the screenshot in docs/browser.md:
 
-    .venv/bin/python tests/browse_page.py eval/browser/index.html csae/layer_8 " river" docs/browser.png
+    .venv/bin/python tests/browse_page.py eval/browser/index.html csae/layer_3 species examples/feature-browser.png
 """
 
 from __future__ import annotations

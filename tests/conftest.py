@@ -1,15 +1,20 @@
-"""Shared fixtures: a tiny random-weight Gemma-2 (26 blocks) and a small jsonl corpus."""
+"""Every shared fixture: a tiny random-weight Gemma-2 (26 blocks) and a small jsonl corpus (harvest, train, the
+pipeline); a tiny Gemma 3 and a topic corpus (evaluate; built by tiny_eval.py); a browser site with a planted
+feature (planted_site.py); the reference store of the fault tests (faults.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from planted_site import build_planted_site
+from tiny_eval import make_tiny_gemma3, make_topic_corpus
 
-from csae.shared.testing import make_tiny_gemma2
+from csae.shared.lm.testing import make_tiny_gemma2
 
 # Tests run tiny models whose ops are far too small to split across threads: with 2 OpenMP threads a
 # tiny forward measured 50x slower than with 1 whenever another process used the CPU. Subprocesses
@@ -23,6 +28,15 @@ TOPICS = ("Biology and health sciences", "History", "Geography", "Arts")
 #: same results), so the bfloat16 path that `dtype=auto` picks on AVX512-BF16/AMX CPUs and GPUs is tested
 #: everywhere, and the float32 path that it picks elsewhere is tested on fast-bfloat16 machines too.
 DTYPES = ("float32", "bfloat16")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The bfloat16 run of a dtype-dependent test is `slow`: the fast tier covers each such test in float32
+    (where bfloat16 is emulated it costs several times float32's run), the full suite runs both."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("dtype") == "bfloat16":
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", params=DTYPES)
@@ -64,3 +78,22 @@ def reference(tmp_path_factory: pytest.TempPathFactory, src: list[str]) -> Path:
     proc = run("harvest", ["run", *src, *HARVEST, "--store", path])
     assert proc.returncode == 0, proc.stderr
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Gemma 3 that mostly predicts "the next token repeats the current one" (tiny_eval.py)."""
+    return make_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
+def topic_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A jsonl corpus of 4 topics with disjoint vocabularies (tiny_eval.py)."""
+    return make_topic_corpus(tmp_path_factory.mktemp("topic-corpus") / "docs.jsonl")
+
+
+@pytest.fixture(scope="module")
+def planted_site(tmp_path_factory: pytest.TempPathFactory, tiny_gemma3: Path, topic_corpus: Path,
+                 dtype: str) -> dict[str, Any]:
+    """`evaluate browse` of a csae run with a planted feature and a baseline run (planted_site.py)."""
+    return build_planted_site(tmp_path_factory.mktemp("browse"), tiny_gemma3, topic_corpus, dtype)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from csae.shared.schema import TOKEN_FIELDS, ActivationStore
+from csae.shared.store.schema import TOKEN_FIELDS, ActivationStore
 
 #: Tiny but many steps: 2,000 rows in 32 chunks of 64, batches of 2 sequences.
 HARVEST = ["--layers", "5", "12", "--tokens", "2000", "--context", "32", "--batch-size", "2", "--sort-window", "3",
@@ -29,7 +29,7 @@ KILL_AT_CREATION = """
     zarr.Group.create_array = boom  # the group's zarr.json (with csae's attributes) is written, no array yet
 """
 KILL_MID_CHUNK = """
-    from csae.shared import schema
+    from csae.shared.store import schema
     orig, calls = schema.write_rows_, [0]
     def boom(group, start, acts, tokens):
         calls[0] += 1
@@ -41,13 +41,13 @@ KILL_MID_CHUNK = """
     schema.write_rows_ = boom
 """
 KILL_IN_FINISH = """
-    from csae.shared import schema
+    from csae.shared.store import schema
     def boom(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
     schema.mean_norms = boom  # every row and the documents are written, arrays trimmed, not marked complete
 """
 KILL_BEFORE_SWAP = """
-    from csae.shared import schema
+    from csae.shared.store import schema
     def boom(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
     schema.replace = boom  # the replacement is complete beside the old store
@@ -65,7 +65,7 @@ KILL_IN_CHECKPOINT_WRITE = """
 """
 SLOW_WRITES = """
     import time
-    from csae.shared import schema
+    from csae.shared.store import schema
     orig = schema.write_rows_
     def slow(*a, **k):
         time.sleep(0.3)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from csae.api import harvest, load_sae, train
-from csae.shared.schema import ActivationStore
+from csae.shared.store.schema import ActivationStore
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"context": 32, "batch_size": 4, "chunk_rows": 64, "dtype": "float32"}

@@ -4,6 +4,7 @@ its command imports (so editing any of them re-runs it). Also: one import namesp
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,13 +67,37 @@ def test_no_stage_imports_another() -> None:
             assert not others, f"{path.relative_to(ROOT)} imports {sorted(others)}: move what both need into shared/"
 
 
+def test_the_layers_stack_shared_stages_csae() -> None:
+    """shared/ is the bottom floor (it imports no stage and nothing of csae's own CLI or API), the three stages
+    stand on it, and csae/ (the `csae` command and the Python API) is the only code that imports several."""
+    top = {"csae.api", "csae.cli"}
+    for path in sorted((ROOT / "shared").rglob("*.py")):
+        up = {m for m in csae_imports(path)
+              if m in top or any(m == f"csae.{s}" or m.startswith(f"csae.{s}.") for s in STAGES)}
+        assert not up, f"{path.relative_to(ROOT)} imports {sorted(up)}: shared/ must not depend on what stands on it"
+    stages_of_api = {s for s in STAGES for m in csae_imports(ROOT / "csae" / "api.py") if m.startswith(f"csae.{s}.")}
+    assert stages_of_api == set(STAGES)  # the walk sees the API's imports (it runs every stage)
+
+
+def test_every_package_folder_is_installed() -> None:
+    """pyproject.toml lists every folder with an __init__.py as a package (a forgotten one would import from a
+    source checkout and be missing from a built wheel)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    start = text.index("packages = [")
+    listed = set(re.findall(r'"(csae[\w.]*)"', text[start:text.index("]", start)]))
+    for prefix, folder in PACKAGES.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            assert ".".join((prefix, *rel)) in listed, f"{init.parent.relative_to(ROOT)} is not in pyproject.toml"
+
+
 def test_each_dvc_stage_depends_on_its_import_closure() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage, owner in [*((s, s) for s in STAGES), *SUBCOMMAND_STAGES.items()]:
         spec = stages[stage]["do"] if "do" in stages[stage] else stages[stage]
         deps = [d if isinstance(d, str) else next(iter(d)) for d in spec["deps"]]
         closure = import_closure(f"csae.{owner}.cli")
-        assert len(closure) > 5 and ROOT / "shared" / "schema.py" in closure  # the walk really follows imports
+        assert len(closure) > 5 and ROOT / "shared" / "store" / "schema.py" in closure  # the walk follows imports
         missing = sorted(str(p.relative_to(ROOT)) for p in closure
                          if not any(p.relative_to(ROOT).as_posix() == d.rstrip("/")
                                     or p.relative_to(ROOT).as_posix().startswith(d.rstrip("/") + "/") for d in deps))

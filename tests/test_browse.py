@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from browse_fixtures import read_data, write_planted_site  # noqa: F401
 from click.testing import CliRunner
-from eval_fixtures import D_MODEL, make_store, random_sae, tiny_gemma3, topic_corpus, write_checkpoint  # noqa: F401
+from planted_site import read_data
+from tiny_eval import D_MODEL, make_store, random_sae, write_checkpoint
 
 from csae.evaluate.browse.collect import choose_rows, collect
 from csae.evaluate.cli import main
 from csae.shared.config.browse import BrowseConfig
-from csae.shared.sae import SAE
-from csae.shared.schema import make_test_store
+from csae.shared.sae.autoencoder import SAE
+from csae.shared.store.schema import make_test_store
 
 #: Largest |collected - brute force| of an activation, as a share of the feature's largest: float32 products
 #: differ by summation order only (~1e-7); bfloat16 rounds the inputs and the product (2^-8 each, a few
@@ -97,8 +97,8 @@ def test_sample_is_uniform_over_firing_rows(tmp_path: Path) -> None:
     assert chi2 < len(firing) + 5 * np.sqrt(2 * len(firing)), (chi2, len(firing))  # df = n - 1, 5 sd above
 
 
-def test_planted_feature_end_to_end(write_planted_site: dict[str, Any]) -> None:  # noqa: F811
-    site = write_planted_site
+def test_planted_feature_end_to_end(planted_site: dict[str, Any]) -> None:
+    site = planted_site
     common, data = read_data(site["out"], "csae/layer_1")
     token, seq = common["token"], common["seq"]
     rows = data["top_rows"][: data["k_top"]]
@@ -126,8 +126,8 @@ def run_browse(*args: object) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("case", ["d_in", "model", "tokens"])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, tiny_gemma3: Path,  # noqa: F811
-                                                  topic_corpus: Path, case: str) -> None:  # noqa: F811
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, tiny_gemma3: Path,
+                                                  topic_corpus: Path, case: str) -> None:
     store = tmp_path / "acts.zarr"
     make_store(store, tiny_gemma3, topic_corpus)
     ckpt = tmp_path / "csae"

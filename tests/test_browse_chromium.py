@@ -6,14 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from browse_fixtures import PLANTED_WORD, write_planted_site  # noqa: F401
 from browse_page import CHROMIUM, chromium_page, open_first_match
-from eval_fixtures import tiny_gemma3, topic_corpus  # noqa: F401
+from planted_site import PLANTED_WORD
 
 
-def test_planted_feature_in_headless_chromium(write_planted_site: dict[str, Any], tmp_path: Path) -> None:  # noqa: F811
+def test_planted_feature_in_headless_chromium(planted_site: dict[str, Any], tmp_path: Path) -> None:
     assert Path(CHROMIUM).exists(), "install Debian's chromium (`apt-get install chromium`; .ci/run does)"
-    index = write_planted_site["out"] / "index.html"
+    index = planted_site["out"] / "index.html"
     with chromium_page() as (page, log):
         feature = open_first_match(page, index, "csae/layer_1", PLANTED_WORD)
         assert feature == 0  # ranked first: all 20 of its top contexts have the word as their token

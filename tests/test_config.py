@@ -10,14 +10,14 @@ import yaml
 from click.testing import CliRunner
 
 from csae.harvest.cli import main as harvest_main
-from csae.shared import models
+from csae.shared import device as models
 from csae.shared.cli import expand_variadic
 from csae.shared.config.base import ConfigError, field_docs, from_dict, load_params, parse_assignment, to_dict
 from csae.shared.config.browse import BrowseConfig
 from csae.shared.config.evaluate import EvalConfig
 from csae.shared.config.harvest import HarvestConfig
 from csae.shared.config.train import TrainConfig, preset
-from csae.shared.models import preset_layers
+from csae.shared.lm.models import preset_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,3 +122,17 @@ def test_paper_params_are_the_paper_preset() -> None:
     harvest = from_dict(HarvestConfig, params["harvest"])
     assert (harvest.model, harvest.dataset, harvest.layers, harvest.tokens) == (
         "google/gemma-2-2b", "monology/pile-uncopyrighted", (5, 12, 19), 100_000)
+
+
+def test_the_csae_command_groups_the_three_stages(tmp_path: Path) -> None:
+    """`csae <stage> ...` runs the stage's own command: its --help, and its one-line error on a missing store."""
+    from csae.cli import main as csae_main
+
+    runner = CliRunner()
+    listed = runner.invoke(csae_main, ["--help"])
+    assert listed.exit_code == 0 and all(stage in listed.output for stage in ("harvest", "train", "evaluate"))
+    missing = tmp_path / "missing.zarr"
+    for args in (["harvest", "info", str(missing)], ["train", "fit", "--store", str(missing)]):
+        result = runner.invoke(csae_main, args)
+        assert result.exit_code == 2 and f"{missing} does not exist" in result.output, result.output
+

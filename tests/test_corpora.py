@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from csae.shared.corpora import iter_documents, wiki_vital_path
 from csae.shared.errors import UserError
+from csae.shared.lm.corpora import iter_documents, wiki_vital_path
 
 
 def test_txt_is_one_document_per_paragraph(tmp_path: Path) -> None:

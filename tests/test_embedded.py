@@ -10,12 +10,12 @@ import torch
 from tolerances import ROW_TOLERANCE, row_error
 
 from csae.harvest.run import harvest
-from csae.shared.cli import cache_dir
 from csae.shared.config.harvest import HarvestConfig
-from csae.shared.models import embedded_model_dir, load_model
-from csae.shared.schema import ActivationStore
+from csae.shared.entry import cache_dir
+from csae.shared.lm.models import embedded_model_dir, load_model
+from csae.shared.store.schema import ActivationStore
 
-pytestmark = pytest.mark.embedded
+pytestmark = [pytest.mark.embedded, pytest.mark.slow]
 
 
 def test_embedded_model_harvest_matches_transformers(tmp_path: Path, dtype: str) -> None:

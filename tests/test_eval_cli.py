@@ -11,20 +11,18 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from eval_fixtures import (  # noqa: F401
+from tiny_eval import (
     D_MODEL,
     identity_sae,
     make_store,
     random_sae,
-    tiny_gemma3,
-    topic_corpus,
     write_checkpoint,
 )
 
 from csae.evaluate.cli import main
-from csae.evaluate.reconstruction import fvu_pooled
-from csae.shared.head import ContrastiveHead
-from csae.shared.schema import ActivationStore
+from csae.evaluate.families.reconstruction import fvu_pooled
+from csae.shared.sae.head import ContrastiveHead
+from csae.shared.store.schema import ActivationStore
 
 FAST = ["--ce-tokens", "64", "--select-tokens", "128", "--sweep-predictions", "48", "--unlearn-known", "30",
         "--ns", "2", "5", "--cs", "1", "10", "--lm-batch-size", "4", "--head-steps", "20",
@@ -37,7 +35,7 @@ def evaluate(*args: object) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, tiny_gemma3: Path, topic_corpus: Path) -> Path:  # noqa: F811
+def store(tmp_path_factory: pytest.TempPathFactory, tiny_gemma3: Path, topic_corpus: Path) -> Path:
     path = tmp_path_factory.mktemp("store") / "acts.zarr"
     make_store(path, tiny_gemma3, topic_corpus)
     return path
@@ -164,7 +162,7 @@ def test_checkpoint_for_another_model_is_refused(store: Path, tmp_path: Path) ->
 
     # Recorded only through the store it was trained on: that store's model identity is compared.
     other_store = tmp_path / "other.zarr"
-    from csae.shared.schema import make_test_store
+    from csae.shared.store.schema import make_test_store
 
     make_test_store(other_store, layers=(1, 2), d_model=D_MODEL)
     write_checkpoint(tmp_path / "other2", 1, random_sae(D_MODEL, 32), store=str(other_store))
@@ -194,7 +192,7 @@ def test_zero_budgets_skip_their_family_and_no_model_is_loaded_without_one(store
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """--ce-tokens 0 skips the downstream family, --unlearn-known 0 the unlearning family; with both 0 the
     language model is never loaded (its loader fails the test if called)."""
-    from csae.evaluate import lm as lm_module
+    from csae.evaluate.lm import passes as lm_module
 
     write_checkpoint(tmp_path / "run", 2, random_sae(D_MODEL, 64))
     group = zarr.open_group(str(store), mode="r")

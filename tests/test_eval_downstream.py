@@ -8,16 +8,22 @@ from typing import Any
 
 import pytest
 import torch
-from eval_fixtures import identity_sae, random_sae, tiny_gemma3, topic_corpus  # noqa: F401
+from tiny_eval import identity_sae, random_sae
 from tolerances import CE_TOLERANCE, KL_TOLERANCE
 from transformers import AutoModelForCausalLM
 
-from csae.evaluate import lm
-from csae.evaluate.downstream import downstream_figures, downstream_losses, sae_splice, zero_all_splice, zero_splice
-from csae.evaluate.lm import Restart, check_head, clean_pass
-from csae.evaluate.text import Piece, TextBatch, batches, build_sequences
-from csae.shared.models import blocks
-from csae.shared.sae import SAE
+from csae.evaluate.families.downstream import (
+    downstream_figures,
+    downstream_losses,
+    sae_splice,
+    zero_all_splice,
+    zero_splice,
+)
+from csae.evaluate.lm import passes as lm
+from csae.evaluate.lm.passes import Restart, check_head, clean_pass
+from csae.evaluate.lm.text import Piece, TextBatch, batches, build_sequences
+from csae.shared.lm.models import blocks
+from csae.shared.sae.autoencoder import SAE
 
 
 def _reference(model: Any, seqs: list[list[int]], layer: int | None, fn: Any,
@@ -171,7 +177,7 @@ def test_check_head_catches_a_wrong_head_but_not_rounding(tiny_gemma2: Path, dty
         check_head(model, batch)
 
 
-def test_restart_from_the_clean_residual_reproduces_the_model(tiny_gemma3: Path, dtype: str) -> None:  # noqa: F811
+def test_restart_from_the_clean_residual_reproduces_the_model(tiny_gemma3: Path, dtype: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=getattr(torch, dtype)).eval()
     (batch,) = batches(_pieces(_seqs(model.config.vocab_size)), 8, pad_id=0, has_bos=True)
     clean = clean_pass(model, batch, [0, 2])
@@ -187,10 +193,10 @@ def test_restart_from_the_clean_residual_reproduces_the_model(tiny_gemma3: Path,
     torch.testing.assert_close(again.final_BTD, clean.final_BTD)
 
 
-def test_build_sequences_counts_predictions_exactly(tiny_gemma3: Path, topic_corpus: Path) -> None:  # noqa: F811
+def test_build_sequences_counts_predictions_exactly(tiny_gemma3: Path, topic_corpus: Path) -> None:
     from transformers import AutoTokenizer
 
-    from csae.shared.corpora import iter_documents
+    from csae.shared.lm.corpora import iter_documents
 
     tok = AutoTokenizer.from_pretrained(tiny_gemma3)
     docs = list(iter_documents(str(topic_corpus), "heldout", 0.5))
@@ -218,7 +224,7 @@ def test_blocked_token_stats_equal_the_full_log_softmax(fixture: str, request: p
     """The walk over vocabulary blocks (here 7 entries a block, the last one shorter) against the full logits'
     float64 log-softmax: log p(target), KL from the reference set, and the argmax where the top two logits
     are further apart than the head's rounding (a closer pair may tie in bfloat16)."""
-    from csae.evaluate.vocab import token_stats
+    from csae.evaluate.lm.vocab import token_stats
 
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture), dtype=getattr(torch, dtype)).eval()
     if fixture == "tiny_gemma2":

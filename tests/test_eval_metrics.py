@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from eval_fixtures import random_sae
+from tiny_eval import random_sae
 
-from csae.evaluate.contrastive import distinct_pairs, info_nce_terms
-from csae.evaluate.features import coactivation, decoder_geometry, mean_abs_correlation
-from csae.evaluate.heldout import HeldoutRows, sae_pass
-from csae.evaluate.reconstruction import (
+from csae.evaluate.families.contrastive import distinct_pairs, info_nce_terms
+from csae.evaluate.families.disentanglement import coactivation, decoder_geometry, mean_abs_correlation
+from csae.evaluate.families.heldout import HeldoutRows, sae_pass
+from csae.evaluate.families.reconstruction import (
     ce_score,
     fvu_pooled,
     kl_score,
@@ -21,8 +21,8 @@ from csae.evaluate.reconstruction import (
     reconstruction_metrics,
     relative_bias,
 )
-from csae.evaluate.unlearn import clamp_intervention, matched_features, select_features
-from csae.evaluate.unlearning import choose
+from csae.evaluate.families.unlearning.intervention import clamp_intervention, matched_features, select_features
+from csae.evaluate.families.unlearning.protocol import choose
 
 
 def _data(n: int = 200, d: int = 16, seed: int = 0) -> np.ndarray:

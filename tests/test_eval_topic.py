@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.stats import entropy
 
+from csae.evaluate.families.topic import entropy_bits, topic_figures
 from csae.evaluate.stats import Units, bootstrap
-from csae.evaluate.topic import entropy_bits, topic_figures
 
 N_DOCS, N_TOPICS = 120, 6
 
@@ -88,7 +88,7 @@ def test_rare_features_and_documents_without_topic_are_left_out() -> None:
 def test_resampled_entropy_ratio_equals_the_ratio_on_duplicated_documents() -> None:
     """The replicate of topic_entropy_ratio on document weights w equals the plug-in ratio (scipy's entropy) of
     a corpus where document d appears w_d times; the null's counts equal a brute-force sum per permuted topic."""
-    from csae.evaluate.topic import _counts
+    from csae.evaluate.families.topic import _counts
 
     rng = np.random.default_rng(4)
     n_D, topic_D = _corpus(rng)

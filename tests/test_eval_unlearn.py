@@ -10,20 +10,20 @@ from typing import Any
 
 import pytest
 import torch
-from eval_fixtures import FORGET, identity_sae, tiny_gemma3, topic_corpus  # noqa: F401
+from tiny_eval import FORGET, identity_sae
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from csae.evaluate.checkpoints import LayerCheckpoint
-from csae.evaluate.lm import head_logits, still_top1, top1_reference
-from csae.evaluate.text import TextSource
-from csae.evaluate.unlearning import unlearning
-from csae.evaluate.vocab import token_stats
-from csae.shared.checkpoint import LayerInfo
+from csae.evaluate.families.unlearning.protocol import unlearning
+from csae.evaluate.inputs import LayerCheckpoint
+from csae.evaluate.lm.passes import head_logits, still_top1, top1_reference
+from csae.evaluate.lm.text import TextSource
+from csae.evaluate.lm.vocab import token_stats
 from csae.shared.config.evaluate import EvalConfig
 from csae.shared.config.train import TrainConfig
-from csae.shared.corpora import iter_documents
-from csae.shared.models import LoadedModel, blocks
-from csae.shared.sae import SAE
+from csae.shared.lm.corpora import iter_documents
+from csae.shared.lm.models import LoadedModel, blocks
+from csae.shared.sae.autoencoder import SAE
+from csae.shared.sae.checkpoint import LayerInfo
 
 LAYER = 1
 N_DEAD, N_NUISANCE = 1000, 32
@@ -82,8 +82,8 @@ def planted_sae(model: Any, tok: Any, corpus: Path) -> tuple[SAE, int, range]:
     return sae, planted, nuisance
 
 
-def test_planted_topic_feature_is_chosen_and_scores_on_the_test_split(tiny_gemma3: Path,  # noqa: F811
-                                                                        topic_corpus: Path, dtype: str) -> None:  # noqa: F811
+def test_planted_topic_feature_is_chosen_and_scores_on_the_test_split(tiny_gemma3: Path,
+                                                                        topic_corpus: Path, dtype: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=getattr(torch, dtype)).eval()
     model.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(tiny_gemma3)
@@ -171,13 +171,13 @@ def test_top1_shortcut_equals_the_full_head(fixture: str, request: pytest.Fixtur
 
 
 @pytest.mark.parametrize("target", [1, 20, 45])
-def test_test_text_stops_at_the_document_that_reaches_unlearn_known(tiny_gemma3: Path,  # noqa: F811
-                                                                     topic_corpus: Path, target: int) -> None:  # noqa: F811
+def test_test_text_stops_at_the_document_that_reaches_unlearn_known(tiny_gemma3: Path,
+                                                                     topic_corpus: Path, target: int) -> None:
     """Whole documents in order, up to the first one with which the known tokens reach unlearn_known: known
     tokens counted here by a direct forward of each sequence alone (float32: the rule, not the rounding, is
     under test; the batched passes agree with single ones to the last bit there)."""
-    from csae.evaluate.text import build_sequences
-    from csae.evaluate.unlearning import _known_text
+    from csae.evaluate.families.unlearning.protocol import _known_text
+    from csae.evaluate.lm.text import build_sequences
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_gemma3)

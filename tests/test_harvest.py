@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,11 +25,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from csae.harvest.batches import iter_windows, stored_rows
 from csae.harvest.cli import main
 from csae.harvest.plan import make_plan, sequences_from
-from csae.shared import corpora, progress, schema
 from csae.shared.config.harvest import HarvestConfig
 from csae.shared.errors import UserError
-from csae.shared.schema import TOKEN_FIELDS, ActivationStore
-from csae.shared.sequences import DocTable, iter_sequences
+from csae.shared.lm import corpora
+from csae.shared.lm.sequences import DocTable, iter_sequences
+from csae.shared.store import records, schema
+from csae.shared.store.schema import TOKEN_FIELDS, ActivationStore
 
 SMALL = ["--context", "32", "--batch-size", "4", "--sort-window", "2", "--chunk-rows", "64", "--dtype", "float32",
          "--no-progress"]
@@ -92,7 +94,7 @@ def test_token_ids_and_documents_line_up_with_the_corpus(full_store: Path, tiny_
 
 def test_store_attributes(full_store: Path, tiny_gemma2: Path) -> None:
     a = ActivationStore.open(full_store).attrs
-    assert a["complete"] and a["schema_version"] == 1 and a["dtype"] == "bfloat16"
+    assert a["complete"] and a["schema_version"] == schema.SCHEMA_VERSION == 2 and a["dtype"] == "bfloat16"
     assert a["config"]["layers"] == [5, 12, 19] and a["config"]["context"] == 32
     assert len(a["model"]["sha256"]) == 64 and a["context"] == 32 and a["n_tokens"] == a["rows_written"]
     store = ActivationStore.open(full_store)
@@ -144,6 +146,7 @@ def _wait_for_rows(store: Path, proc: subprocess.Popen[str], timeout: float = 12
     raise AssertionError(f"no rows written before the process ended: {proc.communicate()[0]}")
 
 
+@pytest.mark.slow  # three harvests in subprocesses
 def test_resume_after_ctrl_c_and_kill_equals_an_uninterrupted_run(tmp_path: Path, tiny_gemma2: Path,
                                                                    tiny_corpus: Path, dtype: str) -> None:
     # Tiny chunks and batches so that the run is many small steps long and can be caught part-way.
@@ -243,7 +246,7 @@ def test_info_reports_incomplete_and_corrupt_stores(tmp_path: Path, full_store: 
 
     incomplete = tmp_path / "incomplete.zarr"  # 2 of 4 chunks written
     group = schema.create(incomplete, layers=(5,), d_model=8, capacity=256, chunk_rows=64, attrs={})
-    progress.record_(progress.new_record(group, 0, 4, 256, {}), 0, np.ones((2, 1)))
+    records.record_(records.new_record(group, 0, 4, 256, {}), 0, np.ones((2, 1)))
     result = runner.invoke(main, ["info", str(incomplete)])
     assert result.exit_code == 3 and "INCOMPLETE (128 of 256 rows)" in result.output
 
@@ -255,6 +258,37 @@ def test_info_reports_incomplete_and_corrupt_stores(tmp_path: Path, full_store: 
 
     result = runner.invoke(main, ["info", str(tmp_path / "missing.zarr")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_repair_recomputes_a_damaged_chunk_bit_for_bit(tmp_path: Path, full_store: Path) -> None:
+    """In process (the fault suite replays this through the commands): a truncated chunk file is found by
+    `info --verify` and `repair` writes back exactly the bytes an uninterrupted harvest wrote."""
+    store = tmp_path / "acts.zarr"
+    shutil.copytree(full_store, store)
+    chunk = store / "resid_post" / "12" / "c" / "1" / "0"
+    original = chunk.read_bytes()
+    chunk.write_bytes(original[: len(original) // 2])
+    runner = CliRunner()
+    info = runner.invoke(main, ["info", str(store), "--verify"])
+    assert info.exit_code == 4 and "damaged   chunk 1 of resid_post/12" in info.output
+    repair = runner.invoke(main, ["repair", str(store), "--no-progress"])
+    assert repair.exit_code == 0 and "1 damaged chunk(s) repaired" in repair.output, repair.output
+    assert chunk.read_bytes() == original
+
+
+def test_a_store_of_an_older_format_is_refused_with_the_rebuild_command(tmp_path: Path) -> None:
+    """A store of format 1 (csae 0.x, whose stores could predate write records and checksums) is not read: one
+    line names its format and the command that rebuilds it."""
+    old = tmp_path / "old.zarr"
+    group = schema.create(old, layers=(5,), d_model=8, capacity=64, chunk_rows=64, attrs={})
+    schema.finish_(group, 0)
+    assert ActivationStore.open(old).n_rows == 0  # the current format opens
+    group.attrs["schema_version"] = 1
+    with pytest.raises(UserError, match=r"older csae \(store format 1, this csae reads 2\); rebuild it with "
+                                        r"`harvest run --overwrite`"):
+        ActivationStore.open(old)
+    result = CliRunner().invoke(main, ["info", str(old)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "harvest run --overwrite" in result.output
 
 
 @pytest.mark.parametrize("tokens", [1000, 10**6])

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from csae.shared.checkpoint import LayerInfo
+from csae.shared.sae.checkpoint import LayerInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.pipeline
+pytestmark = [pytest.mark.pipeline, pytest.mark.slow]
 
 
 def dvc(cwd: Path, *args: str) -> str:

@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 from tolerances import ROW_TOLERANCE, row_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from csae.shared.schema import ActivationStore
+from csae.shared.store.schema import ActivationStore
+
+pytestmark = pytest.mark.slow  # subprocesses and ranks: the full suite only
 
 BIN = Path(sys.executable).parent
 

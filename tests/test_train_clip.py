@@ -1,17 +1,20 @@
 """The gradient clip inside the fused AdamW (torch's GradScaler divisor, the head's gradients rescaled to their own
-factor) against clipping each part's gradients and then stepping, written out; and resuming from a checkpoint
-written when the SAE and the head had an optimiser each."""
+factor) against clipping each part's gradients and then stepping, written out; and the resumable state's format."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
 from csae.shared.config.train import TrainConfig
+from csae.shared.errors import UserError
 from csae.train import trainer as trainer_module
-from csae.train.trainer import CSAETrainer, Runtime
+from csae.train.runtime import Runtime
+from csae.train.state import STATE_FILE, load_state, save_state
+from csae.train.trainer import CSAETrainer
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch's AdamW defaults, which the trainer keeps
 D = 16
@@ -40,8 +43,8 @@ def _reference_step(before: CSAETrainer, x: torch.Tensor, step: int) -> tuple[di
     Returns {param name: (weight, exp_avg, exp_avg_sq)} and each part's pre-clip norm."""
     for p in before.params:
         p.grad = None
-    before.sparse_now = before.use_sparse()
-    terms, _, _ = before.loss_terms(x, step)
+    before.model.begin_step()
+    terms, _, _ = before.model.training_forward_pass(x, step)
     terms["loss"].backward()
     before.sae.remove_gradient_parallel_to_decoder_directions_()
     cfg, lr = before.cfg, before.lr_at(step)
@@ -95,34 +98,12 @@ def test_clip_in_the_optimiser_equals_clipping_then_stepping(dtype: str, fused: 
         assert any(clipped[part]) and not all(clipped[part]), (part, clipped[part])
 
 
-def test_a_checkpoint_with_an_optimiser_per_part_resumes_exactly() -> None:
-    """A state written when the SAE and the head had an optimiser each ("opt" and "opt_head") loads into the
-    one optimiser with the same moments and step counts, and the next step is bit-identical."""
-    gen = torch.Generator().manual_seed(1)
-    xs = [torch.randn(64, D, generator=gen) * 4 for _ in range(4)]
-    ran = _trainer("float32")
-    for step in range(3):
-        ran.step(xs[step], step)
-    n_sae = len(ran.sae_params)
-    parts = []
-    for tensors in (ran.opt_tensors[:n_sae], ran.opt_tensors[n_sae:]):
-        opt = torch.optim.AdamW(tensors, lr=ran.cfg.lr, weight_decay=ran.cfg.weight_decay, fused=True)
-        for t in tensors:
-            opt.state[t] = ran.opt.state[t]
-        parts.append(opt.state_dict())
-    assert len(parts[1]["state"]) == len(ran.head_params) > 0
-    old = ran.state_dict() | {"opt": parts[0], "opt_head": parts[1]}
-    old = copy.deepcopy(old)  # as torch.load returns it: nothing shared with `ran`
-    resumed = _trainer("float32")
-    resumed.load_state_dict(old)
-    for a, b in zip(ran.params, resumed.params, strict=True):
-        assert torch.equal(a, b)
-        ma, mb = ran.moments(a), resumed.moments(b)
-        assert ma.keys() == mb.keys() == {"exp_avg", "exp_avg_sq"}
-        assert all(torch.equal(ma[k], mb[k]) for k in ma)
-    assert len(resumed.opt.state) == len(resumed.params)
-    assert all(int(s["step"]) == 3 for s in resumed.opt.state.values())
-    ran.step(xs[3], 3)
-    resumed.step(xs[3], 3)
-    for a, b in zip(ran.params, resumed.params, strict=True):
-        assert torch.equal(a, b)
+def test_a_state_of_an_older_format_is_refused_with_the_fix(tmp_path: Path) -> None:
+    """A state.pt of the 0.x format (an optimiser per part, "opt_head"; no format key) is refused in one line
+    that says how to go on; the current format round-trips."""
+    torch.save({"step": 3, "opt": {}, "opt_head": {}}, tmp_path / STATE_FILE)
+    with pytest.raises(UserError, match=r"state format 1, this csae resumes 2\); delete it to restart"):
+        load_state(tmp_path)
+    save_state(tmp_path, {"step": 3})
+    assert load_state(tmp_path)["step"] == 3
+

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from csae.shared.config.train import TrainConfig
-from csae.shared.schema import make_test_store
-from csae.train.checkpoint import read_metrics
+from csae.shared.sae.checkpoint import read_metrics
+from csae.shared.store.schema import make_test_store
 from csae.train.run import fit, resolve
 from csae.train.trainer import CSAETrainer
+
+pytestmark = pytest.mark.slow  # subprocesses and ranks: the full suite only
 
 #: strong sparsity and a wide dictionary so that features die and get resampled within the run
 CFG = {"expansion": 8, "batch_size": 128, "tokens": 128 * 60, "l1": 20.0, "lr": 1e-2, "warmup_steps": 2,

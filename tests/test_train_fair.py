@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from csae.shared.config.train import TrainConfig
-from csae.shared.sae import SAE
-from csae.shared.schema import ActivationStore, make_test_store
+from csae.shared.sae.autoencoder import SAE
+from csae.shared.store.schema import ActivationStore, make_test_store
 from csae.train.loader import Buffer, ChunkLoader, context_pairs, n_pairs
 from csae.train.resample import choose_directions, resample_
 from csae.train.run import fit, resolve
-from csae.train.trainer import CSAETrainer, Runtime
+from csae.train.runtime import Runtime
+from csae.train.trainer import CSAETrainer
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,18 @@ import zarr
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from csae.shared import schema
-from csae.shared.checkpoint import LayerInfo, load_layer, read_metrics
 from csae.shared.config.train import TrainConfig
-from csae.shared.head import ContrastiveHead
-from csae.shared.sae import SAE
-from csae.shared.schema import ActivationStore, make_test_store
+from csae.shared.sae.autoencoder import SAE
+from csae.shared.sae.checkpoint import LayerInfo, load_layer, read_metrics
+from csae.shared.sae.head import ContrastiveHead
+from csae.shared.store import schema
+from csae.shared.store.schema import ActivationStore, make_test_store
 from csae.train import losses
 from csae.train.cli import main
 from csae.train.loader import Buffer, ChunkLoader
 from csae.train.run import fit, resolve
-from csae.train.trainer import CSAETrainer, Runtime
+from csae.train.runtime import Runtime
+from csae.train.trainer import CSAETrainer
 
 #: small but real: d 32, 128 features, 300 steps of 128 rows (~19 epochs of the 1,792 training rows)
 SMALL = {"expansion": 4, "batch_size": 128, "tokens": 128 * 300, "lr": 3e-3, "warmup_steps": 20,

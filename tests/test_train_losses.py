@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from csae.shared.config.base import ConfigError
 from csae.shared.config.train import PAPER, PAPER_OURS, PRESETS, TrainConfig, preset
-from csae.shared.sae import SAE
+from csae.shared.sae.autoencoder import SAE
 from csae.train import losses
-from csae.train.trainer import CSAETrainer, Runtime
+from csae.train.runtime import Runtime
+from csae.train.trainer import CSAETrainer
 
 CPU = Runtime(device=torch.device("cpu"), autocast_dtype=None)
 

@@ -7,7 +7,8 @@ import torch
 
 from csae.shared.config.train import TrainConfig
 from csae.train import sparse
-from csae.train.trainer import CSAETrainer, Runtime
+from csae.train.runtime import Runtime
+from csae.train.trainer import CSAETrainer
 
 #: Largest |sparse - dense| relative to the largest |dense| of each compared tensor.
 #: - float32: the same sums in another order, ~1e-7 relative; measured <= 8e-7.
@@ -39,8 +40,8 @@ def _batch() -> torch.Tensor:
 
 def _grads(trainer: CSAETrainer, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Loss terms, reconstruction, dense features and every parameter's gradient of one forward/backward."""
-    trainer.sparse_now = trainer.cfg.sparse == "on"
-    terms, x_hat, feats = trainer.loss_terms(x, 0)
+    trainer.model.sparse_now = trainer.cfg.sparse == "on"
+    terms, x_hat, feats = trainer.model.training_forward_pass(x, 0)
     terms["loss"].backward()
     out = {f"term {k}": v.detach().reshape(1) for k, v in terms.items()}
     out["x_hat"], out["f"] = x_hat.detach().float(), feats.dense().detach().float()
@@ -92,7 +93,7 @@ def test_float32_steps_on_both_paths_stay_together() -> None:
     for step in range(5):
         for trainer in trainers.values():
             trainer.step(x, step)
-    assert trainers["on"].sparse_now and not trainers["off"].sparse_now
+    assert trainers["on"].model.sparse_now and not trainers["off"].model.sparse_now
     for a, b in zip(trainers["off"].params, trainers["on"].params, strict=True):
         assert float((a - b).detach().abs().max()) < 1e-6  # a wrong gradient moves weights by ~lr = 1e-3
 
@@ -103,14 +104,15 @@ def test_auto_switches_on_the_previous_steps_density() -> None:
     with torch.no_grad():
         trainer.sae.b_enc.fill_(-4.0)  # a few % active
     trainer.step(x, 0)
-    assert not trainer.sparse_now  # the first step is dense: no density measured yet
+    assert not trainer.model.sparse_now  # the first step is dense: no density measured yet
     trainer.step(x, 1)
-    assert trainer.sparse_now == (trainer.density < sparse.SPARSE_BELOW[torch.float32]) and trainer.sparse_now
+    model = trainer.model
+    assert model.sparse_now == (model.density < sparse.SPARSE_BELOW[torch.float32]) and model.sparse_now
     with torch.no_grad():
         trainer.sae.b_enc.fill_(5.0)  # every feature fires
     trainer.step(x, 2)
     trainer.step(x, 3)
-    assert trainer.density > 0.9 and not trainer.sparse_now
+    assert trainer.model.density > 0.9 and not trainer.model.sparse_now
 
 
 def _mask() -> torch.Tensor:

@@ -1,7 +1,7 @@
 """`train fit`. Thin: parse options, build the config (preset < options < --set), call train.run.fit.
 
 Under `torchrun --nproc_per_node N train fit ...` the process group is set up here (gloo on CPU, NCCL
-on GPU) from torchrun's environment (csae.shared.cli.distributed); `--distribute` picks data- or
+on GPU) from torchrun's environment (csae.shared.entry.distributed); `--distribute` picks data- or
 layer-parallel training.
 """
 
@@ -11,10 +11,11 @@ from pathlib import Path
 
 import click
 
-from csae.shared.checkpoint import layer_dir
-from csae.shared.cli import Group, distributed, params_option, store_option
+from csae.shared.cli import Group, params_option, store_option
 from csae.shared.config.base import click_options, given, load_params, parse_assignment
 from csae.shared.config.train import PRESETS, TrainConfig, preset
+from csae.shared.entry import distributed
+from csae.shared.sae.checkpoint import layer_dir
 
 
 @click.group(cls=Group)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from csae.shared.schema import ActivationStore
+from csae.shared.store.schema import ActivationStore
 
 
 class NonFiniteActivations(Exception):

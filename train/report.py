@@ -1,15 +1,22 @@
-"""The per-step row of metrics.csv and the progress bar of one layer's training (tokens/s, steps/s, ETA)."""
+"""The per-step row of metrics.csv and the progress bar of one layer's training (tokens/s, steps/s, ETA).
+
+    layer_<L>/metrics.csv    one row per step, appended as training goes (DVC plots it)
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import time
 from pathlib import Path
+from typing import Any
 
 from torch.profiler import record_function
 from tqdm import tqdm
 
 from csae.shared.config.train import TrainConfig
-from csae.train.checkpoint import MetricsLog
+from csae.shared.files import atomic_write
+from csae.shared.sae.checkpoint import METRICS_FILE, read_metrics
 
 
 class StepReport:
@@ -43,3 +50,46 @@ class StepReport:
     def close(self) -> None:
         self.bar.close()
         self.log.close()
+
+
+class MetricsLog:
+    """Append-only CSV, one row per step (DVC plots it directly). On resume, rows of steps not covered
+    by the checkpoint are dropped first, so the log matches the weights."""
+
+    def __init__(self, directory: Path, *, start_step: int, enabled: bool) -> None:
+        self.path = directory / METRICS_FILE
+        self._fh: Any = None
+        self._writer: csv.DictWriter | None = None
+        if not enabled:
+            return
+        kept = [r for r in read_metrics(directory) if r["step"] < start_step] if start_step > 0 else []
+        buffer = io.StringIO()
+        if kept:
+            self._writer = csv.DictWriter(buffer, fieldnames=list(kept[0]))
+            self._writer.writeheader()
+            self._writer.writerows({k: _fmt(v) for k, v in r.items()} for r in kept)
+        atomic_write(self.path, lambda p: Path(p).write_text(buffer.getvalue()))
+        self._fh = open(self.path, "a", newline="")  # kept open for the whole run
+        if self._writer is not None:
+            self._writer = csv.DictWriter(self._fh, fieldnames=list(kept[0]))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._fh is None:
+            return
+        if self._writer is None:  # a fresh log: the first record's keys are the columns
+            self._writer = csv.DictWriter(self._fh, fieldnames=list(record))
+            self._writer.writeheader()
+        self._writer.writerow({k: _fmt(v) for k, v in record.items()})
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _fmt(value: Any) -> Any:
+    return repr(value) if isinstance(value, float) else value  # repr: exact round trip

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from csae.shared.sae import SAE
+from csae.shared.sae.autoencoder import SAE
 
 log = logging.getLogger(__name__)
 

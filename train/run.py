@@ -19,18 +19,20 @@ from typing import Any, Literal
 
 import torch
 
-from csae.shared.checkpoint import LayerInfo, is_complete, layer_dir
 from csae.shared.config.base import to_dict
 from csae.shared.config.train import TrainConfig
+from csae.shared.device import resolve_device, resolve_dtype
 from csae.shared.errors import UserError
 from csae.shared.files import disk_full_as_error, replace_dir, sweep_temp
 from csae.shared.locks import Lock
-from csae.shared.models import resolve_device, resolve_dtype
 from csae.shared.ranks import Ranks
-from csae.shared.schema import ActivationStore
-from csae.train.checkpoint import STATE_FILE, load_state
+from csae.shared.sae.checkpoint import LayerInfo, is_complete, layer_dir
+from csae.shared.store.schema import ActivationStore
 from csae.train.loader import ChunkLoader, NonFiniteActivations
-from csae.train.trainer import DATA, CSAETrainer, Runtime, derive_seed, train_layer
+from csae.train.runtime import Runtime
+from csae.train.seeds import DATA, derive_seed
+from csae.train.state import STATE_FILE, load_state
+from csae.train.trainer import CSAETrainer, train_layer
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +204,7 @@ def _fit_one(cfg: TrainConfig, store: ActivationStore, store_path: str, d: Path,
         trainer.load_state_dict(state)
     else:
         try:
-            trainer.init_b_dec_(loader.sample(4096))
+            trainer.model.init_b_dec_(loader.sample(4096))
         except NonFiniteActivations as err:
             raise UserError(f"layer {layer}, step 0: {err}; re-harvest the store") from None
     info = LayerInfo(config=cfg, seed=seed, layer=layer, store=store_path, model=store.attrs.get("model") or {},

@@ -1,108 +1,51 @@
-"""The CSAE training step and the per-layer loop.
+"""The training step and the per-layer loop.
 
-`CSAETrainer` holds the model, head, optimiser and dead-feature statistics and does one step on a batch;
-`train_layer` is the loop, which reads top to bottom: schedule, step, resample, log, checkpoint.
+`CSAETrainer` holds a TrainingSAE (csae.train.training_sae: the SAE, its head, its encode and its loss terms),
+the optimiser and the dead-feature statistics, and does one step on a batch; `train_layer` is the loop, which
+reads top to bottom: schedule, step, resample, log, checkpoint.
 All randomness after initialisation comes from generators seeded by (seed, step), so a resumed run
 repeats an uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from csae.shared.checkpoint import LayerInfo, write_final
 from csae.shared.config.base import to_dict
 from csae.shared.config.train import TrainConfig
 from csae.shared.errors import UserError
-from csae.shared.head import ContrastiveHead
-from csae.shared.sae import SAE
-from csae.train import kernels, losses, sparse
-from csae.train.checkpoint import STATE_FILE, all_finite, join_optimiser_states, save_state
+from csae.shared.sae.checkpoint import LayerInfo, write_final
+from csae.train import kernels, losses
 from csae.train.loader import ChunkLoader, NonFiniteActivations
 from csae.train.report import StepReport
 from csae.train.resample import choose_directions, dead_mask, resample_, squared_errors
-from csae.train.sparse import Features
+from csae.train.runtime import Runtime
+from csae.train.seeds import RESAMPLE, step_generator
+from csae.train.state import STATE_FILE, all_finite, save_state
+from csae.train.training_sae import TrainingSAE
 
 #: Where torch's AdamW has a fused kernel (elsewhere its default, op by op, with the clip done beforehand).
 FUSED_DEVICES = ("cpu", "cuda")
 METRIC_NAMES = ("loss", "recon_loss", "l1", "info_nce", "diversity", "l0", "fvu", "grad_norm_sae", "grad_norm_head")
 
 
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed that depends only on `keys` (numpy's SeedSequence mixes them, so nearby keys give
-    unrelated streams: seed 1's initialisation is not seed 0's head initialisation)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-#: What each random stream is for (the second key of derive_seed).
-INIT_SAE, INIT_HEAD, DATA, DIVERSITY, VIEWS, RESAMPLE = range(6)
-#: Per-step seeds are drawn a block of steps at a time: a SeedSequence per step cost 0.15-0.2 ms inside the
-#: training step (paired, bfloat16 CSAE step at the default settings), 1-1.5% of it.
-SEED_BLOCK = 1024
-
-
-@functools.lru_cache(maxsize=16)
-def _step_seeds(seed: int, purpose: int, block: int) -> np.ndarray:
-    """63-bit seeds of steps [block, block + 1) * SEED_BLOCK of one stream (four keys: never the keys of a
-    derive_seed call)."""
-    return np.random.SeedSequence([seed, purpose, block, SEED_BLOCK]).generate_state(SEED_BLOCK, np.uint64) >> 1
-
-
-def step_generator(seed: int, step: int, purpose: int, out: torch.Generator) -> torch.Generator:
-    """`out` re-seeded so that it depends only on (seed, step, purpose), and returned: what makes resume exact
-    (manual_seed resets a generator's whole state, so reusing one generator costs nothing in exactness)."""
-    block, i = divmod(step, SEED_BLOCK)
-    return out.manual_seed(int(_step_seeds(seed, purpose, block)[i]))
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how this process trains (resolved by the caller, never read from the environment here)."""
-    device: torch.device
-    autocast_dtype: torch.dtype | None  # None: plain float32
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype the products run in: autocast's, else float32."""
-        return self.autocast_dtype or torch.float32
-
-
 class CSAETrainer:
     def __init__(self, cfg: TrainConfig, d_in: int, rt: Runtime, seed: int) -> None:
         self.cfg, self.rt, self.seed = cfg, rt, seed
-        d_sae = d_in * cfg.expansion
-        self.sae = SAE(d_in, d_sae, device=rt.device)
-        # the same for every run with this seed (the CSAE and its baseline start from the same weights)
-        self.sae.reset_parameters_(torch.Generator().manual_seed(derive_seed(seed, INIT_SAE)))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, INIT_HEAD))
-            self.head = ContrastiveHead(d_sae, cfg.head_dim, cfg.head_hidden).to(rt.device)
-        # W_enc (d_in, d_sae) and the head's first weight (c, d_sae) stored feature-major (their transposes
-        # contiguous): the sparse path reads and writes them feature by feature, and a gradient laid out
-        # like its parameter is used as is (else autograd copies it every step); matmuls read either layout
-        # at the same speed
-        self.sae.W_enc = torch.nn.Parameter(self.sae.W_enc.detach().t().contiguous().t())
-        self.head.first.weight = torch.nn.Parameter(self.head.first.weight.detach().t().contiguous().t())
+        self.model = TrainingSAE(cfg, d_in, rt, seed)
+        self.sae, self.head = self.model.sae, self.model.head
         # the head only gets gradients (and optimiser state) when the contrastive term is on
         self.sae_params = list(self.sae.parameters())
-        self.head_params = list(self.head.parameters()) if cfg.contrastive else []
+        self.head_params = list(self.head.parameters()) if self.model.trains_head else []
         self.params = self.sae_params + self.head_params
         # fused: one kernel for every parameter; torch's default on CPU loops over the parameters op by op
         # (measured 4-8x slower for 2 x 640 x 2,560 weights, as long as a matmul of the step at 2 threads). The
@@ -115,23 +58,8 @@ class CSAETrainer:
         self.opt_tensors = [p if p.is_contiguous() else p.detach().t() for p in self.params]
         self.opt = torch.optim.AdamW(self.opt_tensors, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=self.fused)
         self.max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        self.last_fired_F = torch.full((d_sae,), -1, dtype=torch.long, device=rt.device)
-        # sparse path: decided per step from the previous step's density (dense at the start: a fresh
-        # SAE has about half its features active)
-        self.sparse_pays = self.sparse_now = False
+        self.last_fired_F = torch.full((self.sae.d_sae,), -1, dtype=torch.long, device=rt.device)
         self.step_rng = torch.Generator()  # re-seeded for each use by step_generator (creating one costs 0.1 ms)
-
-    @torch.no_grad()
-    def init_b_dec_(self, sample_ND: torch.Tensor, iters: int = 30) -> None:
-        """b_dec = geometric median of a sample (Weiszfeld iterations from the mean)."""
-        x = sample_ND.float()
-        m = x.mean(dim=0)
-        for _ in range(iters):
-            w = 1.0 / (x - m).norm(dim=1).clamp_min(1e-6)
-            m = (w[:, None] * x).sum(dim=0) / w.sum()
-        if self.rt.distributed:
-            dist.broadcast(m, src=0)
-        self.sae.b_dec.copy_(m)
 
     def lr_at(self, step: int) -> float:
         cfg = self.cfg
@@ -141,90 +69,12 @@ class CSAETrainer:
             lr *= (cfg.steps - step) / (decay_steps + 1)
         return lr
 
-    def l1_at(self, step: int) -> float:
-        """The L1 weight: ramped linearly from 0 over the first l1_warmup_steps (features that the full
-        penalty would switch off before the reconstruction term has shaped them survive the start)."""
-        w = self.cfg.l1_warmup_steps
-        return self.cfg.l1 * min(1.0, (step + 1) / w) if w else self.cfg.l1
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.rt.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.rt.device.type, dtype=self.rt.autocast_dtype)
-
-    def views(self, x_PD: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two SimCLR-style views of each row: dropout then Gaussian noise (augment positives)."""
-        g = step_generator(self.seed, step + self.rt.rank * 1_000_000_007, VIEWS, self.step_rng)
-        out = []
-        for _ in range(2):
-            keep = torch.rand(x_PD.shape, generator=g).to(x_PD.device) >= self.cfg.augment_dropout
-            noise = torch.randn(x_PD.shape, generator=g).to(x_PD.device) * self.cfg.augment_noise
-            out.append(x_PD * keep / (1 - self.cfg.augment_dropout) + noise)
-        return out[0], out[1]
-
-    def use_sparse(self) -> bool:
-        """Whether the next step takes the sparse path: always with sparse=on, with auto when the last step's
-        density said it pays."""
-        return self.cfg.sparse == "on" or (self.cfg.sparse == "auto" and self.sparse_pays)
-
-    def features(self, x_BD: torch.Tensor) -> Features:
-        """The SAE's features of a batch: on the active entries only (sparse path) or dense."""
-        sae = self.sae
-        if self.sparse_now:
-            return sparse.encode(x_BD, sae.W_enc, sae.b_enc, sae.b_dec, self.rt.compute_dtype)
-        with self._autocast():
-            return sparse.DenseFeatures(sae.encode(x_BD), self.rt.autocast_dtype)
-
-    @torch.no_grad()
-    def reconstruct(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """x_hat of a batch (the resampling pool's errors), on the path the training step takes."""
-        return self.features(x_BD).affine(self.sae.W_dec, self.sae.b_dec, "decoder")
-
-    def head_z(self, feats: Features) -> torch.Tensor:
-        """The contrastive head on features; its first layer through feats.affine, so sparse stays sparse."""
-        first, second = self.head.first, self.head.second
-        z_BC = feats.affine(first.weight.t(), first.bias, "head")
-        if second is None:
-            return z_BC
-        with self._autocast():
-            return second(torch.relu(z_BC))
-
-    def loss_terms(self, x_BD: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, Features]:
-        """Forward: each loss term (and the total), the reconstruction x_hat_BD and the features."""
-        cfg = self.cfg
-        zero = x_BD.new_zeros(())
-        feats = self.features(x_BD)
-        x_hat_BD = feats.affine(self.sae.W_dec, self.sae.b_dec, "decoder")
-        terms = {"recon_loss": losses.reconstruction(x_BD, x_hat_BD), "l1": feats.l1(), "info_nce": zero,
-                 "diversity": zero}
-        # each weighted term added by one op (torch.add's alpha), one graph node
-        loss = torch.add(terms["recon_loss"], terms["l1"], alpha=self.l1_at(step))
-        if cfg.alpha > 0:
-            if cfg.positives == "context":  # rows [0, P) are anchors, [P, 2P) their positives
-                z_BC = self.head_z(feats)
-            else:  # two views of each anchor, stacked in halves as well
-                z_BC = self.head_z(self.features(torch.cat(self.views(x_BD[: len(x_BD) // 2], step))))
-            # its products in the compute dtype, the rest in float32 (losses.info_nce)
-            terms["info_nce"] = losses.info_nce(z_BC, cfg.temperature, self.rt.compute_dtype)
-            loss = torch.add(loss, terms["info_nce"], alpha=cfg.alpha)
-        if cfg.beta > 0:  # its matmuls in the compute dtype, the rest in float32 (losses.diversity)
-            idx_S = None
-            if self.sae.d_sae > cfg.diversity_features:
-                g = step_generator(self.seed, step, DIVERSITY, self.step_rng)
-                idx_S = torch.randperm(self.sae.d_sae, generator=g)[: cfg.diversity_features].to(x_BD.device)
-            # the decoder's rows are unit vectors here (normalise_decoder_ after every step, and at initialisation
-            # and resampling), and the gradient's radial part is projected out (project_decoder_gradient_)
-            terms["diversity"] = losses.diversity(self.sae.W_dec, idx_S, self.rt.compute_dtype, unit_rows=True)
-            loss = torch.add(loss, terms["diversity"], alpha=cfg.beta)
-        terms["loss"] = loss  # the terms that are off add nothing (no ops for them in the graph)
-        return terms, x_hat_BD, feats
-
     def step(self, x_BD: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """One optimiser step on a batch; returns the step's metrics as 0-d tensors."""
         self.opt.param_groups[0]["lr"] = self.lr_at(step)
-        self.sparse_now = self.use_sparse()
+        self.model.begin_step()
         with record_function("csae.step.forward"):
-            terms, _, feats = self.loss_terms(x_BD, step)
+            terms, _, feats = self.model.training_forward_pass(x_BD, step)
         for p in self.params:
             p.grad = None
         with record_function("csae.step.backward"):
@@ -250,9 +100,7 @@ class CSAETrainer:
             self.last_fired_F.masked_fill_(feats.fired(), step)
             terms["l0"] = feats.l0()
             terms["fvu"] = losses.fvu_of_reconstruction(terms["recon_loss"], x_BD)
-        # the next step takes the sparse path when this step's density says it pays
-        self.density = float(terms["l0"]) / self.sae.d_sae
-        self.sparse_pays = sparse.pays(self.density, self.rt.device, self.rt.compute_dtype)
+        self.model.end_step(terms["l0"])
         return terms
 
     def project_decoder_gradient_(self) -> torch.Tensor:
@@ -313,8 +161,8 @@ class CSAETrainer:
         if n_dead == 0:
             return 0
         pool_ND = pool()
-        self.sparse_now = self.use_sparse()
-        err_N = squared_errors(self.reconstruct, pool_ND, distributed=self.rt.distributed)
+        self.model.begin_step()
+        err_N = squared_errors(self.model.reconstruct, pool_ND, distributed=self.rt.distributed)
         g = step_generator(self.seed, step, RESAMPLE, self.step_rng)
         dirs_SD = choose_directions(pool_ND, err_N, self.sae.b_dec.detach(), n_dead, g,
                                     self.sae.W_dec.detach()[~dead_F])
@@ -335,17 +183,14 @@ class CSAETrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"sae": self.sae.state_dict(), "head": self.head.state_dict(), "opt": self.opt.state_dict(),
-                "last_fired": self.last_fired_F, "sparse_pays": self.sparse_pays}
+                "last_fired": self.last_fired_F, "sparse_pays": self.model.sparse_pays}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sae.load_state_dict(state["sae"])
         self.head.load_state_dict(state["head"])
-        opt = state["opt"]
-        if state.get("opt_head") is not None:  # written while the head had an optimiser of its own
-            opt = join_optimiser_states(opt, state["opt_head"])
-        self.opt.load_state_dict(opt)
+        self.opt.load_state_dict(state["opt"])
         self.last_fired_F.copy_(state["last_fired"])
-        self.sparse_pays = bool(state.get("sparse_pays", False))
+        self.model.sparse_pays = bool(state["sparse_pays"])
 
 
 def train_layer(cfg: TrainConfig, trainer: CSAETrainer, loader: ChunkLoader, directory: Path, info: LayerInfo, *,
@@ -354,7 +199,7 @@ def train_layer(cfg: TrainConfig, trainer: CSAETrainer, loader: ChunkLoader, dir
     """Train from `start_step` to cfg.steps; returns the last step's metrics.
 
     `stop_at` simulates a crash (for tests): the loop just stops there, after the last regular checkpoint.
-    A finished layer keeps its deliverables (csae.shared.checkpoint) and drops the resumable state.
+    A finished layer keeps its deliverables (csae.shared.sae.checkpoint) and drops the resumable state.
 
     Only rank 0 writes. Raises UserError on non-finite activations or a diverged loss, before any
     checkpoint of the bad state is written.

@@ -20,14 +20,15 @@ from tqdm import tqdm
 from csae.evaluate.browse.collect import Rows, choose_rows, collect
 from csae.evaluate.browse.logits import best_match, logit_effects, nearest, norm_gain
 from csae.evaluate.browse.site import Dictionary, b64, data_file, shown_tokens, write_site
-from csae.evaluate.checkpoints import LayerCheckpoint, load_run
-from csae.evaluate.lm import load_lm
+from csae.evaluate.inputs import LayerCheckpoint, load_run
+from csae.evaluate.lm.passes import load_lm
 from csae.shared.config.base import to_dict
 from csae.shared.config.browse import BrowseConfig
+from csae.shared.device import resolve_device, resolve_dtype
 from csae.shared.errors import UserError
 from csae.shared.files import replace_dir
-from csae.shared.models import LoadedModel, resolve_device, resolve_dtype
-from csae.shared.schema import ActivationStore
+from csae.shared.lm.models import LoadedModel
+from csae.shared.store.schema import ActivationStore
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from csae.shared.config.browse import BrowseConfig
-from csae.shared.sae import SAE
-from csae.shared.schema import ActivationStore
+from csae.shared.sae.autoencoder import SAE
+from csae.shared.store.schema import ActivationStore
 
 #: Histogram edges span this range, in units of the layer's mean residual norm (log-spaced); activations
 #: outside it are counted in the first or last bin.

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from csae.shared.errors import UserError
-from csae.shared.models import base_model
+from csae.shared.lm.models import base_model
 
 #: Features per unembedding product (memory: chunk x vocabulary floats).
 FEATURE_CHUNK = 256

@@ -79,10 +79,8 @@ class EvalConfig:
     sweep_predictions: int = 128
     """Unlearning: predictions of forget and of retain selection text (each) on which the sweep chooses
     (tau, n, c). Top-1 accuracy only, through the exact shortcut (no LM head where its bound decides).
-    The sweep only chooses; the test split reports. 128 keeps `make repro` within 15 minutes with bfloat16
-    (256: 15 min 4 s). Its cost: with ~55 known retain tokens A_retain >= 0.99 allows no lost token, so in two
-    runs 1 and 3 of the 12 default SAEs found no setting (256, one run: 1); on the test split the chosen
-    settings kept 0.934-0.996 of the known retain tokens (256: 0.967-0.992)."""
+    The sweep only chooses; the test split reports. With few known retain tokens (~55 at 128) the rule
+    A_retain >= retain_accuracy can allow no lost token, and an SAE may then find no setting."""
 
     unlearn_known: int = 1000
     """Unlearning: known tokens (the clean model's top-1 prediction is right) of forget and of retain text
@@ -98,8 +96,7 @@ class EvalConfig:
 
     cs: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0)
     """Unlearning sweep: clamp multipliers c (selected features that fire are set to -c times their mean
-    activation on forget selection text). c = 1 was never chosen for any of the 12 default SAEs and cost a
-    fifth of the sweep."""
+    activation on forget selection text)."""
 
     retain_accuracy: float = 0.99
     """Unlearning: the retain constraint, A_retain >= this (share of known retain tokens still right)."""

@@ -53,7 +53,7 @@ class HarvestConfig:
 
     shard_chunks: int = 1
     """Chunks per file (Zarr v3 sharding); 1: one file per chunk. For stores of 10^8+ tokens, where one file
-    per chunk means millions of files (see the README's scaling section)."""
+    per chunk means millions of files (see docs/scaling.md)."""
 
     def __post_init__(self) -> None:
         if self.tokens <= 0:

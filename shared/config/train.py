@@ -2,19 +2,8 @@
 
 Two presets: `default` (ours) and `paper` (the reference Gemma-2-2B setup). See PRESETS.
 
-Why the default: the embedded store has ~180k training rows per layer at d_model 640, and the whole
-pipeline (2 seeds x 3 layers x 2 runs, then evaluate) must fit in 30 minutes on a 2-core CPU without fast
-bfloat16 and in 15 with it. A 4x dictionary (2,560 features) costs ~10 GFLOP per 512-row step; 1x (the
-paper's) leaves too few features for 640 dimensions. 204,800 tokens (400 steps, ~1.1 epochs): against 800
-steps (seed 0, bfloat16 store, held-out tail), explained variance is 0.016-0.018 lower at layer 3 and 0.04
-lower at layer 8, dead features 0.4-3.8% (800 steps: 0.1-3.8%), the largest decoder cosine 0.88-0.93
-(800 steps: 0.98-0.99). With so few steps the paper's lr 1e-4 with a 1000-step warmup never gets going, so: lr 5e-4, 50
-warmup steps, linear decay over the last 20%. l1 1.0 on inputs scaled to norm sqrt(d) targets an L0 of tens
-of features (0.04 barely sparsifies at that scale), ramped in over the first half of training: with the
-full L1 from step 0, 12-52% of layer 3's and layer 8's features were dead on held-out rows; with the ramp,
-<= 4%. lr 5e-4 rather than 1e-3: at 1e-3 the baseline's layer 3 grew near-duplicate features (decoder
-cosine 0.998, 5-8 pairs above 0.99, live features firing together on " and", "."), at 5e-4 none above
-0.99. Resampling every 120 steps (twice), stopping at 80% so revived features still train.
+The default preset fits the embedded model on a 2-core CPU: a 4x dictionary, 400 steps, lr 5e-4 with a short
+warmup and an L1 ramp; why each value, and what it costs against longer training: docs/training.md.
 """
 
 from __future__ import annotations
@@ -189,7 +178,7 @@ PAPER: dict[str, Any] = {
     "resample_scale": 0.2,
 }
 
-#: Values the paper preset needs that the paper does not give: ours (README, "The paper preset").
+#: Values the paper preset needs that the paper does not give: ours (docs/training.md, the paper preset).
 PAPER_OURS: dict[str, Any] = {
     "l1_warmup_steps": 0,  # no L1 warmup described
     "decay_fraction": 0.0,  # no decay described: constant after warmup

@@ -1,0 +1,268 @@
+"""Unlearning family: choose the clamp (tau, n, c) on a selection split, report U and U_CE on a disjoint test
+split, against a random control matched on forget firing rate. Formulas in docs/metrics.md.
+
+    forget / retain documents (held-out split) -- alternate --> selection half | test half
+    selection half: firing rates (select_tokens tokens) -> features; sweep (sweep_predictions predictions,
+                    top-1 accuracy by the exact shortcut) -> the chosen setting
+    test half:      documents until unlearn_known known tokens per side -> U, U_CE, A_retain, control
+
+Figures are sums per test document, forget documents then retain documents (two strata of the bootstrap).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from csae.evaluate.families.unlearning.intervention import (
+    EvalText,
+    Score,
+    clamp_intervention,
+    matched_features,
+    select_features,
+    selection_stats,
+    zero_intervention,
+)
+from csae.evaluate.inputs import LayerCheckpoint
+from csae.evaluate.lm.passes import Restart, clean_pass
+from csae.evaluate.lm.text import (
+    Piece,
+    TextBatch,
+    TextSource,
+    alternate,
+    batches,
+    build_sequences,
+    round_robin,
+    text_batches,
+)
+from csae.evaluate.stats import FamilyResult, Figure, Units, additive, seed_of
+from csae.shared.config.evaluate import EvalConfig
+from csae.shared.lm.corpora import Document
+from csae.shared.lm.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def unlearning(lm: LoadedModel, ckpts: list[LayerCheckpoint], src: TextSource, cfg: EvalConfig,
+               progress: bool) -> tuple[FamilyResult, dict[str, Any]] | None:
+    """(figures per checkpoint, sweep points per checkpoint), or None when the corpus lacks the topics."""
+    found = _topic_docs(src, cfg)
+    if found is None:
+        return None
+    (forget_sel, forget_test), (retain_sel, retain_test) = found
+    layers = sorted({c.layer for c in ckpts})
+    tok = lm.tokenizer
+
+    def select(docs: list[Document]) -> dict[int, torch.Tensor]:
+        text = text_batches(tok, docs, src.context, cfg.select_tokens, cfg.lm_batch_size, unit="tokens")
+        return _residuals(lm, text, layers)
+
+    def sweep_text(docs: list[Document]) -> EvalText:
+        text = EvalText(lm.model, layers, cfg.logit_chunk)
+        for batch in text_batches(tok, docs, src.context, cfg.sweep_predictions, cfg.lm_batch_size):
+            text.add(batch)
+        return text
+
+    sel_f, sel_r = select(forget_sel), select(retain_sel)
+    sweep_f, sweep_r = sweep_text(forget_sel), sweep_text(retain_sel)
+    test_f = _known_text(lm, forget_test, src, cfg, layers)
+    test_r = _known_text(lm, retain_test, src, cfg, layers)
+    if min(test_f.n_known, test_r.n_known, sweep_f.n_known, sweep_r.n_known) == 0:
+        log.warning("unlearning skipped: too little forget or retain text with known tokens")
+        return None
+    for text, name in ((test_f, "forget"), (test_r, "retain")):
+        if text.n_known < cfg.unlearn_known:
+            log.warning("the held-out %s text has only %d known tokens (unlearn_known = %d)", name, text.n_known,
+                        cfg.unlearn_known)
+    restart = _verified_restart(lm, test_f.items[0].batch, layers)
+    clean_f, clean_r = test_f.clean(), test_r.clean()
+    zero_f = {layer: test_f.score(restart, layer, zero_intervention, ce=True) for layer in layers}
+
+    n_points = len(cfg.retain_thresholds) * len(cfg.ns) * len(cfg.cs) * len(ckpts)
+    bar = tqdm(total=n_points, desc="unlearning sweep", unit="pt", disable=not progress)
+    figures, extras, points = {}, {}, {}
+    for ckpt in ckpts:
+        sel = selection_stats(ckpt.sae, sel_f[ckpt.layer], sel_r[ckpt.layer], cfg.sae_batch_size)
+        pts = sweep(ckpt, sel, sweep_f, sweep_r, restart, cfg, bar)
+        chosen = choose(pts, cfg.retain_accuracy)
+        if chosen is None:  # nothing keeps the retain text: no intervention, U = 0
+            test_sel_f, test_sel_r, draws, drawn = clean_f, clean_r, [], []
+        else:
+            clamp = _clamp(ckpt, sel, torch.tensor(chosen["features"]), chosen["c"])
+            test_sel_f = test_f.score(restart, ckpt.layer, clamp, ce=True)
+            test_sel_r = test_r.score(restart, ckpt.layer, clamp, ce=True)
+            draws, drawn = [], []
+            for k in range(cfg.random_draws):
+                rng = np.random.default_rng(seed_of(cfg.seed, 3, ckpt.layer, ckpt.seed, k))
+                drawn.append(matched_features(sel.nu_forget_F, torch.tensor(chosen["features"]), rng))
+                draws.append(test_f.score(restart, ckpt.layer, _clamp(ckpt, sel, drawn[-1], chosen["c"]), ce=False))
+        figures[ckpt.key] = _figures(clean_f, clean_r, zero_f[ckpt.layer], test_sel_f, test_sel_r, draws,
+                                     control=cfg.random_draws > 0)
+        extras[ckpt.key] = _extras(test_f, test_r, chosen, [test_sel_f, test_sel_r, *draws])
+        points[ckpt.key] = {"sweep": pts, "chosen": chosen, "test": {
+            "A_forget": test_sel_f.accuracy, "A_retain": test_sel_r.accuracy,
+            "random_A_forget": [d.accuracy for d in draws], "random_features": [f.tolist() for f in drawn]}}
+    bar.close()
+    return FamilyResult(Units((test_f.n_docs, test_r.n_docs)), figures, extras), points
+
+
+def _clamp(ckpt: LayerCheckpoint, sel: Any, feats: torch.Tensor, c: float) -> Any:
+    a_K = sel.mean_act_F[feats]
+
+    def clamp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return clamp_intervention(x, ckpt.sae, feats, a_K, c)
+
+    return clamp
+
+
+def sweep(ckpt: LayerCheckpoint, sel: Any, forget: EvalText, retain: EvalText, restart: Restart, cfg: EvalConfig,
+          bar: Any = None) -> list[dict[str, Any]]:
+    """One point per (tau, n, c) on the selection split: the features select_features(tau, n) clamped with
+    multiplier c; top-1 accuracy on retain text, then on forget text unless the retain constraint already
+    failed (such a point cannot be chosen: A_forget None). Identical (features, c) are evaluated once."""
+    cache: dict[tuple[tuple[int, ...], float], tuple[float | None, float]] = {}
+    out = []
+    for tau, n in itertools.product(cfg.retain_thresholds, cfg.ns):
+        feats = select_features(sel.nu_forget_F, sel.nu_retain_F, tau, n)
+        for c in cfg.cs:
+            key = (tuple(feats.tolist()), float(c))
+            if key not in cache and len(feats):
+                clamp = _clamp(ckpt, sel, feats, c)
+                a_r = retain.score(restart, ckpt.layer, clamp, ce=False).accuracy
+                a_f = forget.score(restart, ckpt.layer, clamp, ce=False).accuracy if a_r >= cfg.retain_accuracy \
+                    else None  # the forget side costs most (the features fire there); skip what cannot be chosen
+                cache[key] = (a_f, a_r)
+            a_f, a_r = cache.get(key, (1.0, 1.0))
+            out.append({"retain_threshold": tau, "n": n, "c": c, "features": list(key[0]), "A_forget": a_f,
+                        "A_retain": a_r})
+            if bar is not None:
+                bar.update(1)
+    return out
+
+
+def choose(points: list[dict[str, Any]], retain_accuracy: float) -> dict[str, Any] | None:
+    """The point with the lowest A_forget among those with A_retain >= retain_accuracy and some features;
+    ties go to fewer features, then the smaller multiplier and threshold. None when no point qualifies."""
+    ok = [p for p in points if p["A_retain"] >= retain_accuracy and p["features"]]
+    return min(ok, key=lambda p: (p["A_forget"], len(p["features"]), p["c"], p["retain_threshold"])) if ok else None
+
+
+def _figures(clean_f: Score, clean_r: Score, zero_f: Score, sel_f: Score, sel_r: Score, draws: list[Score], *,
+             control: bool) -> dict[str, Figure]:
+    d_f, d_r = len(clean_f.n_D), len(clean_r.n_D)
+
+    def forget(*cols: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.stack(cols, axis=1), np.zeros((d_r, len(cols)))])
+
+    def retain(*cols: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.zeros((d_f, len(cols))), np.stack(cols, axis=1)])
+
+    known = clean_f.known_D
+    kept_random = [d.kept_D for d in draws]
+    figs = {
+        "unlearn_U": additive(forget(sel_f.kept_D, known), lambda t: 1 - t[:, 0] / t[:, 1]),
+        "unlearn_U_CE": additive(forget(sel_f.nll_D - clean_f.nll_D, zero_f.nll_D - clean_f.nll_D),  # type: ignore
+                                 lambda t: t[:, 0] / t[:, 1]),
+        "unlearn_A_retain": additive(retain(sel_r.kept_D, clean_r.known_D), lambda t: t[:, 0] / t[:, 1]),
+        "unlearn_dCE_retain": additive(retain(sel_r.nll_D - clean_r.nll_D, clean_r.n_D),  # type: ignore[operator]
+                                       lambda t: t[:, 0] / t[:, 1]),
+    }
+    if kept_random:
+        def u_random(t: np.ndarray) -> np.ndarray:
+            return 1 - (t[:, 2:] / t[:, :1]).mean(axis=1)
+
+        sums = forget(known, sel_f.kept_D, *kept_random)
+        figs["unlearn_U_random"] = additive(sums, u_random)
+        figs["unlearn_U_minus_random"] = additive(sums, lambda t: (1 - t[:, 1] / t[:, 0]) - u_random(t))
+        spread = np.std([1 - k.sum() / known.sum() for k in kept_random], ddof=1) if len(draws) > 1 else np.nan
+        figs["unlearn_U_random_sd"] = Figure(float(spread), interval=False)
+    elif control:  # nothing was chosen: no intervention, so none for the control either
+        figs["unlearn_U_random"] = Figure(0.0)
+        figs["unlearn_U_minus_random"] = Figure(0.0)
+    return figs
+
+
+def _extras(test_f: EvalText, test_r: EvalText, chosen: dict[str, Any] | None,
+            scores: list[Score]) -> dict[str, float]:
+    out = {"unlearn_forget_known": test_f.n_known, "unlearn_retain_known": test_r.n_known,
+           "unlearn_forget_predictions": test_f.n_predictions, "unlearn_retain_predictions": test_r.n_predictions,
+           "unlearn_forget_docs": test_f.n_docs, "unlearn_retain_docs": test_r.n_docs,
+           "unlearn_head_predictions": sum(s.head_predictions for s in scores)}
+    if chosen is not None:
+        out.update({"unlearn_tau": chosen["retain_threshold"], "unlearn_n": len(chosen["features"]),
+                    "unlearn_c": chosen["c"], "unlearn_sweep_A_forget": chosen["A_forget"],
+                    "unlearn_sweep_A_retain": chosen["A_retain"]})
+    return out
+
+
+def _topic_docs(src: TextSource, cfg: EvalConfig) -> tuple[tuple[list[Document], list[Document]],
+                                                           tuple[list[Document], list[Document]]] | None:
+    """((forget selection, forget test), (retain selection, retain test)) documents of the held-out split."""
+    by_topic: dict[str, list[Document]] = defaultdict(list)
+    for doc in src.documents():
+        by_topic[doc.topic].append(doc)
+    retain = [by_topic[t] for t in cfg.retain_topics if by_topic.get(t)]
+    if not by_topic.get(cfg.forget_topic) or not retain:
+        log.warning(f"unlearning skipped: the held-out split of {src.dataset!r} has no documents of the forget "
+                    f"topic {cfg.forget_topic!r} or of the retain topics {list(cfg.retain_topics)} (its topics: "
+                    f"{sorted(t for t in by_topic if t)}); set --forget-topic/--retain-topics")
+        return None
+    halves = [alternate(g) for g in retain]
+    retain_sel, retain_test = list(round_robin([h[0] for h in halves])), list(round_robin([h[1] for h in halves]))
+    return alternate(by_topic[cfg.forget_topic]), (retain_sel, retain_test)
+
+
+def _known_text(lm: LoadedModel, docs: Iterable[Document], src: TextSource, cfg: EvalConfig,
+                layers: list[int]) -> EvalText:
+    """Test text: whole documents in order until `unlearn_known` known tokens, a window of sequences at a time
+    (sorted by length within the window, so padding stays small). The window that crosses `unlearn_known`
+    keeps only the documents up to the one that reaches it (its clean pass is redone on them): the test's
+    restarts and CE cost in proportion to its predictions."""
+    tok = lm.tokenizer
+    pieces = build_sequences(docs, tok, src.context, 2**62)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def clean(part: list[Piece]) -> EvalText:
+        text = EvalText(lm.model, layers, cfg.logit_chunk)
+        for batch in batches(part, cfg.lm_batch_size, pad, tok.bos_token_id is not None):
+            text.add(batch)
+        return text
+
+    text = EvalText(lm.model, layers, cfg.logit_chunk)
+    window = 2 * cfg.lm_batch_size
+    for start in range(0, len(pieces), window):
+        part = pieces[start:start + window]
+        cleaned = clean(part)
+        missing = cfg.unlearn_known - text.n_known
+        if cleaned.n_known >= missing:
+            known_D = cleaned.clean().known_D  # known tokens per document (index: document number)
+            reached = int(np.searchsorted(np.cumsum(known_D), missing))  # the first document that reaches it
+            kept = [p for p in part if p.doc <= reached]
+            text.extend(clean(kept) if len(kept) < len(part) else cleaned)
+            break
+        text.extend(cleaned)
+    return text
+
+
+def _residuals(lm: LoadedModel, text: list[TextBatch], layers: list[int]) -> dict[int, torch.Tensor]:
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for batch in text:
+        clean = clean_pass(lm.model, batch, layers, final=False)
+        for layer in layers:
+            out[layer].append(clean.resid[layer][batch.text_BT])
+    return {layer: torch.cat(v) if v else torch.empty(0, lm.d_model) for layer, v in out.items()}
+
+
+def _verified_restart(lm: LoadedModel, batch: TextBatch, layers: list[int]) -> Restart:
+    clean = clean_pass(lm.model, batch, layers)
+    restart = Restart(lm.model, clean.tuple_out)
+    for layer in layers:
+        restart.verify(batch, clean, layer)
+    return restart

@@ -1,0 +1,119 @@
+"""The human-readable report.md, which opens with the verdict table."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from csae.evaluate.inputs import Layout, layer_of
+from csae.evaluate.report.columns import HEADLINE, SECONDARY, Column
+from csae.evaluate.stats import Interval, Summary, verdict
+from csae.shared.config.evaluate import EvalConfig
+
+
+def _signed(fmt: str, value: float) -> str:
+    return ("+" if value >= 0 else "") + fmt.format(value)
+
+
+def _cell(iv: Interval | None, fmt: str) -> str:
+    if iv is None or not math.isfinite(iv.value):
+        return "-"
+    if not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
+        return fmt.format(iv.value)
+    return f"{fmt.format(iv.value)} [{fmt.format(iv.lo)}, {fmt.format(iv.hi)}]"
+
+
+def verdict_table(summary: Summary, lay: Layout) -> list[str]:
+    """Markdown: per headline figure and layer, the verdict and the paired difference with its interval."""
+    lines = []
+    for run in lay.runs[:-1]:
+        lines += [f"## {run} vs {lay.reference}: verdicts", "",
+                  f"Difference {run} - {lay.reference} with its paired interval; a verdict is better/worse when the "
+                  "interval excludes 0.", "",
+                  "| figure | better | " + " | ".join(f"layer {x}" for x in lay.layers) + " |",
+                  "|---|---|" + "---|" * len(lay.layers)]
+        for col in HEADLINE:
+            cells = []
+            for layer in lay.layers:
+                d = summary.diffs[run, layer].get(col.name)
+                if d is None:
+                    cells.append("-")
+                    continue
+                v = verdict(d, bool(col.higher_is_better))
+                shown = f"**{v}**" if v != "no detectable difference" else v
+                fmt = "{:.3g}"
+                cells.append(f"{shown} {_signed(fmt, d.value)} [{_signed(fmt, d.lo)}, {_signed(fmt, d.hi)}]")
+            better = "higher" if col.higher_is_better else "lower"
+            lines.append(f"| {col.title} | {better} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def figure_table(summary: Summary, lay: Layout, columns: tuple[Column, ...]) -> list[str]:
+    keys = [(r, layer) for layer in lay.layers for r in lay.runs]
+    lines = ["| figure | " + " | ".join(f"{r} L{layer}" for r, layer in keys) + " |", "|---|" + "---|" * len(keys)]
+    for col in columns:
+        if any(col.name in summary.pooled[k] for k in keys):
+            lines.append(f"| {col.title} | " + " | ".join(_cell(summary.pooled[k].get(col.name), col.fmt)
+                                                          for k in keys) + " |")
+    return lines
+
+
+def _counts(summary: Summary, lay: Layout, cfg: EvalConfig) -> list[str]:
+    c = summary.counts[lay.runs[0], lay.layers[0]]
+
+    def get(name: str) -> str:
+        return f"{c[name]:,.0f}" if name in c else "-"
+
+    return [
+        "## What each figure rests on", "",
+        f"- {len(lay.seeds)} training seeds per run ({', '.join(map(str, lay.seeds))}); intervals: "
+        f"{cfg.confidence:.0%} percentile bootstrap, {cfg.bootstrap_resamples} replicates, documents and seeds "
+        "resampled, runs paired. Figures without document dependence (decoder geometry, topic-significant) vary "
+        "by seed only; co-activation and U_rand sd have no interval.",
+        f"- reconstruction, sparsity, topic, co-activation: {get('eval_rows')} held-out store rows from "
+        f"{get('eval_docs')} documents per layer (`recon_tokens` = {cfg.recon_tokens}); topic: "
+        f"{get('topic_features')} features firing >= {cfg.topic_min_fires} times, {cfg.topic_permutations} "
+        f"permutations of the documents' topics",
+        f"- held-out InfoNCE: {get('contrastive_pairs')} pairs in batches of {get('contrastive_batch_used')} distinct "
+        f"sequences (chance {c.get('heldout_infonce_chance', math.nan):.3f}); fresh head: {cfg.head_steps} Adam "
+        f"steps on {cfg.head_rows} training rows",
+        f"- downstream CE/KL: {get('ce_predictions')} predictions from {get('ce_docs')} held-out documents "
+        f"(at most {cfg.ce_doc_predictions} each)",
+        f"- unlearning, test split: {get('unlearn_forget_known')} known forget tokens ({get('unlearn_forget_docs')} "
+        f"documents), {get('unlearn_retain_known')} known retain tokens ({get('unlearn_retain_docs')} documents); "
+        f"selection split: {cfg.select_tokens} tokens and {cfg.sweep_predictions} sweep predictions per side; "
+        f"retain rule A_retain >= {cfg.retain_accuracy}; control: {cfg.random_draws} matched draws", ""]
+
+
+def _unlearning_choices(summary: Summary, lay: Layout) -> list[str]:
+    rows = []
+    for key, v in sorted(summary.per_seed.items(), key=lambda kv: (layer_of(kv[0]), kv[0])):
+        if "unlearn_U" in v:
+            setting = (f"tau {v['unlearn_tau']:g}, n {v['unlearn_n']:.0f}, c {v['unlearn_c']:g}"
+                       if "unlearn_tau" in v else "none qualified (U = 0)")
+            rows.append(f"| {key} | {setting} | {v.get('unlearn_sweep_A_forget', math.nan):.3f} / "
+                        f"{v.get('unlearn_sweep_A_retain', math.nan):.3f} | {v['unlearn_U']:.3f} | "
+                        f"{v.get('unlearn_A_retain', math.nan):.3f} |")
+    if not rows:
+        return []
+    return ["## Unlearning: chosen settings", "", "| SAE | chosen on selection split | A_forget / A_retain there | "
+            "U (test) | A_retain (test) |", "|---|---|---|---|---|", *rows, ""]
+
+
+def write_report(path: Path, summary: Summary, lay: Layout, cfg: EvalConfig, plots: list[Path],
+                 timings: dict[str, float], store: str | Path) -> None:
+    """report.md: the verdict table, then every figure with its interval, what it rests on, time, plots."""
+    lines = ["# Evaluation report", "", f"Store: `{store}`. Runs: {', '.join(lay.runs)} (reference: "
+             f"{lay.reference or '-'}). Formulas: docs/metrics.md.", ""]
+    if lay.reference is not None:
+        lines += verdict_table(summary, lay)
+    lines += [f"## Headline figures (seed mean [{cfg.confidence:.0%} interval])", "",
+              *figure_table(summary, lay, HEADLINE), "", "## Further figures", "",
+              *figure_table(summary, lay, SECONDARY), ""]
+    lines += _counts(summary, lay, cfg) + _unlearning_choices(summary, lay)
+    if timings:
+        lines += ["## Time", "", ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()), ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    path.write_text("\n".join(lines))

@@ -1,0 +1,149 @@
+"""The SAE as training sees it: its modules, how it encodes a batch (on the active entries only, or dense) and
+the terms of its training loss. Like SAELens' TrainingSAE, it owns its training forward pass; the trainer
+(csae.train.trainer) owns the optimiser, the clip, resampling and the loop, and calls only what is here. A new
+architecture is a subclass (its own `features` and `training_forward_pass`) plus its config fields.
+
+Shape suffixes: B rows of a batch, D model width, F features, C head width, P anchor rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from csae.shared.config.train import TrainConfig
+from csae.shared.sae.autoencoder import SAE
+from csae.shared.sae.head import ContrastiveHead
+from csae.train import losses, sparse
+from csae.train.runtime import Runtime
+from csae.train.seeds import DIVERSITY, INIT_HEAD, INIT_SAE, VIEWS, derive_seed, step_generator
+from csae.train.sparse import Features
+
+
+class TrainingSAE:
+    """ReLU SAE + contrastive head with reconstruction, L1, InfoNCE and decoder-diversity terms (alpha = beta = 0:
+    the plain ReLU SAE)."""
+
+    def __init__(self, cfg: TrainConfig, d_in: int, rt: Runtime, seed: int) -> None:
+        self.cfg, self.rt, self.seed = cfg, rt, seed
+        d_sae = d_in * cfg.expansion
+        self.sae = SAE(d_in, d_sae, device=rt.device)
+        # the same for every run with this seed (the CSAE and its baseline start from the same weights)
+        self.sae.reset_parameters_(torch.Generator().manual_seed(derive_seed(seed, INIT_SAE)))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, INIT_HEAD))
+            self.head = ContrastiveHead(d_sae, cfg.head_dim, cfg.head_hidden).to(rt.device)
+        # W_enc (d_in, d_sae) and the head's first weight (c, d_sae) stored feature-major (their transposes
+        # contiguous): the sparse path reads and writes them feature by feature, and a gradient laid out
+        # like its parameter is used as is (else autograd copies it every step); matmuls read either layout
+        # at the same speed
+        self.sae.W_enc = torch.nn.Parameter(self.sae.W_enc.detach().t().contiguous().t())
+        self.head.first.weight = torch.nn.Parameter(self.head.first.weight.detach().t().contiguous().t())
+        # sparse path: decided per step from the previous step's density (dense at the start: a fresh
+        # SAE has about half its features active)
+        self.sparse_pays = self.sparse_now = False
+        self.density = 1.0  # of the last step
+        self.step_rng = torch.Generator()  # re-seeded for each use by step_generator (creating one costs 0.1 ms)
+
+    @property
+    def trains_head(self) -> bool:
+        """Whether the head gets gradients (and optimiser state): only when the contrastive term is on."""
+        return self.cfg.contrastive
+
+    @torch.no_grad()
+    def init_b_dec_(self, sample_ND: torch.Tensor, iters: int = 30) -> None:
+        """b_dec = geometric median of a sample (Weiszfeld iterations from the mean)."""
+        x = sample_ND.float()
+        m = x.mean(dim=0)
+        for _ in range(iters):
+            w = 1.0 / (x - m).norm(dim=1).clamp_min(1e-6)
+            m = (w[:, None] * x).sum(dim=0) / w.sum()
+        if self.rt.distributed:
+            dist.broadcast(m, src=0)
+        self.sae.b_dec.copy_(m)
+
+    def l1_at(self, step: int) -> float:
+        """The L1 weight: ramped linearly from 0 over the first l1_warmup_steps (features that the full
+        penalty would switch off before the reconstruction term has shaped them survive the start)."""
+        w = self.cfg.l1_warmup_steps
+        return self.cfg.l1 * min(1.0, (step + 1) / w) if w else self.cfg.l1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.rt.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.rt.device.type, dtype=self.rt.autocast_dtype)
+
+    def begin_step(self) -> None:
+        """Choose this step's path: sparse always with sparse=on, with auto when the last density said it pays."""
+        self.sparse_now = self.cfg.sparse == "on" or (self.cfg.sparse == "auto" and self.sparse_pays)
+
+    def end_step(self, l0: torch.Tensor) -> None:
+        """The next step takes the sparse path when this step's density says it pays."""
+        self.density = float(l0) / self.sae.d_sae
+        self.sparse_pays = sparse.pays(self.density, self.rt.device, self.rt.compute_dtype)
+
+    def views(self, x_PD: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two SimCLR-style views of each row: dropout then Gaussian noise (augment positives)."""
+        g = step_generator(self.seed, step + self.rt.rank * 1_000_000_007, VIEWS, self.step_rng)
+        out = []
+        for _ in range(2):
+            keep = torch.rand(x_PD.shape, generator=g).to(x_PD.device) >= self.cfg.augment_dropout
+            noise = torch.randn(x_PD.shape, generator=g).to(x_PD.device) * self.cfg.augment_noise
+            out.append(x_PD * keep / (1 - self.cfg.augment_dropout) + noise)
+        return out[0], out[1]
+
+    def features(self, x_BD: torch.Tensor) -> Features:
+        """The SAE's features of a batch: on the active entries only (sparse path) or dense."""
+        sae = self.sae
+        if self.sparse_now:
+            return sparse.encode(x_BD, sae.W_enc, sae.b_enc, sae.b_dec, self.rt.compute_dtype)
+        with self.autocast():
+            return sparse.DenseFeatures(sae.encode(x_BD), self.rt.autocast_dtype)
+
+    @torch.no_grad()
+    def reconstruct(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """x_hat of a batch (the resampling pool's errors), on the path the training step takes."""
+        return self.features(x_BD).affine(self.sae.W_dec, self.sae.b_dec, "decoder")
+
+    def head_z(self, feats: Features) -> torch.Tensor:
+        """The contrastive head on features; its first layer through feats.affine, so sparse stays sparse."""
+        first, second = self.head.first, self.head.second
+        z_BC = feats.affine(first.weight.t(), first.bias, "head")
+        if second is None:
+            return z_BC
+        with self.autocast():
+            return second(torch.relu(z_BC))
+
+    def training_forward_pass(self, x_BD: torch.Tensor, step: int
+                              ) -> tuple[dict[str, torch.Tensor], torch.Tensor, Features]:
+        """Each loss term (recon_loss, l1, info_nce, diversity) and their weighted sum `loss`, the reconstruction
+        x_hat_BD and the features."""
+        cfg = self.cfg
+        zero = x_BD.new_zeros(())
+        feats = self.features(x_BD)
+        x_hat_BD = feats.affine(self.sae.W_dec, self.sae.b_dec, "decoder")
+        terms = {"recon_loss": losses.reconstruction(x_BD, x_hat_BD), "l1": feats.l1(), "info_nce": zero,
+                 "diversity": zero}
+        # each weighted term added by one op (torch.add's alpha), one graph node
+        loss = torch.add(terms["recon_loss"], terms["l1"], alpha=self.l1_at(step))
+        if cfg.alpha > 0:
+            if cfg.positives == "context":  # rows [0, P) are anchors, [P, 2P) their positives
+                z_BC = self.head_z(feats)
+            else:  # two views of each anchor, stacked in halves as well
+                z_BC = self.head_z(self.features(torch.cat(self.views(x_BD[: len(x_BD) // 2], step))))
+            # its products in the compute dtype, the rest in float32 (losses.info_nce)
+            terms["info_nce"] = losses.info_nce(z_BC, cfg.temperature, self.rt.compute_dtype)
+            loss = torch.add(loss, terms["info_nce"], alpha=cfg.alpha)
+        if cfg.beta > 0:  # its matmuls in the compute dtype, the rest in float32 (losses.diversity)
+            idx_S = None
+            if self.sae.d_sae > cfg.diversity_features:
+                g = step_generator(self.seed, step, DIVERSITY, self.step_rng)
+                idx_S = torch.randperm(self.sae.d_sae, generator=g)[: cfg.diversity_features].to(x_BD.device)
+            # the decoder's rows are unit vectors here (normalise_decoder_ after every step, and at initialisation
+            # and resampling), and the gradient's radial part is projected out (project_decoder_gradient_)
+            terms["diversity"] = losses.diversity(self.sae.W_dec, idx_S, self.rt.compute_dtype, unit_rows=True)
+            loss = torch.add(loss, terms["diversity"], alpha=cfg.beta)
+        terms["loss"] = loss  # the terms that are off add nothing (no ops for them in the graph)
+        return terms, x_hat_BD, feats
