@@ -6,11 +6,12 @@ TORCH ?= torch==2.13.0
 
 .PHONY: setup test test-fast lint repro
 
+# setuptools notes every editable install of a package-dir layout ("Editable installation..."): information,
+# not a problem, so it is filtered out.
 setup:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	# setuptools notes every editable install of a package-dir layout ("Editable installation..."): information, not a problem
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e ".[dev]"
 
 test:

@@ -1,5 +1,5 @@
 """csae from Python, as in a notebook: harvest a small store, train a CSAE and its plain-SAE baseline on one
-layer, evaluate both, and look at a feature. About 5 minutes on 2 CPU cores with the embedded model.
+layer, evaluate both, and look at a feature. About a minute and a half on 2 CPU cores with the embedded model.
 
     python examples/quickstart.py [WORKDIR]
 
