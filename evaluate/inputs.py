@@ -1,7 +1,10 @@
-"""Find and check the trained layers of a checkpoint directory (what `train fit --out DIR` wrote)."""
+"""Find and check the trained layers of a checkpoint directory: what `train fit --out DIR` wrote (DIR/seed_<s>/
+layer_<L>/), or a run's sparsity sweep, one such directory per point (DIR/<point>/seed_<s>/layer_<L>/, as dvc.yaml's
+matrix writes checkpoints/<run>/k_64/)."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,8 @@ _IDENTITY_KEYS = ("name", "revision", "version", "sha256", "gguf_sha256")
 class LayerCheckpoint:
     run: str
     """The run's name: its checkpoint directory's name (e.g. csae, baseline)."""
+    point: str
+    """The sparsity point: the name of its directory in a sweep (e.g. k_64); "" for a run without points."""
     seed: int
     layer: int
     path: Path
@@ -33,8 +38,13 @@ class LayerCheckpoint:
     """train_config.json: the training config plus store, seed, layer, scale."""
 
     @property
+    def series(self) -> str:
+        """The run at its point (csae/k_64; csae without points): what figures are pooled over seeds for."""
+        return f"{self.run}/{self.point}" if self.point else self.run
+
+    @property
     def key(self) -> str:
-        return f"{self.run}/seed_{self.seed}/layer_{self.layer}"
+        return f"{self.series}/seed_{self.seed}/layer_{self.layer}"
 
 
 def layer_of(key: str) -> int:
@@ -82,11 +92,36 @@ def check_model(info: LayerInfo, store: ActivationStore, store_path: str, where:
                         f"its own model")
 
 
+def point_dirs(directory: Path) -> list[tuple[str, Path]]:
+    """(point, dir) of a run directory: itself with point "" when it holds seed_<s>/ directories, else each
+    subdirectory that does (a sweep's points), in the order of their sparsity setting."""
+    if not directory.is_dir() or trained_layers(directory):
+        return [("", directory)]
+    found = [(p.name, p) for p in sorted(directory.iterdir()) if p.is_dir() and trained_layers(p)]
+    if not found:
+        return [("", directory)]  # layer_dirs names what is missing
+
+    def setting(item: tuple[str, Path]) -> float:
+        match = re.search(r"([0-9.]+(?:e-?\d+)?)$", item[0])
+        return float(match.group(1)) if match else math.inf
+
+    return sorted(found, key=setting)
+
+
 def load_run(directory: Path, store: ActivationStore, store_path: str) -> list[LayerCheckpoint]:
-    """Every trained layer of a run, checked against the store (layer, d_in, model)."""
+    """Every trained layer of a run (of each of its sparsity points), checked against the store (layer, d_in,
+    model)."""
+    out = []
+    for point, where in point_dirs(directory):
+        out += _load_point(directory, point, where, store, store_path)
+    return out
+
+
+def _load_point(directory: Path, point: str, where: Path, store: ActivationStore, store_path: str
+                ) -> list[LayerCheckpoint]:
     out = []
     name = run_name(directory)
-    for seed, layer, path in layer_dirs(directory):
+    for seed, layer, path in layer_dirs(where):
         info = LayerInfo.read(path)
         sae = SAE.load(path).eval().requires_grad_(False)
         head = ContrastiveHead.load(path).eval().requires_grad_(False) if (path / HEAD_FILE).exists() else None
@@ -99,39 +134,69 @@ def load_run(directory: Path, store: ActivationStore, store_path: str) -> list[L
             raise UserError(f"{path} says it was trained with seed {info.seed} on layer {info.layer}, not seed "
                             f"{seed}, layer {layer}; move it back to seed_{info.seed}/layer_{info.layer}")
         check_model(info, store, store_path, path)
-        out.append(LayerCheckpoint(name, seed, layer, path, sae, head, info))
+        out.append(LayerCheckpoint(name, point, seed, layer, path, sae, head, info))
     return out
 
 
 @dataclass(frozen=True)
 class Layout:
-    """What is compared: runs in the order given (the last is the reference), their common seeds and layers."""
+    """What is compared: runs in the order given (the last is the reference), their sparsity points, common seeds,
+    and the layers each point holds. A series is one run at one point (csae/k_64)."""
 
     runs: list[str]
+    points: list[str]
+    """In the order of the swept setting; [""] for runs without points."""
     seeds: list[int]
     layers: list[int]
+    """Every layer of any point."""
+    point_layers: dict[str, list[int]]
+    """The layers each point holds (the same in every run)."""
+    fixed_l0: bool
+    """Every SAE has a fixed-L0 architecture (topk, batchtopk): runs at one point are at matched L0 by
+    construction. Otherwise (relu) runs are matched by interpolating along their sweep in log L0."""
 
     @property
     def reference(self) -> str | None:
         return self.runs[-1] if len(self.runs) > 1 else None
+
+    @staticmethod
+    def series(run: str, point: str) -> str:
+        return f"{run}/{point}" if point else run
+
+    def all_series(self) -> list[str]:
+        return [self.series(r, p) for p in self.points for r in self.runs]
+
+    @property
+    def main_points(self) -> list[str]:
+        """The points trained at every layer."""
+        return [p for p in self.points if self.point_layers[p] == self.layers]
 
     def key(self, run: str, seed: int, layer: int) -> str:
         return f"{run}/seed_{seed}/layer_{layer}"
 
 
 def layout(ckpts: list[LayerCheckpoint]) -> Layout:
-    """Every run must hold the same (seed, layer) SAEs, else comparisons would pair unlike things: one-line error
-    naming what is missing where."""
+    """Every run must hold the same points and, at each, the same (seed, layer) SAEs, else comparisons would pair
+    unlike things: one-line error naming what is missing where."""
     runs = list(dict.fromkeys(c.run for c in ckpts))
-    have = {r: {(c.seed, c.layer) for c in ckpts if c.run == r} for r in runs}
-    union = set().union(*have.values())
-    missing = {r: sorted(union - h) for r, h in have.items() if union - h}
+    points = list(dict.fromkeys(c.point for c in ckpts))
+    have = {(r, p): {(c.seed, c.layer) for c in ckpts if (c.run, c.point) == (r, p)} for r in runs for p in points}
+    seeds = sorted({s for held in have.values() for s, _ in held})
+    missing: dict[str, list[tuple[int, int]]] = {}
+    for p in points:
+        union = set().union(*[have[r, p] for r in runs])
+        union |= {(s, lay) for s in seeds for _, lay in union}  # every seed at every layer of the point
+        for r in runs:
+            if union - have[r, p]:
+                missing[Layout.series(r, p)] = sorted(union - have[r, p])
     if missing:
         def lacks(m: list[tuple[int, int]]) -> str:
-            seeds = sorted({s for s, _ in m})
-            return ", ".join(f"seed {s} (layers {' '.join(str(lay) for t, lay in m if t == s)})" for s in seeds)
+            by_seed = sorted({s for s, _ in m})
+            return ", ".join(f"seed {s} (layers {' '.join(str(lay) for t, lay in m if t == s)})" for s in by_seed)
 
         where = "; ".join(f"run {r} lacks {lacks(m)}" for r, m in missing.items())
-        raise UserError(f"the runs do not hold the same seeds and layers ({where}); train the missing ones "
+        raise UserError(f"the runs do not hold the same points, seeds and layers ({where}); train the missing ones "
                         f"(`train fit --resume` with the same seeds) or evaluate runs trained alike")
-    return Layout(runs, sorted({s for s, _ in union}), sorted({lay for _, lay in union}))
+    point_layers = {p: sorted({lay for _, lay in have[runs[0], p]}) for p in points}
+    fixed = all(c.info.config.architecture != "relu" for c in ckpts)
+    return Layout(runs, points, seeds, sorted({lay for c in ckpts for lay in [c.layer]}), point_layers, fixed)

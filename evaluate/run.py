@@ -32,13 +32,15 @@ import torch
 from csae.evaluate.families.downstream import downstream
 from csae.evaluate.families.store import store_families
 from csae.evaluate.families.unlearning.protocol import unlearning
+from csae.evaluate.frontier import Matched, matched, summarize_points
 from csae.evaluate.inputs import LayerCheckpoint, Layout, layout, load_run
 from csae.evaluate.lm.passes import load_lm
 from csae.evaluate.lm.text import TextSource
-from csae.evaluate.report.columns import DIRECTION, HEADLINE
+from csae.evaluate.report.columns import BOUNDS, DIRECTION, HEADLINE
+from csae.evaluate.report.frontier import write_frontier
 from csae.evaluate.report.markdown import write_report
 from csae.evaluate.report.plots import write_curves, write_plots
-from csae.evaluate.stats import FamilyResult, Summary, summarize, verdict
+from csae.evaluate.stats import FamilyResult, Summary, verdict
 from csae.shared.config.base import to_dict
 from csae.shared.config.evaluate import EvalConfig
 from csae.shared.device import resolve_dtype
@@ -94,23 +96,26 @@ def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path
             timings["downstream_s"] = time.perf_counter() - t0
         if cfg.unlearn_known:
             t0 = time.perf_counter()
-            found = unlearning(lm, ckpts, src, cfg, progress)
+            at = [c for c in ckpts if cfg.unlearn_points == "all" or c.point in lay.main_points]
+            found = unlearning(lm, at, src, cfg, progress)
             if found is not None:
                 results.append(found[0])
                 points = found[1]
             timings["unlearning_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    summary = summarize(results, lay.runs, lay.seeds, lay.layers, lay.reference,
-                        n_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=cfg.seed)
+    stat = {"n_resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": cfg.seed, "bounds": BOUNDS}
+    summary = summarize_points(results, lay, **stat)  # type: ignore[arg-type]
+    match = matched(results, lay, summary, **stat)  # type: ignore[arg-type]
     timings["statistics_s"] = time.perf_counter() - t0
-    everything = write_json(out, summary, lay, cfg, results)
+    everything = write_json(out, summary, match, lay, cfg, results)
     (out / "unlearning.json").write_text(json.dumps(points, indent=1) + "\n")
     (out / "eval_config.json").write_text(json.dumps(
         {"config": to_dict(cfg), "store": str(store_path), "checkpoints": [str(d) for d in checkpoint_dirs],
          "timings": timings}, indent=2) + "\n")
     plots = write_plots(out, densities, points, cfg.retain_accuracy) + write_curves(out, ckpts, points)
-    write_report(out / "report.md", summary, lay, cfg, plots, timings, store_path)
+    plots = write_frontier(out, summary, lay) + plots
+    write_report(out / "report.md", summary, match, lay, cfg, plots, timings, store_path)
     return everything
 
 
@@ -133,43 +138,48 @@ def _with_interval(values: dict[str, Any], names: list[str] | None = None) -> di
     return _finite(out)
 
 
-def write_json(out: Path, summary: Summary, lay: Layout, cfg: EvalConfig,
+def write_json(out: Path, summary: Summary, match: Matched, lay: Layout, cfg: EvalConfig,
                results: list[FamilyResult]) -> dict[str, dict[str, Any]]:
-    """metrics.json (headline + verdicts), comparison.json and metrics_all.json; returns metrics_all."""
+    """metrics.json (headline + matched verdicts), comparison.json and metrics_all.json; returns metrics_all."""
     headline = [c.name for c in HEADLINE]
     metrics: dict[str, Any] = {}
     everything: dict[str, Any] = {}
-    for layer in lay.layers:
-        for run in lay.runs:
-            metrics[f"{run}/layer_{layer}"] = _with_interval(summary.pooled[run, layer], headline)
-            everything[f"{run}/layer_{layer}"] = {**_with_interval(summary.pooled[run, layer]),
-                                                  **_finite(summary.counts[run, layer])}
-    comparison: dict[str, Any] = {"reference": lay.reference, "method": method(cfg, lay)}
-    for (run, layer), diffs in summary.diffs.items():
-        cells = {}
+    for (series, layer), pooled in summary.pooled.items():
+        metrics[f"{series}/layer_{layer}"] = _with_interval(pooled, headline)
+        everything[f"{series}/layer_{layer}"] = {**_with_interval(pooled), **_finite(summary.counts[series, layer])}
+    comparison: dict[str, Any] = {"reference": lay.reference, "method": method(cfg, lay, match)}
+    for (run, point, layer), diffs in match.diffs.items():
+        ref_series, series = lay.series(lay.reference or "", point), lay.series(run, point)
+        l0_run, l0_ref = match.l0[run, point, layer]
+        cells: dict[str, Any] = {"at_l0": _finite({run: l0_run, lay.reference: l0_ref})}  # type: ignore[dict-item]
         for name in headline:
             if name not in diffs:
                 continue
             d = diffs[name]
-            cells[name] = _finite({"higher_is_better": DIRECTION[name], run: summary.pooled[run, layer][name].value,
-                                   lay.reference: summary.pooled[lay.reference, layer][name].value,  # type: ignore
-                                   "diff": d.value, "diff_lo": d.lo, "diff_hi": d.hi,
-                                   "verdict": verdict(d, DIRECTION[name])})  # type: ignore[arg-type]
-        comparison.setdefault(f"{run}_vs_{lay.reference}", {})[f"layer_{layer}"] = cells
-        metrics[f"{run}_vs_{lay.reference}/layer_{layer}"] = {k: v["verdict"] for k, v in cells.items()}
+            ours = summary.pooled.get((series, layer), {}).get(name)
+            cells[name] = _finite({"higher_is_better": DIRECTION[name], "diff": d.value, "diff_lo": d.lo,
+                                   "diff_hi": d.hi, lay.reference: summary.pooled[ref_series, layer][name].value,  # type: ignore[dict-item]
+                                   run: ours.value if ours is not None and not match.method.startswith("interp") else None,
+                                   "verdict": verdict(d, DIRECTION[name]) if math.isfinite(d.value)  # type: ignore[arg-type]
+                                   else "not comparable"})
+        where = f"{point}/layer_{layer}" if point else f"layer_{layer}"
+        comparison.setdefault(f"{run}_vs_{lay.reference}", {})[where] = cells
+        metrics[f"{run}_vs_{lay.reference}/{where}"] = {k: v["verdict"] for k, v in cells.items() if k != "at_l0"}
     for key, values in summary.per_seed.items():
         everything[key] = _finite(values)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
-    (out / "metrics_all.json").write_text(json.dumps(everything, indent=2) + "\n")
+    for name, data in (("metrics.json", metrics), ("comparison.json", comparison), ("metrics_all.json", everything)):
+        (out / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return everything
 
 
-def method(cfg: EvalConfig, lay: Layout) -> dict[str, Any]:
+def method(cfg: EvalConfig, lay: Layout, match: Matched) -> dict[str, Any]:
     """How the intervals and verdicts were formed (written next to them)."""
-    return {"interval": f"{cfg.confidence:.0%} percentile bootstrap, {cfg.bootstrap_resamples} replicates",
+    return {"interval": f"{cfg.confidence:.0%} percentile bootstrap, {cfg.bootstrap_resamples} replicates; figures "
+                        "with a bounded range (cosines, fractions, accuracies) resampled on the logit of their "
+                        "position in it, so intervals stay inside the range",
             "resampled": "documents (clusters; forget and retain documents separately) and training seeds, with "
-                         "replacement; runs paired (same documents and seeds in every run)",
-            "seeds": lay.seeds, "comparison": "each run minus the reference run (the last --checkpoints)",
+                         "replacement; runs paired (same documents and seeds in every run and point)",
+            "seeds": lay.seeds, "points": lay.points,
+            "comparison": "each run minus the reference run (the last --checkpoints) at matched L0: " + match.method,
             "verdict": "better/worse when the paired interval excludes 0 (direction per figure), else no detectable "
-                       "difference"}
+                       "difference; 'not comparable' where the reference's L0 lies outside the run's swept range"}

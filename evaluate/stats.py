@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -120,15 +120,37 @@ def _evaluate(fig: Figure, w_BD: np.ndarray) -> np.ndarray:
     return np.asarray(fig.resample(w_BD), dtype=np.float64)
 
 
-def _seed_mean(v_BS: np.ndarray, values: list[np.ndarray]) -> np.ndarray:
+Bounds = tuple[float, float]
+#: Figures with a bounded range are resampled on the logit of their position in it, so intervals stay inside.
+_EDGE = 1e-9
+
+
+def to_open(v: np.ndarray, bounds: Bounds | None) -> np.ndarray:
+    """A bounded figure mapped onto the real line: logit((v - a) / (b - a)) (identity without bounds)."""
+    if bounds is None:
+        return v
+    a, b = bounds
+    u = np.clip((np.asarray(v, dtype=np.float64) - a) / (b - a), _EDGE, 1 - _EDGE)
+    return np.log(u) - np.log1p(-u)
+
+
+def from_open(t: np.ndarray, bounds: Bounds | None) -> np.ndarray:
+    if bounds is None:
+        return t
+    a, b = bounds
+    return a + (b - a) / (1 + np.exp(-np.asarray(t, dtype=np.float64)))
+
+
+def _seed_mean(v_BS: np.ndarray, values: list[np.ndarray], bounds: Bounds | None = None) -> np.ndarray:
     """The mean over resampled seeds (weights v_BS, rows summing to 1) of per-seed values (each (B,)), with
     the seed deviations widened by sqrt(S / (S - 1)): resampling S values with replacement shrinks their
-    variance by (S - 1) / S, which matters with the few seeds training affords (a half with two)."""
-    v_SB = np.stack(values)
+    variance by (S - 1) / S, which matters with the few seeds training affords (a half with two). A bounded
+    figure is widened on the logit scale and mapped back, so the result stays inside its range."""
+    v_SB = to_open(np.stack(values), bounds)
     mean_B = v_SB.mean(axis=0)
     s = len(values)
     widen = math.sqrt(s / (s - 1)) if s > 1 else 0.0
-    return mean_B + widen * (v_BS.T * (v_SB - mean_B)).sum(axis=0)
+    return from_open(mean_B + widen * (v_BS.T * (v_SB - mean_B)).sum(axis=0), bounds)
 
 
 @dataclass(frozen=True)
@@ -142,7 +164,8 @@ class Comparison:
 
 
 def bootstrap(figures: dict[str, Sequence[dict[str, Figure]]], units: Units, reference: str | None, *,
-              n_resamples: int, confidence: float, seed: int) -> Comparison:
+              n_resamples: int, confidence: float, seed: int, bounds: Mapping[str, Bounds] | None = None
+              ) -> Comparison:
     """Seed-mean values, intervals and paired differences of every figure common to all runs.
 
     figures: {run: [one {name: Figure} per seed, seeds in the same order in every run]}. reference: the
@@ -166,37 +189,50 @@ def bootstrap(figures: dict[str, Sequence[dict[str, Figure]]], units: Units, ref
 
     out_runs: dict[str, dict[str, Interval]] = {r: {} for r in runs}
     out_diffs: dict[str, dict[str, Interval]] = {r: {} for r in others}
+    bounds = bounds or {}
     for n in by_seeds:
+        b = bounds.get(n)
         for r in runs:
-            out_runs[r][n] = _t_interval(per_seed(r, n), confidence)
+            out_runs[r][n] = _t_interval(per_seed(r, n), confidence, b)
         for r in others:
-            out_diffs[r][n] = _t_interval(per_seed(r, n) - per_seed(reference, n), confidence)  # type: ignore[arg-type]
+            out_diffs[r][n] = _t_interval(per_seed(r, n) - per_seed(reference, n), confidence,  # type: ignore[arg-type]
+                                          None if b is None else (b[0] - b[1], b[1] - b[0]))
     if by_docs:
         rows = [(r, n) for r in runs for n in by_docs] + [(r, n) for r in others for n in by_docs]
-        ints = _resampled(figures, by_docs, units, reference, others, n_resamples, confidence, seed)
+        ints = _resampled(figures, by_docs, units, reference, others, n_resamples, confidence, seed, bounds)
         for i, (r, n) in enumerate(rows):
             (out_runs if i < len(runs) * len(by_docs) else out_diffs)[r][n] = ints[i]
     return Comparison(out_runs, out_diffs, units.strata, n_seeds)
 
 
-def _t_interval(values_S: np.ndarray, confidence: float) -> Interval:
-    """mean +- t_{S-1} sd / sqrt(S) over seeds (scipy.stats.t)."""
-    mean, sd = float(values_S.mean()), float(values_S.std(ddof=1))
+def _t_interval(values_S: np.ndarray, confidence: float, bounds: Bounds | None = None) -> Interval:
+    """mean +- t_{S-1} sd / sqrt(S) over seeds (scipy.stats.t); for a bounded figure on the logit scale, mapped
+    back (so inside the range), widened to contain the plain mean."""
+    mean = float(values_S.mean())
+    t_S = to_open(values_S, bounds)
+    sd = float(t_S.std(ddof=1))
     if sd == 0:
         return Interval(mean, mean, mean)
-    lo, hi = stats.t.interval(confidence, len(values_S) - 1, loc=mean, scale=sd / math.sqrt(len(values_S)))
-    return Interval(mean, float(lo), float(hi))
+    lo, hi = stats.t.interval(confidence, len(values_S) - 1, loc=float(t_S.mean()), scale=sd / math.sqrt(len(t_S)))
+    lo, hi = float(from_open(np.float64(lo), bounds)), float(from_open(np.float64(hi), bounds))
+    return Interval(mean, min(lo, mean), max(hi, mean))
 
 
-def _resampled(figures: dict[str, Sequence[dict[str, Figure]]], names: list[str], units: Units, reference: str | None,
-               others: list[str], n_resamples: int, confidence: float, seed: int) -> list[Interval]:
-    """Percentile intervals of each run's seed mean (runs x names) then of each other run's difference from the
-    reference (others x names): documents of each stratum and seeds resampled by scipy.stats.bootstrap, the
-    same draws for every run (paired)."""
+#: Pooled figures of one bootstrap batch, {series: {figure: (B,) values}}, to the rows reported (R, B).
+Contrast = Callable[[dict[str, dict[str, np.ndarray]]], np.ndarray]
+
+
+def resample(figures: dict[str, Sequence[dict[str, Figure]]], names: list[str], units: Units, contrast: Contrast, *,
+             n_resamples: int, confidence: float, seed: int, bounds: Mapping[str, Bounds] | None = None
+             ) -> list[Interval]:
+    """Percentile intervals of the rows `contrast` forms from every series' seed-mean figures: documents of each
+    stratum and seeds resampled by scipy.stats.bootstrap, the same draws for every series (paired). The point
+    values are `contrast` of the seed means; a row that is NaN (e.g. an interpolation out of range) stays NaN."""
     runs = list(figures)
     n_seeds = len(figures[runs[0]])
     sizes = (*units.strata, n_seeds)
     varied = [i for i, n in enumerate(sizes) if n >= 2]  # scipy resamples samples of two or more; others stay
+    bounds = bounds or {}
 
     def statistic(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
         b = np.atleast_2d(samples[0]).shape[0]
@@ -205,26 +241,40 @@ def _resampled(figures: dict[str, Sequence[dict[str, Figure]]], names: list[str]
             idx[i] = np.atleast_2d(sample)
         w_BD = np.concatenate([_counts(i, n) for i, n in zip(idx[:-1], units.strata, strict=True)], axis=1)
         v_BS = _counts(idx[-1], n_seeds) / n_seeds
-        pooled = {r: {n: _seed_mean(v_BS, [_evaluate(figures[r][s][n], w_BD) for s in range(n_seeds)])
-                      for n in names} for r in runs}
-        rows = [pooled[r][n] for r in runs for n in names]
-        rows += [pooled[r][n] - pooled[reference][n] for r in others for n in names]  # type: ignore[index]
-        return np.stack(rows)
+        return contrast({r: {n: _seed_mean(v_BS, [_evaluate(figures[r][s][n], w_BD) for s in range(n_seeds)],
+                                           bounds.get(n)) for n in names} for r in runs})
 
-    values = {r: {n: float(np.mean([d[n].value for d in figures[r]])) for n in names} for r in runs}
-    point = [values[r][n] for r in runs for n in names] + [values[r][n] - values[reference][n]  # type: ignore[index]
-                                                          for r in others for n in names]
+    values = {r: {n: np.array([np.mean([d[n].value for d in figures[r]])]) for n in names} for r in runs}
+    point = [float(v) for v in contrast(values)[:, 0]]
     if not varied:  # nothing to resample: the interval is the point
         return [Interval(p, p, p) for p in point]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)  # figures constant across resamples
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows that are NaN throughout
         res = stats.bootstrap([np.arange(sizes[i]) for i in varied], statistic, paired=False, vectorized=True,
                               n_resamples=n_resamples, confidence_level=confidence, method="percentile",
                               rng=np.random.default_rng(seed),
                               batch=max(1, 1_000_000 // max(1, units.n_docs * len(point))))
     lo, hi = np.atleast_1d(res.confidence_interval.low), np.atleast_1d(res.confidence_interval.high)
     # widened to contain the point value where a skewed percentile interval would miss it
-    return [Interval(p, min(p, float(a)), max(p, float(b))) for p, a, b in zip(point, lo, hi, strict=True)]
+    return [Interval(p, min(p, float(a)), max(p, float(b))) if math.isfinite(p) else Interval(p, math.nan, math.nan)
+            for p, a, b in zip(point, lo, hi, strict=True)]
+
+
+def _resampled(figures: dict[str, Sequence[dict[str, Figure]]], names: list[str], units: Units, reference: str | None,
+               others: list[str], n_resamples: int, confidence: float, seed: int,
+               bounds: Mapping[str, Bounds] | None = None) -> list[Interval]:
+    """Each run's seed mean (runs x names), then each other run's difference from the reference (others x
+    names), paired."""
+    runs = list(figures)
+
+    def contrast(pooled: dict[str, dict[str, np.ndarray]]) -> np.ndarray:
+        rows = [pooled[r][n] for r in runs for n in names]
+        rows += [pooled[r][n] - pooled[reference][n] for r in others for n in names]  # type: ignore[index]
+        return np.stack(rows)
+
+    return resample(figures, names, units, contrast, n_resamples=n_resamples, confidence=confidence, seed=seed,
+                    bounds=bounds)
 
 
 def verdict(diff: Interval, higher_is_better: bool) -> Verdict:
@@ -251,7 +301,8 @@ class Summary:
 
 
 def summarize(results: list[FamilyResult], runs: list[str], seeds: list[int], layers: list[int],
-              reference: str | None, *, n_resamples: int, confidence: float, seed: int) -> Summary:
+              reference: str | None, *, n_resamples: int, confidence: float, seed: int,
+              bounds: Mapping[str, Bounds] | None = None) -> Summary:
     """Bootstrap every family's figures layer by layer (all runs and seeds of a layer share the documents)."""
     pooled: dict[tuple[str, int], dict[str, Interval]] = {(r, lay): {} for r in runs for lay in layers}
     diffs: dict[tuple[str, int], dict[str, Interval]] = {(r, lay): {} for r in runs if r != reference
@@ -269,7 +320,7 @@ def summarize(results: list[FamilyResult], runs: list[str], seeds: list[int], la
                 continue
             figs = {r: [fam.figures[k] for k in ks] for r, ks in keys.items()}
             comp = bootstrap(figs, fam.units, reference, n_resamples=n_resamples, confidence=confidence,
-                             seed=seed_of(seed, 8, layer, i))
+                             seed=seed_of(seed, 8, layer, i), bounds=bounds)
             for r in runs:
                 pooled[r, layer].update(comp.runs[r])
                 for name in set.intersection(*[set(f) for f in figs[r]]) - set(comp.runs[r]):

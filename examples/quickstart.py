@@ -41,7 +41,8 @@ def main(workdir: str | Path = "csae-quickstart", *, model: str = "gemma-3-270m"
         m = metrics[f"{run}/layer_{layer}"]
         print(f"{run}: explained variance {m['explained_variance']:.3f} [{m['explained_variance_lo']:.3f}, "
               f"{m['explained_variance_hi']:.3f}], CE score {m['ce_score']:.3f}, L0 {m['l0']:.1f}")
-    print((workdir / "eval" / "report.md").read_text().split("\n## ")[1])  # the verdict table
+    sections = (workdir / "eval" / "report.md").read_text().split("\n## ")
+    print(next(s for s in sections if "verdicts" in s.split("\n")[0]))  # the verdict table
 
     # 4. Load the CSAE and find the feature that fires most on the first held-out rows.
     sae, _head, info = load_sae(workdir / "checkpoints" / "csae" / "seed_0" / f"layer_{layer}")

@@ -32,7 +32,7 @@ def test_the_example_runs_as_a_user_would(tmp_path: Path, tiny_gemma2: Path, tin
     _, _, info = load_sae(tmp_path / "checkpoints" / "baseline" / "seed_1" / "layer_5")
     assert info.config.alpha == 0.0 and info.seed == 1 and info.config.device == "cpu"  # `auto` resolved
     printed = capsys.readouterr().out
-    assert "feature" in printed and "csae vs baseline: verdicts" in printed
+    assert "feature" in printed and "csae vs baseline at matched L0: verdicts" in printed
 
 
 @pytest.mark.parametrize("scheme", ["file", "memory"])

@@ -16,6 +16,7 @@ from csae.shared.config.base import ConfigError, field_docs, from_dict, load_par
 from csae.shared.config.browse import BrowseConfig
 from csae.shared.config.evaluate import EvalConfig
 from csae.shared.config.harvest import HarvestConfig
+from csae.shared.config.sweep import SweepConfig
 from csae.shared.config.train import TrainConfig, preset
 from csae.shared.lm.models import preset_layers
 
@@ -105,8 +106,8 @@ def test_params_files_list_every_config_field(name: str) -> None:
     """Every field of every stage config is in the params file (so `dvc exp run -S <stage>.<key>=...` works for
     each), nothing else is, and each section builds its config."""
     params = yaml.safe_load((ROOT / name).read_text())
-    for section, cls in (("harvest", HarvestConfig), ("train", TrainConfig), ("evaluate", EvalConfig),
-                         ("browse", BrowseConfig)):
+    for section, cls in (("harvest", HarvestConfig), ("train", TrainConfig), ("sweep", SweepConfig),
+                         ("evaluate", EvalConfig), ("browse", BrowseConfig)):
         fields = [f.name for f in dataclasses.fields(cls)]
         assert list(params[section]) == fields, f"{name} [{section}] differs from {cls.__name__}'s fields"
         from_dict(cls, params[section])

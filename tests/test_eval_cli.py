@@ -111,7 +111,10 @@ def test_run_compares_two_runs_end_to_end(store: Path, tmp_path: Path, dtype: st
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     assert report.startswith("# Evaluation report")
-    assert report.split("\n## ")[1].startswith("csae vs baseline: verdicts")  # the report opens with the verdicts
+    sections = report.split("\n## ")
+    assert sections[1].startswith("The frontier: each figure against L0")  # the report opens with the frontier,
+    assert sections[2].startswith("csae vs baseline at matched L0: verdicts")  # then the verdicts
+    assert "L0 is not matched" in sections[2]  # one point per run: said so, not passed off as matched
     assert "| expl. var | higher | **better**" in report and "baseline L2" in report
 
 

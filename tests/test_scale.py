@@ -133,9 +133,11 @@ def test_appending_with_two_ranks_equals_one_longer_harvest(tmp_path: Path, src:
     assert "rows 0-1,000 by 1 rank(s)" in info.stdout and "rows 1,000-2,000 by 2 rank(s)" in info.stdout
 
 
-def test_layer_parallel_training_equals_one_process_bit_for_bit(tmp_path: Path, reference: Path) -> None:
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
+def test_layer_parallel_training_equals_one_process_bit_for_bit(tmp_path: Path, reference: Path, arch: str) -> None:
     assert TRAIN[2] == "--set"
-    args = ["--store", reference, "--layers", "5", "12", *TRAIN[2:], "--set", "seeds=0 1"]
+    args = ["--store", reference, "--layers", "5", "12", *TRAIN[2:], "--set", "seeds=0 1", f"architecture={arch}",
+            "k=8"]
     one = run("train", ["fit", *args, "--out", tmp_path / "one"])
     assert one.returncode == 0, one.stderr
     two = torchrun("-m", "csae.train.cli", "fit", *args, "--out", tmp_path / "two", "--distribute", "layers")

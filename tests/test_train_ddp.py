@@ -24,7 +24,12 @@ CFG = {"expansion": 8, "batch_size": 128, "tokens": 128 * 60, "l1": 20.0, "lr": 
        "resample_every": 5, "checkpoint_every": 1000, "beta": 1.0, "seeds": (0,)}
 
 
-def _worker(rank: int, tmp: str, dtype: str) -> None:
+#: per architecture: the top-k ones with k = 1 of 256 features, so that features die (Aux-K and resampling on)
+ARCH = {"relu": {}, "topk": {"architecture": "topk", "k": 1, "dead_steps": 5},
+        "batchtopk": {"architecture": "batchtopk", "k": 1, "dead_steps": 5}}
+
+
+def _worker(rank: int, tmp: str, dtype: str, arch: str) -> None:
     torch.set_num_threads(1)  # two processes on two cores
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
     events: list[dict] = []
@@ -35,16 +40,18 @@ def _worker(rank: int, tmp: str, dtype: str) -> None:
                        "w_enc": trainer.sae.W_enc.double().sum().item()})
 
     try:
-        fit(resolve(TrainConfig(**CFG, dtype=dtype)), Path(tmp) / "acts.zarr", Path(tmp) / "ck", layers=[0], rank=rank,
+        cfg = resolve(TrainConfig(**{**CFG, **ARCH[arch]}, dtype=dtype))  # type: ignore[arg-type]
+        fit(cfg, Path(tmp) / "acts.zarr", Path(tmp) / "ck", layers=[0], rank=rank,
             world=2, progress=False, on_resample=record)
     finally:
         dist.destroy_process_group()
     Path(tmp, f"rank{rank}.json").write_text(json.dumps(events))
 
 
-def test_two_ranks_agree(tmp_path: Path, dtype: str) -> None:
+@pytest.mark.parametrize("arch", sorted(ARCH))
+def test_two_ranks_agree(tmp_path: Path, dtype: str, arch: str) -> None:
     make_test_store(tmp_path / "acts.zarr", layers=(0,), d_model=32, n_docs=64, seq_len=32)
-    mp.spawn(_worker, args=(str(tmp_path), dtype), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(tmp_path), dtype, arch), nprocs=2, join=True)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert len(r0) == len(r1) >= 4

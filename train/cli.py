@@ -12,9 +12,11 @@ from pathlib import Path
 import click
 
 from csae.shared.cli import Group, params_option, store_option
-from csae.shared.config.base import click_options, given, load_params, parse_assignment
+from csae.shared.config.base import click_options, from_dict, given, load_params, parse_assignment
+from csae.shared.config.sweep import SweepConfig
 from csae.shared.config.train import PRESETS, TrainConfig, preset
 from csae.shared.entry import distributed
+from csae.shared.errors import UserError
 from csae.shared.sae.checkpoint import layer_dir
 
 
@@ -45,10 +47,12 @@ def main() -> None:
 @params_option("train", ", then from `runs.<--run>` (the preset under the key `preset`)")
 @click.option("--run", "run_name", default=None, help="With --params: the run whose section `runs.<RUN>` "
               "overrides `train` (e.g. csae, baseline).")
+@click.option("--point", type=float, default=None, help="With --params: a point of the `sweep` section: the swept "
+              "setting (k or l1) takes this value, and the layers are the sweep's unless it is the main point.")
 @click_options(TrainConfig)
 def fit(store: str, layers: tuple[int, ...], out: Path, preset_name: str | None, assignments: tuple[str, ...],
         resume: bool, overwrite: bool, no_progress: bool, distribute: str, params: str | None,
-        run_name: str | None, **options: object) -> None:
+        run_name: str | None, point: float | None, **options: object) -> None:
     """Train one CSAE per layer of STORE."""
     from csae.train.run import fit as run_fit
     from csae.train.run import resolve
@@ -58,6 +62,12 @@ def fit(store: str, layers: tuple[int, ...], out: Path, preset_name: str | None,
         from_file = load_params(params, "train")
         if run_name:
             from_file.update(load_params(params, f"runs.{run_name}"))
+    if point is not None:
+        if not params:
+            raise UserError("--point needs --params (the file whose `sweep` section lists the points)")
+        sweep = from_dict(SweepConfig, load_params(params, "sweep"))
+        from_file.update(sweep.overrides(point))
+        layers = layers or sweep.layers_of(point)
     name = preset_name or str(from_file.pop("preset", "default"))
     overrides = {**from_file, **given(TrainConfig, options)}
     overrides.update(dict(parse_assignment(TrainConfig, a) for a in assignments))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,11 @@ class Pattern:
                    _offsets(torch.bincount(cols_K, minlength=F_)))
 
 
+#: An activation on the sparse path: (product p (B, F), float32 bias b (F,)) -> the kept entries' pattern and
+#: values, each value p + b added in float32.
+Select = Callable[[torch.Tensor, torch.Tensor], tuple[Pattern, torch.Tensor]]
+
+
 def active(p_BF: torch.Tensor, b_F: torch.Tensor) -> tuple[Pattern, torch.Tensor]:
     """The pattern of ReLU(p + b) for a product p (B, F) and a float32 bias b, and its values (K,): p + b added
     in float32, as autocast's dense path adds them (so the values are its f's, bit for bit). On CPU one
@@ -92,6 +98,36 @@ def active(p_BF: torch.Tensor, b_F: torch.Tensor) -> tuple[Pattern, torch.Tensor
     s_BF = p_BF.float().add_(b_F)
     pat = Pattern.of_torch(s_BF > 0)
     return pat, s_BF.view(-1).take(pat.flat_K)
+
+
+def _kept(s_BF: torch.Tensor, flat_N: torch.Tensor) -> tuple[Pattern, torch.Tensor]:
+    """The pattern and values of s at the flat positions flat_N where s > 0 (any order in; row-major out)."""
+    flat_N = flat_N[s_BF.view(-1).take(flat_N) > 0].sort().values
+    B, F_ = s_BF.shape
+    rows_K, cols_K = flat_N // F_, flat_N % F_
+    row_offsets = _offsets(torch.bincount(rows_K, minlength=B))
+    if s_BF.device.type == "cpu":
+        pat = Pattern.of_rows(row_offsets, cols_K, F_)
+    else:
+        by_col_K = torch.argsort(cols_K, stable=True)
+        pat = Pattern(B, F_, cols_K, row_offsets, by_col_K, rows_K[by_col_K],
+                      _offsets(torch.bincount(cols_K, minlength=F_)))
+    return pat, s_BF.view(-1).take(flat_N)
+
+
+def top_k_rows(p_BF: torch.Tensor, b_F: torch.Tensor, k: int) -> tuple[Pattern, torch.Tensor]:
+    """TopK's pattern: the k largest p + b of each row (p + b in float32, as the dense path adds them), those
+    that are positive (ReLU after the top k, as SAELens' TopK)."""
+    s_BF = p_BF.float().add_(b_F)
+    idx_BK = torch.topk(s_BF, k, dim=1, sorted=False).indices
+    rows_B1 = torch.arange(len(s_BF), device=s_BF.device).unsqueeze(1) * s_BF.shape[1]
+    return _kept(s_BF, (rows_B1 + idx_BK).view(-1))
+
+
+def top_k_batch(p_BF: torch.Tensor, b_F: torch.Tensor, k: int) -> tuple[Pattern, torch.Tensor]:
+    """BatchTopK's pattern: the k x B largest positive p + b of the whole batch."""
+    s_BF = p_BF.float().add_(b_F)
+    return _kept(s_BF, torch.topk(s_BF.view(-1), k * len(s_BF), sorted=False).indices)
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -161,11 +197,12 @@ class _SparseEncode(torch.autograd.Function):
     @staticmethod
     @record_function("csae.sparse.encoder")
     def forward(ctx, x_BD: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,  # type: ignore[override]
-                dtype: torch.dtype, out: dict) -> torch.Tensor:
+                dtype: torch.dtype, out: dict, select: Select) -> torch.Tensor:
         xc_BD = x_BD.float() - b_dec
         # the product in `dtype`; the float32 bias is added in float32 (as autocast's dense path adds it) by
-        # `active`, on the way to the active entries
-        pat, vals_K = active(xc_BD.to(dtype) @ W_enc.to(dtype), b_enc.detach())
+        # `select` (ReLU's `active`, TopK's...), on the way to the kept entries; each kept f equals its p + b,
+        # so the gradient through f is the identity at the kept entries for every activation
+        pat, vals_K = select(xc_BD.to(dtype) @ W_enc.to(dtype), b_enc.detach())
         ctx.save_for_backward(xc_BD, W_enc)
         ctx.pat = out["pattern"] = pat
         return vals_K
@@ -184,7 +221,7 @@ class _SparseEncode(torch.autograd.Function):
             dx = _bags(pat.cols_K, W_enc.t().contiguous(), pat.row_offsets, g_K)
         # b_dec enters as -b_dec in every row: minus the column sums of x's gradient, W_enc db_enc
         db_dec = -(W_enc @ db_enc) if dx is None else -dx.sum(0)
-        return dx, dW_enc, db_enc, db_dec, None, None
+        return dx, dW_enc, db_enc, db_dec, None, None, None
 
 
 @dataclass(frozen=True)
@@ -219,11 +256,12 @@ class SparseFeatures:
 
 
 def encode(x_BD: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
-           dtype: torch.dtype) -> SparseFeatures:
-    """f = ReLU((x - b_dec) W_enc + b_enc) as sparse features; `dtype` is the matmul's (autocast's)."""
+           dtype: torch.dtype, select: Select | None = None) -> SparseFeatures:
+    """f = act((x - b_dec) W_enc + b_enc) as sparse features, act given by `select` (default ReLU: `active`);
+    `dtype` is the matmul's (autocast's)."""
     out: dict = {}
     with torch.autocast(x_BD.device.type, enabled=False):
-        vals_K = _SparseEncode.apply(x_BD, W_enc, b_enc, b_dec, dtype, out)
+        vals_K = _SparseEncode.apply(x_BD, W_enc, b_enc, b_dec, dtype, out, select or active)
     return SparseFeatures(out["pattern"], vals_K, dtype)
 
 

@@ -35,7 +35,8 @@ from csae.train.training_sae import TrainingSAE
 
 #: Where torch's AdamW has a fused kernel (elsewhere its default, op by op, with the clip done beforehand).
 FUSED_DEVICES = ("cpu", "cuda")
-METRIC_NAMES = ("loss", "recon_loss", "l1", "info_nce", "diversity", "l0", "fvu", "grad_norm_sae", "grad_norm_head")
+METRIC_NAMES = ("loss", "recon_loss", "l1", "aux_k", "info_nce", "diversity", "l0", "fvu", "grad_norm_sae",
+                "grad_norm_head")
 
 
 class CSAETrainer:
@@ -73,6 +74,8 @@ class CSAETrainer:
         """One optimiser step on a batch; returns the step's metrics as 0-d tensors."""
         self.opt.param_groups[0]["lr"] = self.lr_at(step)
         self.model.begin_step()
+        if self.cfg.architecture != "relu" and self.cfg.aux_k > 0:  # Aux-K's dead features
+            self.model.dead_F = self.last_fired_F <= step - self.cfg.dead_steps
         with record_function("csae.step.forward"):
             terms, _, feats = self.model.training_forward_pass(x_BD, step)
         for p in self.params:

@@ -9,27 +9,36 @@ Shape suffixes: B rows of a batch, D model width, F features, C head width, P an
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.distributed as dist
 
 from csae.shared.config.train import TrainConfig
-from csae.shared.sae.autoencoder import SAE
+from csae.shared.errors import UserError
+from csae.shared.sae.autoencoder import SAE, Activation, topk_relu
 from csae.shared.sae.head import ContrastiveHead
 from csae.train import losses, sparse
 from csae.train.runtime import Runtime
 from csae.train.seeds import DIVERSITY, INIT_HEAD, INIT_SAE, VIEWS, derive_seed, step_generator
 from csae.train.sparse import Features
 
+#: The saved (inference) activation of each training architecture: BatchTopK becomes a JumpReLU SAE whose
+#: threshold is estimated in training.
+INFERENCE_ACTIVATION: dict[str, Activation] = {"relu": "relu", "topk": "topk", "batchtopk": "jumprelu"}
+
 
 class TrainingSAE:
-    """ReLU SAE + contrastive head with reconstruction, L1, InfoNCE and decoder-diversity terms (alpha = beta = 0:
-    the plain ReLU SAE)."""
+    """SAE (ReLU + L1, TopK or BatchTopK) + contrastive head with reconstruction, sparsity (L1 for ReLU, Aux-K for
+    the top-k ones), InfoNCE and decoder-diversity terms (alpha = beta = 0: the plain SAE)."""
 
     def __init__(self, cfg: TrainConfig, d_in: int, rt: Runtime, seed: int) -> None:
         self.cfg, self.rt, self.seed = cfg, rt, seed
         d_sae = d_in * cfg.expansion
-        self.sae = SAE(d_in, d_sae, device=rt.device)
+        if cfg.architecture != "relu" and cfg.k > d_sae:
+            raise UserError(f"k={cfg.k} exceeds the dictionary's {d_sae} features (d_model {d_in} x expansion "
+                            f"{cfg.expansion}); lower k or raise expansion")
+        self.sae = SAE(d_in, d_sae, activation=INFERENCE_ACTIVATION[cfg.architecture], k=cfg.k, device=rt.device)
         # the same for every run with this seed (the CSAE and its baseline start from the same weights)
         self.sae.reset_parameters_(torch.Generator().manual_seed(derive_seed(seed, INIT_SAE)))
         with torch.random.fork_rng(devices=[]):
@@ -46,6 +55,9 @@ class TrainingSAE:
         self.sparse_pays = self.sparse_now = False
         self.density = 1.0  # of the last step
         self.step_rng = torch.Generator()  # re-seeded for each use by step_generator (creating one costs 0.1 ms)
+        self.dead_F: torch.Tensor | None = None  # set by the trainer before each step (Aux-K's dead features)
+        self.select = {"relu": None, "topk": functools.partial(sparse.top_k_rows, k=cfg.k),
+                       "batchtopk": functools.partial(sparse.top_k_batch, k=cfg.k)}[cfg.architecture]
 
     @property
     def trains_head(self) -> bool:
@@ -66,7 +78,10 @@ class TrainingSAE:
 
     def l1_at(self, step: int) -> float:
         """The L1 weight: ramped linearly from 0 over the first l1_warmup_steps (features that the full
-        penalty would switch off before the reconstruction term has shaped them survive the start)."""
+        penalty would switch off before the reconstruction term has shaped them survive the start). 0 for
+        the top-k architectures (k sets their sparsity)."""
+        if self.cfg.architecture != "relu":
+            return 0.0
         w = self.cfg.l1_warmup_steps
         return self.cfg.l1 * min(1.0, (step + 1) / w) if w else self.cfg.l1
 
@@ -98,9 +113,47 @@ class TrainingSAE:
         """The SAE's features of a batch: on the active entries only (sparse path) or dense."""
         sae = self.sae
         if self.sparse_now:
-            return sparse.encode(x_BD, sae.W_enc, sae.b_enc, sae.b_dec, self.rt.compute_dtype)
+            return sparse.encode(x_BD, sae.W_enc, sae.b_enc, sae.b_dec, self.rt.compute_dtype, self.select)
         with self.autocast():
-            return sparse.DenseFeatures(sae.encode(x_BD), self.rt.autocast_dtype)
+            p_BF = sae.pre_activation(x_BD)
+            if self.cfg.architecture == "topk":
+                f_BF = topk_relu(p_BF, self.cfg.k)
+            elif self.cfg.architecture == "batchtopk":  # the k x B largest of the batch, then ReLU
+                idx = torch.topk(p_BF.reshape(-1), self.cfg.k * len(p_BF), sorted=False).indices
+                keep = torch.zeros(p_BF.numel(), dtype=torch.bool, device=p_BF.device).index_fill_(0, idx, True)
+                f_BF = torch.relu(p_BF) * keep.view_as(p_BF)
+            else:
+                f_BF = torch.relu(p_BF)
+            return sparse.DenseFeatures(f_BF, self.rt.autocast_dtype)
+
+    @torch.no_grad()
+    def update_threshold_(self, feats: Features, step: int) -> None:
+        """BatchTopK: the inference threshold, a moving average of each batch's smallest kept activation
+        (over all ranks), bias-corrected as Adam's moments are, so the zero it starts from does not linger."""
+        kept = feats.vals_K if isinstance(feats, sparse.SparseFeatures) else feats.f_BF[feats.f_BF > 0]
+        low = kept.float().min() if kept.numel() else self.sae.threshold.new_zeros(())
+        if self.rt.distributed:
+            dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        # the average itself is the stored threshold times the last step's bias correction: no extra state, so a
+        # resumed run repeats an uninterrupted one
+        lr, thr = self.cfg.threshold_lr, self.sae.threshold
+        ema = float(thr[0]) * (1 - (1 - lr) ** step) * (1 - lr) + lr * float(low)
+        thr.fill_(ema / (1 - (1 - lr) ** (step + 1)))
+
+    def aux_k_loss(self, x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor | None:
+        """Gao et al.'s auxiliary loss: the top k_aux = d_model / 2 pre-activations among the dead features
+        reconstruct the residual x - x_hat (detached), so dead features get gradients. None: nothing dead."""
+        if self.dead_F is None or not bool(self.dead_F.any()):
+            return None
+        dead_S = self.dead_F.nonzero().squeeze(1)
+        k_aux = min(self.sae.d_in // 2, len(dead_S))
+        sae = self.sae
+        with self.autocast():  # W_enc is stored feature-major: its transpose's rows are the features
+            p_BS = (x_BD - sae.b_dec) @ sae.W_enc.t().index_select(0, dead_S).t() + sae.b_enc.index_select(0, dead_S)
+            top = torch.topk(p_BS, k_aux, dim=1, sorted=False)
+            f_BS = torch.zeros_like(p_BS).scatter(1, top.indices, torch.relu(top.values))
+            e_hat_BD = f_BS @ sae.W_dec.index_select(0, dead_S)
+        return losses.reconstruction((x_BD - x_hat_BD).detach(), e_hat_BD)
 
     @torch.no_grad()
     def reconstruct(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -118,16 +171,21 @@ class TrainingSAE:
 
     def training_forward_pass(self, x_BD: torch.Tensor, step: int
                               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, Features]:
-        """Each loss term (recon_loss, l1, info_nce, diversity) and their weighted sum `loss`, the reconstruction
-        x_hat_BD and the features."""
+        """Each loss term (recon_loss, l1, aux_k, info_nce, diversity) and their weighted sum `loss`, the
+        reconstruction x_hat_BD and the features."""
         cfg = self.cfg
         zero = x_BD.new_zeros(())
         feats = self.features(x_BD)
         x_hat_BD = feats.affine(self.sae.W_dec, self.sae.b_dec, "decoder")
         terms = {"recon_loss": losses.reconstruction(x_BD, x_hat_BD), "l1": feats.l1(), "info_nce": zero,
-                 "diversity": zero}
+                 "diversity": zero, "aux_k": zero}
         # each weighted term added by one op (torch.add's alpha), one graph node
         loss = torch.add(terms["recon_loss"], terms["l1"], alpha=self.l1_at(step))
+        if cfg.architecture != "relu" and cfg.aux_k > 0 and (aux := self.aux_k_loss(x_BD, x_hat_BD)) is not None:
+            terms["aux_k"] = aux
+            loss = torch.add(loss, aux, alpha=cfg.aux_k)
+        if cfg.architecture == "batchtopk":
+            self.update_threshold_(feats, step)
         if cfg.alpha > 0:
             if cfg.positives == "context":  # rows [0, P) are anchors, [P, 2P) their positives
                 z_BC = self.head_z(feats)

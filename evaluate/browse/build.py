@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from csae.evaluate.browse.collect import Rows, choose_rows, collect
 from csae.evaluate.browse.logits import best_match, logit_effects, nearest, norm_gain
-from csae.evaluate.browse.site import Dictionary, b64, data_file, shown_tokens, write_site
+from csae.evaluate.browse.site import Dictionary, answer_payload, b64, data_file, shown_tokens, write_site
 from csae.evaluate.inputs import LayerCheckpoint, load_run
 from csae.evaluate.lm.passes import load_lm
 from csae.shared.config.base import to_dict
@@ -85,7 +85,8 @@ def geometry(ckpts: list[LayerCheckpoint], lm: LoadedModel, cfg: BrowseConfig, d
         w_u = w_u[vocab.to(w_u.device)]
     out = {}
     for c in ckpts:
-        others = {o.run: best_match(c.sae.W_dec, o.sae.W_dec) for o in ckpts if o.layer == c.layer and o.run != c.run}
+        others = {o.series: best_match(c.sae.W_dec, o.sae.W_dec) for o in ckpts
+                  if (o.layer, o.point) == (c.layer, c.point) and o.run != c.run}
         effects = logit_effects(c.sae.W_dec, gain, w_u, min(cfg.logit_tokens, len(w_u)), dtype)
         if vocab is not None:  # positions in the store's tokens -> token ids
             effects = replace(effects, up_ids_FK=vocab[effects.up_ids_FK], down_ids_FK=vocab[effects.down_ids_FK])
@@ -94,7 +95,10 @@ def geometry(ckpts: list[LayerCheckpoint], lm: LoadedModel, cfg: BrowseConfig, d
 
 
 def build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: Path, *, cache_dir: Path,
-          progress: bool = True, lm: LoadedModel | None = None) -> Built:
+          progress: bool = True, lm: LoadedModel | None = None, results: Path | None = None) -> Built:
+    """The browser of every SAE of seed cfg.seed; with `results` (an `evaluate run --out`), its start page shows
+    the frontier and the matched-L0 verdicts."""
+    answer = answer_payload(results)  # before the work: a bad --results fails fast
     t0 = time.perf_counter()
     cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, cfg.device))
     dtype, device = getattr(torch, cfg.dtype), resolve_device(cfg.device)
@@ -115,14 +119,14 @@ def build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: 
     for c in ckpts:
         collected = collect(store, c.layer, c.sae, rows, topic_D, len(store.topics), cfg, dtype, device, bar)
         effects, nb, matches = geo[c.key]
-        dicts.append(Dictionary(c.run, c.layer, collected, effects, nb, matches))
+        dicts.append(Dictionary(c.series, c.layer, collected, effects, nb, matches))
     bar.close()
     t3 = time.perf_counter()
-    common = common_payload(store, str(store_path), rows, dicts, lm, cfg, checkpoint_dirs)
+    common = {**common_payload(store, str(store_path), rows, dicts, lm, cfg, checkpoint_dirs), "answer": answer}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
-        written = write_site(Path(tmp) / "site", common, dicts)
+        written = write_site(Path(tmp) / "site", common, dicts, results)
         size = sum(p.stat().st_size for p in written)
         replace_dir(Path(tmp) / "site", out)
     log.info("browse: token strings and site written in %.1f s", time.perf_counter() - t3)

@@ -25,6 +25,7 @@ import torch
 
 from csae.evaluate.browse.collect import Collected
 from csae.evaluate.browse.logits import LogitEffects
+from csae.shared.errors import UserError
 
 ASSETS = Path(__file__).parent / "assets"
 DATA = "data"
@@ -36,7 +37,31 @@ def b64(values: np.ndarray | torch.Tensor, dtype: str) -> str:
 
 
 def data_file(run: str, layer: int) -> str:
-    return f"{DATA}/{run}_layer_{layer}.js"
+    """A dictionary's data file; a run at a sweep point (csae/k_64) becomes csae_k_64."""
+    return f"{DATA}/{run.replace('/', '_')}_layer_{layer}.js"
+
+
+#: What the start page shows of an evaluate run's output (`evaluate browse --results DIR`).
+FRONTIER_PNG, COMPARISON_JSON = "frontier.png", "comparison.json"
+
+
+def answer_payload(results: Path | None) -> dict[str, Any] | None:
+    """The matched-L0 verdicts of `evaluate run --out RESULTS` for the start page: {comparison: {column:
+    {figure: [verdict, diff, lo, hi]}}}, the method, and whether the frontier figure is there."""
+    if results is None:
+        return None
+    path = Path(results) / COMPARISON_JSON
+    if not path.exists():
+        raise UserError(f"{results} has no {COMPARISON_JSON}; pass the --out directory of `evaluate run`")
+    data = json.loads(path.read_text())
+    tables = {}
+    for name, columns in data.items():
+        if "_vs_" not in name or not isinstance(columns, dict):
+            continue
+        tables[name] = {col: {fig: [c.get("verdict"), c.get("diff"), c.get("diff_lo"), c.get("diff_hi")]
+                              for fig, c in cells.items() if fig != "at_l0"} for col, cells in columns.items()}
+    return {"tables": tables, "method": (data.get("method") or {}).get("comparison", ""),
+            "frontier": (Path(results) / FRONTIER_PNG).exists()}
 
 
 @dataclass
@@ -91,10 +116,14 @@ def shown_tokens(dicts: list[Dictionary], token_N: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate(ids))
 
 
-def write_site(out: Path, common: dict[str, Any], dicts: list[Dictionary]) -> list[Path]:
+def write_site(out: Path, common: dict[str, Any], dicts: list[Dictionary], results: Path | None = None
+               ) -> list[Path]:
     """Write the browser into the (new, empty) directory `out`; returns the files written."""
     (out / DATA).mkdir(parents=True)
     written = []
+    if results is not None and (Path(results) / FRONTIER_PNG).exists():
+        shutil.copyfile(Path(results) / FRONTIER_PNG, out / FRONTIER_PNG)
+        written.append(out / FRONTIER_PNG)
     for name in ("index.html", "browser.js", "browser.css"):
         shutil.copyfile(ASSETS / name, out / name)
         written.append(out / name)

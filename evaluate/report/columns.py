@@ -45,3 +45,12 @@ SECONDARY = (
 )
 
 DIRECTION = {c.name: c.higher_is_better for c in HEADLINE}
+
+#: Figures with a bounded range, [lower, upper]: their intervals are formed on the logit scale (evaluate/stats.py)
+#: so they stay inside it. Cosines lie in [-1, 1]; fractions, shares and accuracies in [0, 1].
+BOUNDS: dict[str, tuple[float, float]] = {
+    "cosine": (-1.0, 1.0), "dec_max_cos": (-1.0, 1.0), "dec_mean_abs_cos": (0.0, 1.0), "dead_fraction": (0.0, 1.0),
+    "dense_fraction_0.01": (0.0, 1.0), "dense_fraction_0.1": (0.0, 1.0), "topic_significant_fraction": (0.0, 1.0),
+    "unlearn_A_retain": (0.0, 1.0), "unlearn_A_forget": (0.0, 1.0), "unlearn_U": (0.0, 1.0),
+    "unlearn_U_random": (0.0, 1.0), "coactivation_mean_abs_corr": (0.0, 1.0),
+}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from csae.evaluate.frontier import L0_AGREEMENT, Matched, l0_gaps
 from csae.evaluate.inputs import Layout, layer_of
 from csae.evaluate.report.columns import HEADLINE, SECONDARY, Column
 from csae.evaluate.stats import Interval, Summary, verdict
@@ -23,21 +24,28 @@ def _cell(iv: Interval | None, fmt: str) -> str:
     return f"{fmt.format(iv.value)} [{fmt.format(iv.lo)}, {fmt.format(iv.hi)}]"
 
 
-def verdict_table(summary: Summary, lay: Layout) -> list[str]:
-    """Markdown: per headline figure and layer, the verdict and the paired difference with its interval."""
+def verdict_table(summary: Summary, match: Matched, lay: Layout) -> list[str]:
+    """Markdown: per headline figure and (point, layer), the verdict at matched L0 and the paired difference with
+    its interval."""
     lines = []
+    cols = [(p, layer) for p in lay.points for layer in lay.point_layers[p]]
     for run in lay.runs[:-1]:
-        lines += [f"## {run} vs {lay.reference}: verdicts", "",
-                  f"Difference {run} - {lay.reference} with its paired interval; a verdict is better/worse when the "
-                  "interval excludes 0.", "",
-                  "| figure | better | " + " | ".join(f"layer {x}" for x in lay.layers) + " |",
-                  "|---|---|" + "---|" * len(lay.layers)]
+        heads = [f"{p + ' ' if p else ''}L{layer} (L0 {_l0(match, run, p, layer)})" for p, layer in cols]
+        lines += [f"## {run} vs {lay.reference} at matched L0: verdicts", "",
+                  f"Difference {run} - {lay.reference} with its paired interval, compared {match.method}; a verdict "
+                  "is better/worse when the interval excludes 0." + ("" if match.matched else
+                  " **These runs have one sparsity point each: L0 is not matched, so a difference may be density "
+                  "alone; sweep the sparsity (params.yaml `sweep`) to compare at matched L0.**"), "",
+                  "| figure | better | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(cols)]
         for col in HEADLINE:
             cells = []
-            for layer in lay.layers:
-                d = summary.diffs[run, layer].get(col.name)
+            for point, layer in cols:
+                d = match.diffs.get((run, point, layer), {}).get(col.name)
                 if d is None:
                     cells.append("-")
+                    continue
+                if not math.isfinite(d.value):
+                    cells.append("not comparable")
                     continue
                 v = verdict(d, bool(col.higher_is_better))
                 shown = f"**{v}**" if v != "no detectable difference" else v
@@ -45,13 +53,23 @@ def verdict_table(summary: Summary, lay: Layout) -> list[str]:
                 cells.append(f"{shown} {_signed(fmt, d.value)} [{_signed(fmt, d.lo)}, {_signed(fmt, d.hi)}]")
             better = "higher" if col.higher_is_better else "lower"
             lines.append(f"| {col.title} | {better} | " + " | ".join(cells) + " |")
+        gaps = [f"{p} L{layer}: {g:+.1%}" for (r, p, layer), g in l0_gaps(summary, lay).items()
+                if r == run and abs(g) > L0_AGREEMENT]
+        if lay.fixed_l0:
+            lines += ["", f"Held-out L0 of the two runs agree within {L0_AGREEMENT:.0%} at every point." if not gaps
+                      else f"Held-out L0 differ by more than {L0_AGREEMENT:.0%} at: {', '.join(gaps)}."]
         lines.append("")
     return lines
 
 
+def _l0(match: Matched, run: str, point: str, layer: int) -> str:
+    pair = match.l0.get((run, point, layer))
+    return "-" if pair is None else f"{pair[1]:.0f}"
+
+
 def figure_table(summary: Summary, lay: Layout, columns: tuple[Column, ...]) -> list[str]:
-    keys = [(r, layer) for layer in lay.layers for r in lay.runs]
-    lines = ["| figure | " + " | ".join(f"{r} L{layer}" for r, layer in keys) + " |", "|---|" + "---|" * len(keys)]
+    keys = [(lay.series(r, p), layer) for p in lay.points for layer in lay.point_layers[p] for r in lay.runs]
+    lines = ["| figure | " + " | ".join(f"{s} L{layer}" for s, layer in keys) + " |", "|---|" + "---|" * len(keys)]
     for col in columns:
         if any(col.name in summary.pooled[k] for k in keys):
             lines.append(f"| {col.title} | " + " | ".join(_cell(summary.pooled[k].get(col.name), col.fmt)
@@ -60,14 +78,16 @@ def figure_table(summary: Summary, lay: Layout, columns: tuple[Column, ...]) -> 
 
 
 def _counts(summary: Summary, lay: Layout, cfg: EvalConfig) -> list[str]:
-    c = summary.counts[lay.runs[0], lay.layers[0]]
+    c = summary.counts[lay.series(lay.runs[0], lay.main_points[0] if lay.main_points else lay.points[0]),
+                       lay.layers[0]]
 
     def get(name: str) -> str:
         return f"{c[name]:,.0f}" if name in c else "-"
 
     return [
         "## What each figure rests on", "",
-        f"- {len(lay.seeds)} training seeds per run ({', '.join(map(str, lay.seeds))}); intervals: "
+        f"- {len(lay.seeds)} training seeds per run and point ({', '.join(map(str, lay.seeds))}); sparsity points "
+        f"{', '.join(lay.points) or '-'} (main: {', '.join(lay.main_points) or '-'}); intervals: "
         f"{cfg.confidence:.0%} percentile bootstrap, {cfg.bootstrap_resamples} replicates, documents and seeds "
         "resampled, runs paired. Figures without document dependence (decoder geometry, topic-significant) vary "
         "by seed only; co-activation and U_rand sd have no interval.",
@@ -83,7 +103,8 @@ def _counts(summary: Summary, lay: Layout, cfg: EvalConfig) -> list[str]:
         f"- unlearning, test split: {get('unlearn_forget_known')} known forget tokens ({get('unlearn_forget_docs')} "
         f"documents), {get('unlearn_retain_known')} known retain tokens ({get('unlearn_retain_docs')} documents); "
         f"selection split: {cfg.select_tokens} tokens and {cfg.sweep_predictions} sweep predictions per side; "
-        f"retain rule A_retain >= {cfg.retain_accuracy}; control: {cfg.random_draws} matched draws", ""]
+        f"retain rule A_retain >= {cfg.retain_accuracy}; control: {cfg.random_draws} matched draws; at "
+        + ("every point" if cfg.unlearn_points == "all" else "the main point(s) only (unlearn_points: main)"), ""]
 
 
 def _unlearning_choices(summary: Summary, lay: Layout) -> list[str]:
@@ -101,13 +122,17 @@ def _unlearning_choices(summary: Summary, lay: Layout) -> list[str]:
             "U (test) | A_retain (test) |", "|---|---|---|---|---|", *rows, ""]
 
 
-def write_report(path: Path, summary: Summary, lay: Layout, cfg: EvalConfig, plots: list[Path],
+def write_report(path: Path, summary: Summary, match: Matched, lay: Layout, cfg: EvalConfig, plots: list[Path],
                  timings: dict[str, float], store: str | Path) -> None:
-    """report.md: the verdict table, then every figure with its interval, what it rests on, time, plots."""
+    """report.md: the frontier, the verdict table at matched L0, then every figure with its interval, what it rests
+    on, time, plots."""
     lines = ["# Evaluation report", "", f"Store: `{store}`. Runs: {', '.join(lay.runs)} (reference: "
              f"{lay.reference or '-'}). Formulas: docs/metrics.md.", ""]
+    if any(p.name == "frontier.png" for p in plots):
+        lines += ["## The frontier: each figure against L0", "", "![frontier](frontier.png)", "",
+                  "Seed means with their 95% bands; data: plots/frontier/*.csv.", ""]
     if lay.reference is not None:
-        lines += verdict_table(summary, lay)
+        lines += verdict_table(summary, match, lay)
     lines += [f"## Headline figures (seed mean [{cfg.confidence:.0%} interval])", "",
               *figure_table(summary, lay, HEADLINE), "", "## Further figures", "",
               *figure_table(summary, lay, SECONDARY), ""]
@@ -115,5 +140,5 @@ def write_report(path: Path, summary: Summary, lay: Layout, cfg: EvalConfig, plo
     if timings:
         lines += ["## Time", "", ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()), ""]
     if plots:
-        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots if p.name != "frontier.png"] + [""]
     path.write_text("\n".join(lines))

@@ -101,6 +101,10 @@ class EvalConfig:
     retain_accuracy: float = 0.99
     """Unlearning: the retain constraint, A_retain >= this (share of known retain tokens still right)."""
 
+    unlearn_points: Literal["main", "all"] = "main"
+    """Unlearning: at the sparsity points trained at every layer (main; the family costs the most per SAE) or
+    at every point of a sweep (all). The other families run at every point."""
+
     random_draws: int = 5
     """Unlearning control: draws of n random features matched on forget firing rate, each clamped like the
     chosen setting on the test split. 0: no control."""

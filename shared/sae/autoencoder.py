@@ -1,16 +1,22 @@
 """The sparse autoencoder module: parameters, encode/decode, save/load. No training logic here.
 
+Three inference forms of the pre-activation p = (x - b_dec) W_enc + b_enc (`Activation`):
+    relu      f = ReLU(p)                                   SAELens "standard"
+    topk      f = ReLU(p) at the k largest p of each row    SAELens "topk" (cfg k)
+    jumprelu  f = p where p > threshold_i, else 0          SAELens "jumprelu" (weights: threshold); a BatchTopK
+                                                             SAE is saved so, as SAELens saves it
+
 Saved in SAELens' on-disk format (`cfg.json` + `sae_weights.safetensors` with W_enc (d_in, d_sae),
-b_enc (d_sae), W_dec (d_sae, d_in), b_dec (d_in)) so SAELens' `SAE.load_from_disk`, SAEBench and
-Neuronpedia tools read our SAEs. A saved SAE takes raw activations: the input scaling used in training
-is folded into the weights before saving (see `fold_input_scale`).
+b_enc (d_sae), W_dec (d_sae, d_in), b_dec (d_in), and threshold (d_sae) for jumprelu) so SAELens'
+`SAE.load_from_disk`, SAEBench and Neuronpedia tools read our SAEs. A saved SAE takes raw activations: the
+input scaling used in training is folded into the weights before saving (see `fold_input_scale`).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -21,19 +27,33 @@ from csae.shared.files import atomic_write, read_safetensors
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
 
+Activation = Literal["relu", "topk", "jumprelu"]
+#: Our activation -> SAELens 6's `architecture` in cfg.json.
+SAELENS_ARCHITECTURE: dict[str, str] = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
+
+
+def topk_relu(p_BF: torch.Tensor, k: int) -> torch.Tensor:
+    """ReLU(p) at the k largest entries of each row, zeros elsewhere (SAELens' TopK: top k, then ReLU)."""
+    top = torch.topk(p_BF, k, dim=-1)
+    return torch.zeros_like(p_BF).scatter(-1, top.indices, torch.relu(top.values))
+
 
 class SAE(nn.Module):
-    """ReLU SAE: f = ReLU((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec; W_dec rows unit norm."""
+    """f = act((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec; W_dec rows unit norm; act: `Activation`."""
 
-    def __init__(self, d_in: int, d_sae: int, *, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(self, d_in: int, d_sae: int, *, activation: Activation = "relu", k: int = 0,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
         super().__init__()
-        self.d_in, self.d_sae = d_in, d_sae
+        if activation not in SAELENS_ARCHITECTURE or (activation == "topk" and not 0 < k <= d_sae):
+            raise ValueError(f"activation {activation!r} with k={k} for {d_sae} features")
+        self.d_in, self.d_sae, self.activation, self.k = d_in, d_sae, activation, k
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **kw))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        if activation == "jumprelu":  # a buffer: set by training (BatchTopK's estimate), not by gradients
+            self.register_buffer("threshold", torch.zeros(d_sae, **kw))
         self.reset_parameters_()
 
     @torch.no_grad()
@@ -45,9 +65,20 @@ class SAE(nn.Module):
         self.b_enc.zero_()
         self.b_dec.zero_()
 
+    def pre_activation(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return (x_BD - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, p_BF: torch.Tensor) -> torch.Tensor:
+        """f from pre-activations, by the SAE's activation."""
+        if self.activation == "topk":
+            return topk_relu(p_BF, self.k)
+        if self.activation == "jumprelu":
+            return p_BF * (p_BF > self.threshold)
+        return torch.relu(p_BF)
+
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Feature activations f, shape (batch, d_sae)."""
-        return torch.relu((x_BD - self.b_dec) @ self.W_enc + self.b_enc)
+        return self.activate(self.pre_activation(x_BD))
 
     def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
         """Reconstruction x_hat, shape (batch, d_in)."""
@@ -89,13 +120,16 @@ class SAE(nn.Module):
     def fold_input_scale(self, scale: float) -> SAE:
         """A copy that takes raw x, given that this SAE was trained on scale * x.
 
-        With f' = ReLU((s x - b_dec) W_enc + b_enc), the copy computes f = f' / s and x_hat = x_hat' / s:
-        b_enc and b_dec are divided by s; W_enc and the unit-norm W_dec are unchanged.
+        With p' = (s x - b_dec) W_enc + b_enc the copy's p is p' / s, so f = f' / s and x_hat = x_hat' / s: b_enc,
+        b_dec (and the threshold) are divided by s; W_enc and the unit-norm W_dec are unchanged. A positive
+        scale keeps every activation's choice (the top k, which p pass the threshold).
         """
-        out = SAE(self.d_in, self.d_sae, dtype=torch.float32)
+        out = SAE(self.d_in, self.d_sae, activation=self.activation, k=self.k, dtype=torch.float32)
         out.load_state_dict({k: v.detach().float() for k, v in self.state_dict().items()})
         out.b_enc.div_(scale)
         out.b_dec.div_(scale)
+        if self.activation == "jumprelu":
+            out.threshold.div_(scale)
         return out
 
     def save(self, directory: str | Path, *, metadata: dict[str, Any] | None = None) -> None:
@@ -105,7 +139,7 @@ class SAE(nn.Module):
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
         atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p),
                      need=sum(t.numel() * 4 for t in tensors.values()))
-        cfg = saelens_cfg(self.d_in, self.d_sae, metadata or {})
+        cfg = saelens_cfg(self.d_in, self.d_sae, metadata or {}, activation=self.activation, k=self.k)
         atomic_write(directory / CFG_FILE, lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
 
     @classmethod
@@ -113,13 +147,28 @@ class SAE(nn.Module):
         directory = Path(directory)
         tensors, _ = read_safetensors(directory / WEIGHTS_FILE)
         d_in, d_sae = tensors["W_enc"].shape
-        sae = cls(int(d_in), int(d_sae), device=device)
+        activation, k = read_activation(directory)
+        sae = cls(int(d_in), int(d_sae), activation=activation, k=k, device=device)
         sae.load_state_dict(tensors)
         return sae
 
 
-def saelens_cfg(d_in: int, d_sae: int, metadata: dict[str, Any]) -> dict[str, Any]:
-    """The cfg.json SAELens 6.x reads for a standard (ReLU) SAE; our own details go in `metadata`."""
-    return {"architecture": "standard", "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
-            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-            "metadata": metadata}
+def read_activation(directory: Path) -> tuple[Activation, int]:
+    """(activation, k) from a saved SAE's cfg.json (a directory without one: a ReLU SAE, as before cfg.json
+    named the architecture)."""
+    path = Path(directory) / CFG_FILE
+    cfg = json.loads(path.read_text()) if path.exists() else {}
+    ours = {v: k for k, v in SAELENS_ARCHITECTURE.items()}
+    return ours.get(cfg.get("architecture", "standard"), "relu"), int(cfg.get("k", 0))  # type: ignore[return-value]
+
+
+def saelens_cfg(d_in: int, d_sae: int, metadata: dict[str, Any], *, activation: Activation = "relu",
+                k: int = 0) -> dict[str, Any]:
+    """The cfg.json SAELens 6.x reads for the SAE's architecture (standard, topk with its k, jumprelu); our own
+    details go in `metadata`."""
+    cfg = {"architecture": SAELENS_ARCHITECTURE[activation], "d_in": d_in, "d_sae": d_sae, "dtype": "float32",
+           "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "reshape_activations": "none", "metadata": metadata}
+    if activation == "topk":
+        cfg.update(k=k, rescale_acts_by_decoder_norm=False)
+    return cfg

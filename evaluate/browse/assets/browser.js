@@ -113,10 +113,38 @@ function homePage() {
   const rows = CSAE.common.dictionaries.map((x) => `<tr><td><a class="dict-link" href="#d=${encodeURIComponent(x.key)}">
     ${esc(x.run)}</a></td><td class="num">${x.layer}</td><td class="num">${x.n_features}</td>
     <td class="num">${x.live}</td></tr>`).join("");
-  main().innerHTML = `<div class="panel"><p>Every dictionary (run and layer). Open one to list its features; open a
-    feature to see its contexts, logit effects, topics and neighbours.</p>
+  main().innerHTML = `${answerPanel()}<div class="panel"><p>Every dictionary (run at its sparsity point, and layer).
+    Open one to list its features; open a feature to see its contexts, logit effects, topics and neighbours.</p>
     <table><tr><th>run</th><th class="num">layer</th><th class="num">features</th><th class="num">firing</th></tr>
     ${rows}</table></div>`;
+}
+
+// The answer first: the frontier figure and the verdicts at matched L0 (evaluate run's comparison.json).
+function answerPanel() {
+  const a = CSAE.common.answer;
+  if (!a) return "";
+  const fmt = (x) => (x === null || x === undefined ? "" : (x >= 0 ? "+" : "") + Number(x).toPrecision(3));
+  const tables = Object.entries(a.tables).map(([name, columns]) => {
+    const cols = Object.keys(columns);
+    const figs = [...new Set(cols.flatMap((c) => Object.keys(columns[c])))];
+    const link = (col) => {
+      const [point, layer] = col.includes("/") ? col.split("/") : ["", col];
+      const keys = CSAE.common.dictionaries.filter((x) => `layer_${x.layer}` === layer
+        && (!point || x.run.endsWith("/" + point)));
+      return `${esc(col)} ${keys.map((x) => `<a class="dict-link" href="#d=${encodeURIComponent(x.key)}">${esc(x.run)}</a>`).join(" ")}`;
+    };
+    const body = figs.map((f) => `<tr><td>${esc(f)}</td>${cols.map((c) => {
+      const v = columns[c][f];
+      return v ? `<td class="${v[0] === "better" ? "better" : v[0] === "worse" ? "worse" : ""}">${esc(v[0])}
+        ${fmt(v[1])} [${fmt(v[2])}, ${fmt(v[3])}]</td>` : "<td>-</td>";
+    }).join("")}</tr>`).join("");
+    return `<h3>${esc(name.replace("_vs_", " vs "))}</h3><table><tr><th>figure</th>${cols.map((c) =>
+      `<th>${link(c)}</th>`).join("")}</tr>${body}</table>`;
+  }).join("");
+  return `<div class="panel"><h2>The answer at matched sparsity</h2>
+    ${a.frontier ? '<img class="frontier" src="frontier.png" alt="each figure against L0">' : ""}
+    <p>Verdicts (${esc(a.method)}): difference with its 95% interval; better/worse when it excludes 0.</p>
+    ${tables}</div>`;
 }
 
 const state = { sort: "density", desc: true, query: "", hideDead: true, dense: 10, shown: 200 };
