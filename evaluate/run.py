@@ -11,6 +11,10 @@ comparison of each run with the reference (the last run given), written to an ou
     <out>/*.png, <out>/plots/{training,unlearning}/*.csv   plots (evaluate/report/markdown.py, evaluate/report/plots.py)
     <out>/eval_config.json  the EvalConfig used, the store and the checkpoint directories, timings
 
+`evaluate_to` builds these beside an existing `<out>` and swaps them in whole when all are written (under
+the directory's writer lock); what else `<out>` holds (a feature browser in eval/browser) stays. JSON keys
+are sorted, so identical runs give identical bytes (but for eval_config.json's timings).
+
 Families (one module each, each takes its inputs and returns figures): reconstruction/sparsity
 (reconstruction.py), contrastive with decoder geometry (contrastive.py, features.py), topic (topic.py) --
 composed over the store's held-out rows in store_metrics.py --, downstream (downstream.py), unlearning
@@ -19,7 +23,6 @@ composed over the store's held-out rows in store_metrics.py --, downstream (down
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import replace
@@ -43,6 +46,8 @@ from csae.shared.config.base import to_dict
 from csae.shared.config.evaluate import EvalConfig
 from csae.shared.device import resolve_dtype
 from csae.shared.errors import UserError
+from csae.shared.files import dump_json, staged_outputs
+from csae.shared.lm.corpora import check_local
 from csae.shared.lm.models import LoadedModel
 from csae.shared.store.schema import ActivationStore
 
@@ -66,6 +71,18 @@ def text_source(store: ActivationStore, cfg: EvalConfig) -> TextSource:
                       context=hcfg.context)
 
 
+#: What `evaluate run` writes into its --out (name patterns); everything else there is left as it is.
+OUTPUTS = ("metrics.json", "comparison.json", "metrics_all.json", "unlearning.json", "eval_config.json", "report.md",
+           "*.png", "plots")
+
+
+def evaluate_to(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path], out: Path,
+                **kw: Any) -> dict[str, dict[str, Any]]:
+    """`evaluate`, holding `out`'s lock, into a new directory that replaces the old results only when complete."""
+    with staged_outputs(Path(out), OUTPUTS, command="evaluate run") as new:
+        return evaluate(cfg, store_path, checkpoint_dirs, new, **kw)
+
+
 def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path], out: Path, *, cache_dir: Path,
              progress: bool = True, lm: LoadedModel | None = None) -> dict[str, dict[str, Any]]:
     """Compute every family, the intervals and the comparison, write the output directory; returns what
@@ -74,6 +91,8 @@ def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path
     store = ActivationStore.open(store_path)
     ckpts = load_checkpoints(store, store_path, checkpoint_dirs)
     lay = layout(ckpts)
+    if cfg.ce_tokens or cfg.unlearn_known:
+        check_local(text_source(store, cfg).dataset)  # before the model loads
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
@@ -105,10 +124,9 @@ def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path
                         n_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=cfg.seed)
     timings["statistics_s"] = time.perf_counter() - t0
     everything = write_json(out, summary, lay, cfg, results)
-    (out / "unlearning.json").write_text(json.dumps(points, indent=1) + "\n")
-    (out / "eval_config.json").write_text(json.dumps(
-        {"config": to_dict(cfg), "store": str(store_path), "checkpoints": [str(d) for d in checkpoint_dirs],
-         "timings": timings}, indent=2) + "\n")
+    dump_json(out / "unlearning.json", points, indent=1)
+    dump_json(out / "eval_config.json", {"config": to_dict(cfg), "store": str(store_path),
+                                          "checkpoints": [str(d) for d in checkpoint_dirs], "timings": timings})
     plots = write_plots(out, densities, points, cfg.retain_accuracy) + write_curves(out, ckpts, points)
     write_report(out / "report.md", summary, lay, cfg, plots, timings, store_path)
     return everything
@@ -159,9 +177,9 @@ def write_json(out: Path, summary: Summary, lay: Layout, cfg: EvalConfig,
         metrics[f"{run}_vs_{lay.reference}/layer_{layer}"] = {k: v["verdict"] for k, v in cells.items()}
     for key, values in summary.per_seed.items():
         everything[key] = _finite(values)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
-    (out / "metrics_all.json").write_text(json.dumps(everything, indent=2) + "\n")
+    dump_json(out / "metrics.json", metrics)
+    dump_json(out / "comparison.json", comparison)
+    dump_json(out / "metrics_all.json", everything)
     return everything
 
 

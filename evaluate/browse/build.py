@@ -7,7 +7,6 @@ Everything is checked before anything is written, and the site is built in a tem
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,14 +18,14 @@ from tqdm import tqdm
 
 from csae.evaluate.browse.collect import Rows, choose_rows, collect
 from csae.evaluate.browse.logits import best_match, logit_effects, nearest, norm_gain
-from csae.evaluate.browse.site import Dictionary, b64, data_file, shown_tokens, write_site
+from csae.evaluate.browse.site import DATA, Dictionary, b64, data_file, shown_tokens, write_site
 from csae.evaluate.inputs import LayerCheckpoint, load_run
 from csae.evaluate.lm.passes import load_lm
 from csae.shared.config.base import to_dict
 from csae.shared.config.browse import BrowseConfig
 from csae.shared.device import resolve_device, resolve_dtype
 from csae.shared.errors import UserError
-from csae.shared.files import replace_dir
+from csae.shared.files import staged_outputs
 from csae.shared.lm.models import LoadedModel
 from csae.shared.store.schema import ActivationStore
 
@@ -93,8 +92,21 @@ def geometry(ckpts: list[LayerCheckpoint], lm: LoadedModel, cfg: BrowseConfig, d
     return out
 
 
+#: What `evaluate browse` writes into its --out (name patterns); anything else there is left as it is.
+SITE = ("index.html", "browser.js", "browser.css", DATA)
+
+
 def build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: Path, *, cache_dir: Path,
           progress: bool = True, lm: LoadedModel | None = None) -> Built:
+    """The browser, built under `out`'s writer lock beside the old one, which it replaces when complete."""
+    out = Path(out)
+    with staged_outputs(out, SITE, command="evaluate browse") as new:
+        built = _build(cfg, store_path, checkpoint_dirs, new, cache_dir=cache_dir, progress=progress, lm=lm)
+    return replace(built, index=out / "index.html")
+
+
+def _build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: Path, *, cache_dir: Path,
+           progress: bool, lm: LoadedModel | None) -> Built:
     t0 = time.perf_counter()
     cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, cfg.device))
     dtype, device = getattr(torch, cfg.dtype), resolve_device(cfg.device)
@@ -119,12 +131,8 @@ def build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: 
     bar.close()
     t3 = time.perf_counter()
     common = common_payload(store, str(store_path), rows, dicts, lm, cfg, checkpoint_dirs)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
-        written = write_site(Path(tmp) / "site", common, dicts)
-        size = sum(p.stat().st_size for p in written)
-        replace_dir(Path(tmp) / "site", out)
+    written = write_site(out, common, dicts)
+    size = sum(p.stat().st_size for p in written)
     log.info("browse: token strings and site written in %.1f s", time.perf_counter() - t3)
     return Built(out / "index.html", size, time.perf_counter() - t0, [d.key for d in dicts])
 
