@@ -70,7 +70,7 @@ def evaluate(store: str | Path, checkpoints: Sequence[str | Path], out: str | Pa
     """Evaluate every trained SAE of each checkpoint directory (a run each; the last is the reference the others
     are compared with) and write `out`; returns metrics_all.json: {"<run>/layer_<L>": {figure: seed mean,
     figure_lo, figure_hi}, "<run>/seed_<s>/layer_<L>": {figure: value}}."""
-    from csae.evaluate.run import evaluate as run
+    from csae.evaluate.run import evaluate_to as run
 
     return run(_config(EvalConfig, cfg, overrides), store, [Path(c) for c in checkpoints], Path(out),
                cache_dir=cache_dir(), progress=progress)

@@ -38,17 +38,18 @@ def main() -> None:
 @checkpoints_option("each run is compared with the last one given (the reference, e.g. the baseline)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("eval"), show_default=True,
               help="Output directory: metrics.json (headline figures with intervals, verdicts), comparison.json, "
-                   "metrics_all.json, unlearning.json, PNG plots, report.md.")
+                   "metrics_all.json, unlearning.json, PNG plots, report.md. Replaced as a whole when the run is "
+                   "complete (other files there are kept).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @params_option("evaluate")
 def run(store: str, checkpoints: tuple[Path, ...], out: Path, no_progress: bool, params: str | None,
         **options: object) -> None:
     """Evaluate every trained SAE of each checkpoint directory; write metrics with intervals, the paired
     comparison with the reference run, plots and a report."""
-    from csae.evaluate.run import evaluate
+    from csae.evaluate.run import evaluate_to
 
     cfg = config(EvalConfig, "evaluate", params, options)
-    metrics = evaluate(cfg, store, list(checkpoints) or [Path("checkpoints")], out, cache_dir=cache_dir(),
+    metrics = evaluate_to(cfg, store, list(checkpoints) or [Path("checkpoints")], out, cache_dir=cache_dir(),
                        progress=not no_progress)
     for key, m in metrics.items():
         if "/seed_" in key:

@@ -14,7 +14,7 @@ import torch
 
 from csae.shared.errors import UserError
 from csae.shared.sae.autoencoder import SAE, WEIGHTS_FILE
-from csae.shared.sae.checkpoint import LayerInfo, trained_layers
+from csae.shared.sae.checkpoint import LayerInfo, layer_problem, trained_layers
 from csae.shared.sae.head import HEAD_FILE, ContrastiveHead
 from csae.shared.store.schema import ActivationStore
 
@@ -123,6 +123,10 @@ def _load_point(directory: Path, point: str, where: Path, store: ActivationStore
     name = run_name(directory)
     for seed, layer, path in layer_dirs(where):
         info = LayerInfo.read(path)
+        problem = layer_problem(path)
+        if problem:
+            raise UserError(f"checkpoint {path} is not whole ({problem}); re-train it: `train fit --out {directory} "
+                            f"--layers {layer} --overwrite` with the run's other settings")
         sae = SAE.load(path).eval().requires_grad_(False)
         head = ContrastiveHead.load(path).eval().requires_grad_(False) if (path / HEAD_FILE).exists() else None
         if layer not in store.layers:

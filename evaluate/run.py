@@ -11,6 +11,10 @@ comparison of each run with the reference (the last run given), written to an ou
     <out>/*.png, <out>/plots/{training,unlearning}/*.csv   plots (evaluate/report/markdown.py, evaluate/report/plots.py)
     <out>/eval_config.json  the EvalConfig used, the store and the checkpoint directories, timings
 
+`evaluate_to` builds these beside an existing `<out>` and swaps them in whole when all are written (under
+the directory's writer lock); what else `<out>` holds (a feature browser in eval/browser) stays. JSON keys
+are sorted, so identical runs give identical bytes (but for eval_config.json's timings).
+
 Families (one module each, each takes its inputs and returns figures): reconstruction/sparsity
 (reconstruction.py), contrastive with decoder geometry (contrastive.py, features.py), topic (topic.py) --
 composed over the store's held-out rows in store_metrics.py --, downstream (downstream.py), unlearning
@@ -19,7 +23,6 @@ composed over the store's held-out rows in store_metrics.py --, downstream (down
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import replace
@@ -40,11 +43,13 @@ from csae.evaluate.report.columns import BOUNDS, DIRECTION, HEADLINE
 from csae.evaluate.report.frontier import write_frontier
 from csae.evaluate.report.markdown import write_report
 from csae.evaluate.report.plots import write_curves, write_plots
-from csae.evaluate.stats import FamilyResult, Summary, verdict
+from csae.evaluate.stats import FamilyResult, Interval, Summary, verdict
 from csae.shared.config.base import to_dict
 from csae.shared.config.evaluate import EvalConfig
 from csae.shared.device import resolve_dtype
 from csae.shared.errors import UserError
+from csae.shared.files import dump_json, staged_outputs
+from csae.shared.lm.corpora import check_local
 from csae.shared.lm.models import LoadedModel
 from csae.shared.store.schema import ActivationStore
 
@@ -68,6 +73,18 @@ def text_source(store: ActivationStore, cfg: EvalConfig) -> TextSource:
                       context=hcfg.context)
 
 
+#: What `evaluate run` writes into its --out (name patterns); everything else there is left as it is.
+OUTPUTS = ("metrics.json", "comparison.json", "metrics_all.json", "unlearning.json", "eval_config.json", "report.md",
+           "*.png", "plots")
+
+
+def evaluate_to(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path], out: Path,
+                **kw: Any) -> dict[str, dict[str, Any]]:
+    """`evaluate`, holding `out`'s lock, into a new directory that replaces the old results only when complete."""
+    with staged_outputs(Path(out), OUTPUTS, command="evaluate run") as new:
+        return evaluate(cfg, store_path, checkpoint_dirs, new, **kw)
+
+
 def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path], out: Path, *, cache_dir: Path,
              progress: bool = True, lm: LoadedModel | None = None) -> dict[str, dict[str, Any]]:
     """Compute every family, the intervals and the comparison, write the output directory; returns what
@@ -76,6 +93,8 @@ def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path
     store = ActivationStore.open(store_path)
     ckpts = load_checkpoints(store, store_path, checkpoint_dirs)
     lay = layout(ckpts)
+    if cfg.ce_tokens or cfg.unlearn_known:
+        check_local(text_source(store, cfg).dataset)  # before the model loads
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
@@ -109,10 +128,9 @@ def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path
     match = matched(results, lay, summary, **stat)  # type: ignore[arg-type]
     timings["statistics_s"] = time.perf_counter() - t0
     everything = write_json(out, summary, match, lay, cfg, results)
-    (out / "unlearning.json").write_text(json.dumps(points, indent=1) + "\n")
-    (out / "eval_config.json").write_text(json.dumps(
-        {"config": to_dict(cfg), "store": str(store_path), "checkpoints": [str(d) for d in checkpoint_dirs],
-         "timings": timings}, indent=2) + "\n")
+    dump_json(out / "unlearning.json", points, indent=1)
+    dump_json(out / "eval_config.json", {"config": to_dict(cfg), "store": str(store_path),
+                                          "checkpoints": [str(d) for d in checkpoint_dirs], "timings": timings})
     plots = write_plots(out, densities, points, cfg.retain_accuracy) + write_curves(out, ckpts, points)
     plots = write_frontier(out, summary, lay) + plots
     write_report(out / "report.md", summary, match, lay, cfg, plots, timings, store_path)
@@ -149,27 +167,33 @@ def write_json(out: Path, summary: Summary, match: Matched, lay: Layout, cfg: Ev
         everything[f"{series}/layer_{layer}"] = {**_with_interval(pooled), **_finite(summary.counts[series, layer])}
     comparison: dict[str, Any] = {"reference": lay.reference, "method": method(cfg, lay, match)}
     for (run, point, layer), diffs in match.diffs.items():
-        ref_series, series = lay.series(lay.reference or "", point), lay.series(run, point)
-        l0_run, l0_ref = match.l0[run, point, layer]
-        cells: dict[str, Any] = {"at_l0": _finite({run: l0_run, lay.reference: l0_ref})}  # type: ignore[dict-item]
-        for name in headline:
-            if name not in diffs:
-                continue
-            d = diffs[name]
-            ours = summary.pooled.get((series, layer), {}).get(name)
-            cells[name] = _finite({"higher_is_better": DIRECTION[name], "diff": d.value, "diff_lo": d.lo,
-                                   "diff_hi": d.hi, lay.reference: summary.pooled[ref_series, layer][name].value,  # type: ignore[dict-item]
-                                   run: ours.value if ours is not None and not match.method.startswith("interp") else None,
-                                   "verdict": verdict(d, DIRECTION[name]) if math.isfinite(d.value)  # type: ignore[arg-type]
-                                   else "not comparable"})
+        cells = _cells(summary, match, lay, run, point, layer, diffs, headline)
         where = f"{point}/layer_{layer}" if point else f"layer_{layer}"
         comparison.setdefault(f"{run}_vs_{lay.reference}", {})[where] = cells
         metrics[f"{run}_vs_{lay.reference}/{where}"] = {k: v["verdict"] for k, v in cells.items() if k != "at_l0"}
     for key, values in summary.per_seed.items():
         everything[key] = _finite(values)
-    for name, data in (("metrics.json", metrics), ("comparison.json", comparison), ("metrics_all.json", everything)):
-        (out / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    dump_json(out / "metrics.json", metrics)
+    dump_json(out / "comparison.json", comparison)
+    dump_json(out / "metrics_all.json", everything)
     return everything
+
+
+def _cells(summary: Summary, match: Matched, lay: Layout, run: str, point: str, layer: int,
+           diffs: dict[str, Interval], headline: list[str]) -> dict[str, Any]:
+    """comparison.json's cells of one (run, point, layer): the L0 compared at, then per headline figure both runs'
+    values (the run's only where it was measured there, not interpolated), the difference and the verdict."""
+    ref = lay.reference or ""
+    l0_run, l0_ref = match.l0[run, point, layer]
+    cells: dict[str, Any] = {"at_l0": _finite({run: l0_run, ref: l0_ref})}
+    for name in (n for n in headline if n in diffs):
+        d, ours = diffs[name], summary.pooled.get((lay.series(run, point), layer), {}).get(name)
+        cells[name] = _finite({
+            "higher_is_better": DIRECTION[name], "diff": d.value, "diff_lo": d.lo, "diff_hi": d.hi,
+            ref: summary.pooled[lay.series(ref, point), layer][name].value,
+            run: ours.value if ours is not None and not match.method.startswith("interp") else None,
+            "verdict": verdict(d, bool(DIRECTION[name])) if math.isfinite(d.value) else "not comparable"})
+    return cells
 
 
 def method(cfg: EvalConfig, lay: Layout, match: Matched) -> dict[str, Any]:

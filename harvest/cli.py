@@ -37,7 +37,7 @@ def run(store: str, overwrite: bool, no_progress: bool, params: str | None, **op
 
     opts = {**(load_params(params, "harvest") if params else {}), **given(HarvestConfig, options)}
     if isinstance(opts.get("layers"), (list, tuple)):
-        opts["layers"] = sorted(set(opts["layers"]))
+        opts["layers"] = sorted(opts["layers"])  # a repeated layer is refused by the config
     cfg = from_dict(HarvestConfig, opts)
     with distributed("gloo") as ranks:
         done = harvest(cfg, store, cache_dir=cache_dir(), overwrite=overwrite, progress=not no_progress, ranks=ranks)

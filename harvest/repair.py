@@ -30,7 +30,7 @@ def damaged(store: schema.ActivationStore, *, progress: bool = False) -> list[Da
 
     arrays = schema.row_arrays(store.group) + [f"docs/{n}" for n in ("source_index", "topic", "title")
                                                 if f"docs/{n}" in store.group]
-    total = store.n_rows * len(schema.row_arrays(store.group))
+    total = sum(store.n_rows if name.split("/")[0] != "docs" else store.group[name].shape[0] for name in arrays)
     with tqdm(total=total, unit="row", unit_scale=True, desc="verify", disable=not progress, leave=False) as bar:
         return verify(store.group, arrays, store.n_rows, bar.update)
 

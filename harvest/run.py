@@ -89,6 +89,7 @@ def _harvest(cfg: HarvestConfig, path: str, cache_dir: Path, overwrite: bool, pr
              ranks: Ranks) -> None:
     """Model, plan, then rank 0 decides where rows go and every rank writes its share."""
     cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, cfg.device))
+    corpora.check_local(cfg.dataset)  # a missing or empty corpus file: before the model loads
     lm = lm or load_model(cfg.model, cache_dir=cache_dir, dtype=cfg.dtype, device=_device(cfg.device, ranks),
                           revision=cfg.revision)
     cfg = resolve_layers(cfg, lm)

@@ -5,6 +5,9 @@ files named in one line.
   user's umask (mkstemp alone would make every output 0600).
 - `replace_dir`: put a finished directory where an old one is, exchanging the two names atomically where
   Linux can (renameat2 RENAME_EXCHANGE), so readers see the old or the new, never neither.
+- `staged_outputs`: a command's output directory rebuilt beside the old one under its writer lock and swapped
+  in whole when every file is written; what else the old directory held is carried over.
+- `dump_json`: JSON with sorted keys, atomically, so identical results give identical bytes.
 - `DiskFull`: raised for ENOSPC/EDQUOT, or when a write failed and the filesystem has less free space than
   the write needed (torch.save reports a full disk as `RuntimeError: ... unexpected pos`).
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fnmatch
 import functools
+import json
 import logging
 import os
 import shutil
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from csae.shared.errors import UserError
+from csae.shared.locks import Lock
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +164,66 @@ def recover_displaced(target: Path) -> None:
     else:
         os.rename(old, target)
         log.info("restored %s, which an interrupted replacement had moved aside", target)
+
+
+def dump_json(path: Path, data: Any, indent: int = 2) -> None:
+    """`data` as JSON with sorted keys (one byte sequence per content, whatever the dicts' order), atomically."""
+    text = json.dumps(data, indent=indent, sort_keys=True) + "\n"
+    atomic_write(path, lambda p: Path(p).write_text(text))
+
+
+def staging(out: Path) -> Path:
+    """Where `staged_outputs` builds the new contents of `out`."""
+    return out.parent / f".{out.name}.new"
+
+
+@contextlib.contextmanager
+def staged_outputs(out: Path, owned: tuple[str, ...], *, command: str, option: str = "--out") -> Iterator[Path]:
+    """Hold `out`'s writer lock (csae.shared.locks) and yield an empty directory beside it for the new results.
+    When the block ends without error, the entries of the old `out` that are not results (none of the `owned`
+    name patterns: a feature browser built inside it, DVC's .gitignore) are moved into the new directory,
+    which then takes `out`'s place atomically (`replace_dir`). A kill at any moment leaves the old results or
+    the new ones, never a mix; the next writer removes an unfinished build and puts back what it had taken."""
+    with Lock(out, command=command, what="output directory", option=option):
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{option} {out} is a file, not a directory; choose another {option}")
+        new = staging(out)
+        _recover(out, new, owned)
+        try:
+            with disk_full_as_error(out.parent):
+                new.mkdir()
+        except OSError as err:
+            raise UserError(f"cannot write to output directory {out} ({err.strerror or err}); choose another "
+                            f"{option}") from None
+        try:
+            yield new
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        for entry in _foreign(out, owned):
+            if not (new / entry.name).exists():
+                os.rename(entry, new / entry.name)
+        replace_dir(new, out)
+
+
+def _foreign(out: Path, owned: tuple[str, ...]) -> list[Path]:
+    """What `out` holds besides results (names matching none of `owned`)."""
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    return [p for p in entries if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in owned)]
+
+
+def _recover(out: Path, new: Path, owned: tuple[str, ...]) -> None:
+    """Holding the lock: undo what a killed `staged_outputs` left (a replacement moved aside, entries carried
+    into an unfinished build), then drop the unfinished build."""
+    recover_displaced(out)
+    if not new.exists():
+        return
+    out.mkdir(exist_ok=True)
+    for entry in _foreign(new, owned):
+        if not (out / entry.name).exists():
+            os.rename(entry, out / entry.name)
+    log.info("removing %s, left by an interrupted run", new)
+    shutil.rmtree(new)
 
 
 #: What to do about a damaged checkpoint file.

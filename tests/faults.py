@@ -155,3 +155,48 @@ def on_tmpfs(mount: Path, size: str, script: str) -> subprocess.CompletedProcess
     body = f"set -u; mount -t tmpfs -o size={size} tmpfs {mount}\n{textwrap.dedent(script)}"
     return subprocess.run([*argv, "sh", "-c", body], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PY": sys.executable})
+
+#: evaluate on the reference store and SAE without the language model (seconds).
+EVALUATE = ["--ce-tokens", "0", "--unlearn-known", "0", "--bootstrap-resamples", "200", "--no-progress"]
+#: evaluate's headline files; eval_config.json differs between identical runs in its timings only.
+EVAL_JSON = ("metrics.json", "comparison.json", "metrics_all.json", "unlearning.json")
+KILL_AFTER_METRICS = """
+    from csae.evaluate import run as r
+    def boom(*a, **k):
+        os.kill(os.getpid(), signal.SIGKILL)
+    r.write_plots = boom  # metrics.json and the other JSON files are written, plots and report.md not
+"""
+KILL_IN_SITE = """
+    from csae.evaluate.browse import build as b
+    orig = b.write_site
+    def boom(out, *a, **k):
+        orig(out, *a, **k)
+        os.kill(os.getpid(), signal.SIGKILL)
+    b.write_site = boom  # every file of the new site is written, not yet swapped in
+"""
+SLOW_EVALUATE = """
+    import time
+    from csae.evaluate import run as r
+    orig = r.store_families
+    def slow(*a, **k):
+        time.sleep(600)
+    r.store_families = slow
+"""
+#: A model load exits 7: a check that must come first did not.
+NO_MODEL = """
+    from csae.shared.lm import models
+    from csae.evaluate.lm import passes
+    def loaded(*a, **k):
+        os._exit(7)
+    models.load_model = passes.load_lm = loaded
+"""
+#: Prints the verify bar's final count and total when it closes.
+VERIFY_BAR = """
+    import tqdm
+    class Bar(tqdm.tqdm):
+        def close(self):
+            if self.desc == "verify":
+                print(f"verify bar {self.n} of {self.total}", file=sys.stderr)
+            super().close()
+    tqdm.tqdm = Bar
+"""

@@ -42,7 +42,7 @@ def test_dict_round_trip_and_unknown_keys() -> None:
 def test_validation_rejects_bad_values() -> None:
     with pytest.raises(ConfigError, match="tokens must be positive"):
         HarvestConfig(tokens=0)
-    with pytest.raises(ConfigError, match="distinct and increasing"):
+    with pytest.raises(ConfigError, match="layers must be increasing"):
         HarvestConfig(layers=(8, 3))
 
 

@@ -73,7 +73,7 @@ def fit(store: str, layers: tuple[int, ...], out: Path, preset_name: str | None,
     overrides.update(dict(parse_assignment(TrainConfig, a) for a in assignments))
     cfg = resolve(preset(name, **overrides))
     with distributed("nccl" if cfg.device.startswith("cuda") else "gloo") as ranks:
-        results = run_fit(cfg, store, out, layers=sorted(set(layers)), resume=resume, overwrite=overwrite,
+        results = run_fit(cfg, store, out, layers=sorted(layers), resume=resume, overwrite=overwrite,
                           rank=ranks.rank, world=ranks.world, progress=not no_progress, distribute=distribute,
                           launcher_pid=ranks.launcher_pid)
     if ranks.main:

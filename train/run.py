@@ -19,14 +19,14 @@ from typing import Any, Literal
 
 import torch
 
-from csae.shared.config.base import to_dict
+from csae.shared.config.base import check_distinct, to_dict
 from csae.shared.config.train import TrainConfig
 from csae.shared.device import resolve_device, resolve_dtype
 from csae.shared.errors import UserError
 from csae.shared.files import disk_full_as_error, replace_dir, sweep_temp
 from csae.shared.locks import Lock
 from csae.shared.ranks import Ranks
-from csae.shared.sae.checkpoint import LayerInfo, is_complete, layer_dir
+from csae.shared.sae.checkpoint import LayerInfo, is_complete, layer_dir, layer_problem
 from csae.shared.store.schema import ActivationStore
 from csae.train.loader import ChunkLoader, NonFiniteActivations
 from csae.train.runtime import Runtime
@@ -66,7 +66,9 @@ def check_writable(out: Path) -> None:
 
 def plan(cfg: TrainConfig, store: ActivationStore, store_path: str | Path, layers: Sequence[int], out: Path, *,
          resume: bool, overwrite: bool) -> list[tuple[int, int, dict[str, Any] | None]]:
-    """(seed, layer, saved state or None) per SAE still to train; raises UserError for any bad input."""
+    """(seed, layer, saved state or None) per SAE still to train; raises UserError for any bad input. With
+    `resume`, a finished layer that is not whole (a file missing, damaged or of the wrong shape) is re-trained."""
+    check_distinct("--layers", list(layers))
     for layer in layers:
         store.acts(layer)  # UserError naming the store's layers
     train_rows = store.heldout_start(cfg.heldout_tail_fraction)
@@ -84,6 +86,11 @@ def plan(cfg: TrainConfig, store: ActivationStore, store_path: str | Path, layer
             todo.append((seed, layer, None))
             continue
         if resume and is_complete(d):
+            problem = layer_problem(d)
+            if problem is None:
+                continue
+            log.warning("finished layer %s is not whole (%s); re-training it from the start", d, problem)
+            todo.append((seed, layer, None))
             continue
         state = load_state(d) if resume else None
         if state is not None:
@@ -137,16 +144,16 @@ def fit(cfg: TrainConfig, store_path: str | Path, out: Path, *, layers: Sequence
 def _fit_locked(cfg: TrainConfig, store_path: str | Path, out: Path, layers: Sequence[int], resume: bool,
                 overwrite: bool, ranks: Ranks, distribute: Distribute, **loop: Any) -> dict[tuple[int, int],
                                                                                               dict[str, float]]:
+    store = ActivationStore.open(store_path)
+    layers = list(layers) or store.layers
+    ranks.first(lambda: _sweep(out))
+    todo = plan(cfg, store, store_path, layers, out, resume=resume, overwrite=overwrite)  # errors before plans
     if ranks.main:
         for warning in cfg.warnings():
             log.warning(warning)
         log.info("training %d steps per seed and layer, seeds %s, dtype %s, device %s, %d rank(s)%s", cfg.steps,
                  list(cfg.seeds), cfg.dtype, cfg.device, ranks.world,
                  f" ({distribute}-parallel)" if ranks.distributed else "")
-    store = ActivationStore.open(store_path)
-    layers = list(layers) or store.layers
-    ranks.first(lambda: _sweep(out))
-    todo = plan(cfg, store, store_path, layers, out, resume=resume, overwrite=overwrite)
     staged = overwrite and not resume
     by_layer = distribute == "layers" and ranks.distributed
     rt = runtime(cfg, 0, 1) if by_layer else runtime(cfg, ranks.rank, ranks.world)

@@ -7,7 +7,6 @@ Everything is checked before anything is written, and the site is built in a tem
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,14 +18,23 @@ from tqdm import tqdm
 
 from csae.evaluate.browse.collect import Rows, choose_rows, collect
 from csae.evaluate.browse.logits import best_match, logit_effects, nearest, norm_gain
-from csae.evaluate.browse.site import Dictionary, answer_payload, b64, data_file, shown_tokens, write_site
+from csae.evaluate.browse.site import (
+    DATA,
+    FRONTIER_PNG,
+    Dictionary,
+    answer_payload,
+    b64,
+    data_file,
+    shown_tokens,
+    write_site,
+)
 from csae.evaluate.inputs import LayerCheckpoint, load_run
 from csae.evaluate.lm.passes import load_lm
 from csae.shared.config.base import to_dict
 from csae.shared.config.browse import BrowseConfig
 from csae.shared.device import resolve_device, resolve_dtype
 from csae.shared.errors import UserError
-from csae.shared.files import replace_dir
+from csae.shared.files import staged_outputs
 from csae.shared.lm.models import LoadedModel
 from csae.shared.store.schema import ActivationStore
 
@@ -94,11 +102,25 @@ def geometry(ckpts: list[LayerCheckpoint], lm: LoadedModel, cfg: BrowseConfig, d
     return out
 
 
+#: What `evaluate browse` writes into its --out (name patterns); anything else there is left as it is.
+SITE = ("index.html", "browser.js", "browser.css", FRONTIER_PNG, DATA)
+
+
 def build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: Path, *, cache_dir: Path,
           progress: bool = True, lm: LoadedModel | None = None, results: Path | None = None) -> Built:
-    """The browser of every SAE of seed cfg.seed; with `results` (an `evaluate run --out`), its start page shows
-    the frontier and the matched-L0 verdicts."""
+    """The browser of every SAE of seed cfg.seed, built under `out`'s writer lock beside the old one, which it
+    replaces when complete; with `results` (an `evaluate run --out`), its start page shows the frontier and the
+    matched-L0 verdicts."""
     answer = answer_payload(results)  # before the work: a bad --results fails fast
+    out = Path(out)
+    with staged_outputs(out, SITE, command="evaluate browse") as new:
+        built = _build(cfg, store_path, checkpoint_dirs, new, cache_dir=cache_dir, progress=progress, lm=lm,
+                       results=results, answer=answer)
+    return replace(built, index=out / "index.html")
+
+
+def _build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: Path, *, cache_dir: Path,
+           progress: bool, lm: LoadedModel | None, results: Path | None, answer: dict | None) -> Built:
     t0 = time.perf_counter()
     cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, cfg.device))
     dtype, device = getattr(torch, cfg.dtype), resolve_device(cfg.device)
@@ -123,12 +145,8 @@ def build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: 
     bar.close()
     t3 = time.perf_counter()
     common = {**common_payload(store, str(store_path), rows, dicts, lm, cfg, checkpoint_dirs), "answer": answer}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
-        written = write_site(Path(tmp) / "site", common, dicts, results)
-        size = sum(p.stat().st_size for p in written)
-        replace_dir(Path(tmp) / "site", out)
+    written = write_site(out, common, dicts, results)
+    size = sum(p.stat().st_size for p in written)
     log.info("browse: token strings and site written in %.1f s", time.perf_counter() - t3)
     return Built(out / "index.html", size, time.perf_counter() - t0, [d.key for d in dicts])
 

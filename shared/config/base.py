@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import math
 import textwrap
 import types
 import typing
@@ -76,6 +77,26 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         value = getattr(cfg, f.name)
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def check_finite(cfg: Any) -> None:
+    """Every float of a config (fields and their lists) is finite: NaN or infinity from a params file
+    (`.nan`), `--set` or Python is a one-line ConfigError, before any comparison lets it through. Every
+    config's `__post_init__` calls this first."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else
+                                                                       (value,))):
+            raise ConfigError(f"{f.name}: {value!r} is not a finite number; fix the value of `{f.name}`")
+
+
+def check_distinct(name: str, values: tuple[int, ...] | list[int]) -> None:
+    """A list such as `layers` names each value once: a repeat is refused rather than dropped, as it is most
+    likely a typo for another value (`[3, 3]` for `[3, 13]`) that de-duplicating would hide."""
+    twice = sorted({v for v in values if list(values).count(v) > 1})
+    if twice:
+        raise ConfigError(f"{name}: {', '.join(map(str, twice))} given more than once in {list(values)}; list each "
+                          f"once")
 
 
 def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from csae.shared.config.base import ConfigError
+from csae.shared.config.base import ConfigError, check_finite
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class BrowseConfig:
     """torch device: auto (cuda if available, else cpu), cpu, cuda, ..."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         for name in ("rows", "seed", "sample_contexts", "window", "neighbours"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from csae.shared.config.base import ConfigError
+from csae.shared.config.base import ConfigError, check_finite
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,7 @@ class EvalConfig:
     permutations, the random control and the bootstrap."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         nonneg = ("recon_tokens", "ce_tokens", "ce_doc_predictions", "select_tokens", "sweep_predictions",
                   "unlearn_known", "topic_min_fires", "random_draws", "head_steps")
         for name in nonneg:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from csae.shared.config.base import ConfigError
+from csae.shared.config.base import ConfigError, check_distinct, check_finite
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class HarvestConfig:
     per chunk means millions of files (see docs/scaling.md)."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.tokens <= 0:
             raise ConfigError(f"tokens must be positive, got {self.tokens}")
         if self.context < 2:
@@ -71,5 +72,6 @@ class HarvestConfig:
             raise ConfigError(f"heldout_doc_fraction must be in (0, 1), got {self.heldout_doc_fraction}")
         if any(layer < 0 for layer in self.layers):
             raise ConfigError(f"layers must be non-negative block indices, got {list(self.layers)}")
-        if len(set(self.layers)) != len(self.layers) or list(self.layers) != sorted(self.layers):
-            raise ConfigError(f"layers must be distinct and increasing, got {list(self.layers)}")
+        check_distinct("layers", self.layers)
+        if list(self.layers) != sorted(self.layers):
+            raise ConfigError(f"layers must be increasing, got {list(self.layers)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from csae.shared.config.base import ConfigError, from_dict
+from csae.shared.config.base import ConfigError, check_finite, from_dict
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,7 @@ class TrainConfig:
     """Write a resumable checkpoint every this many steps (and at the end)."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         positive = ("expansion", "batch_size", "tokens", "head_dim", "diversity_features", "checkpoint_every",
                     "shuffle_rows", "resample_pool", "k", "dead_steps")
         for name in positive:

@@ -62,6 +62,28 @@ def describe(name: str) -> dict[str, Any]:
     return {"name": name}
 
 
+def check_local(name: str) -> None:
+    """A local corpus file (a name ending in .txt/.jsonl/.json/.parquet) exists and holds something: one line
+    each, checked before anything slow (the model's load) and before `datasets` fails on it with a traceback."""
+    path = Path(name)
+    if name == EMBEDDED_CORPUS or path.suffix not in LOCAL_SUFFIXES:
+        return
+    if not path.is_file():
+        raise UserError(f"corpus file {path} does not exist; pass an existing .txt/.jsonl/.json/.parquet file")
+    if path.stat().st_size == 0 or (path.suffix != ".parquet" and _blank(path)):
+        raise UserError(f"corpus file {path} is empty; pass a file with documents (one JSON object per line for "
+                        f".jsonl, blank-line separated paragraphs for .txt)")
+
+
+def _blank(path: Path, block: int = 1 << 16) -> bool:
+    """Whether a text file holds only whitespace (reads up to its first other byte)."""
+    with open(path, "rb") as fh:
+        while data := fh.read(block):
+            if data.strip():
+                return False
+    return True
+
+
 def iter_documents(name: str, split: str, heldout_doc_fraction: float) -> Iterator[Document]:
     """The documents of one split of a corpus, in corpus order."""
     want_heldout = split == "heldout"
@@ -76,8 +98,7 @@ def _iter_all(name: str) -> Iterator[Document]:
         return
     path = Path(name)
     if path.suffix in LOCAL_SUFFIXES:
-        if not path.is_file():
-            raise UserError(f"corpus file {path} does not exist; pass an existing .txt/.jsonl/.parquet file")
+        check_local(name)
         if path.suffix != ".parquet":
             check_utf8(path)
         yield from _iter_hf(_load_local(path), str(path))

@@ -25,11 +25,14 @@ from csae.shared.config.base import ConfigError, from_dict, to_dict
 from csae.shared.config.train import TrainConfig
 from csae.shared.errors import UserError
 from csae.shared.files import atomic_write
-from csae.shared.sae.autoencoder import SAE
-from csae.shared.sae.head import ContrastiveHead
+from csae.shared.sae.autoencoder import CFG_FILE, SAE, WEIGHTS_FILE
+from csae.shared.sae.head import HEAD_FILE, ContrastiveHead
 
 METRICS_FILE = "metrics.csv"
 TRAIN_CONFIG_FILE = "train_config.json"
+#: The deliverables `write_final` writes into a finished layer's directory: one missing and the layer is not
+#: whole. (metrics.csv, the training log, is not among them: without it only the training-curve plot is missing.)
+LAYER_FILES = (CFG_FILE, WEIGHTS_FILE, HEAD_FILE, TRAIN_CONFIG_FILE)
 
 
 SEED_DIR = re.compile(r"seed_(\d+)$")
@@ -105,6 +108,29 @@ def write_final(directory: Path, sae: SAE, head: ContrastiveHead, info: LayerInf
 def is_complete(directory: Path) -> bool:
     path = directory / TRAIN_CONFIG_FILE
     return path.exists() and bool(json.loads(path.read_text()).get("complete"))
+
+
+def layer_problem(directory: Path) -> str | None:
+    """Why a finished layer's directory is not whole, or None: a file train writes is missing, a file does not
+    load, or the weights' shapes disagree with cfg.json or train_config.json (evaluate refuses such a layer,
+    `train fit --resume` re-trains it)."""
+    missing = [name for name in LAYER_FILES if not (directory / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+    try:
+        cfg = json.loads((directory / CFG_FILE).read_text())
+        info = LayerInfo.read(directory)
+        sae, head = SAE.load(directory), ContrastiveHead.load(directory)
+    except UserError as err:
+        return str(err).split("; ")[0]
+    except (ValueError, KeyError, RuntimeError, AttributeError) as err:  # unparsable JSON, unexpected tensors
+        return f"{directory} does not load ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    shapes = {"sae_weights.safetensors": (sae.d_in, sae.d_sae), "cfg.json": (cfg.get("d_in"), cfg.get("d_sae")),
+              "train_config.json": (info.d_in, info.d_sae)}
+    if len(set(shapes.values())) > 1 or head.d_sae != sae.d_sae:
+        return (f"its shapes disagree (d_in, d_sae): {', '.join(f'{k} {v}' for k, v in shapes.items())}, "
+                f"head.safetensors d_sae {head.d_sae}")
+    return None
 
 
 def load_layer(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[SAE, ContrastiveHead,
