@@ -66,17 +66,20 @@ def run(store: str, checkpoints: tuple[Path, ...], out: Path, no_progress: bool,
 @click.option("--out", type=click.Path(path_type=Path), default=Path("eval/browser"), show_default=True,
               help="Output directory: index.html (open it in a browser, no server needed) with browser.js, "
                    "browser.css and data/*.js. Replaced as a whole when the build is complete.")
+@click.option("--probes", type=click.Path(path_type=Path), default=None,
+              help="probing.json written by `evaluate run`: each dictionary page lists the features sparse probing "
+                   "chose per topic.  [default: none]")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @params_option("browse")
-def browse(store: str, checkpoints: tuple[Path, ...], out: Path, no_progress: bool, params: str | None,
-           **options: object) -> None:
+def browse(store: str, checkpoints: tuple[Path, ...], out: Path, probes: Path | None, no_progress: bool,
+           params: str | None, **options: object) -> None:
     """Write a static feature browser of every run's SAEs (one seed): per dictionary an index of its features,
     per feature its top and sampled contexts, activation histogram, logit effects, topics and neighbours."""
     from csae.evaluate.browse.build import build
 
     cfg = config(BrowseConfig, "browse", params, options)
     built = build(cfg, store, list(checkpoints) or [Path("checkpoints")], out, cache_dir=cache_dir(),
-                  progress=not no_progress)
+                  progress=not no_progress, probes=probes)
     click.echo(f"wrote {built.index} ({len(built.dictionaries)} dictionaries, {built.bytes / 2**20:.1f} MiB) in "
                f"{built.seconds:.0f} s; open it in a browser")
 

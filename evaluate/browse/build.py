@@ -6,6 +6,7 @@ Everything is checked before anything is written, and the site is built in a tem
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -93,9 +94,21 @@ def geometry(ckpts: list[LayerCheckpoint], lm: LoadedModel, cfg: BrowseConfig, d
     return out
 
 
+def read_probes(path: Path | None) -> dict[str, dict[str, list[int]]]:
+    """probing.json of `evaluate run`: {checkpoint key: {topic: features}} ({} without one)."""
+    if path is None:
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read --probes {path} ({e}); pass the probing.json that `evaluate run` wrote, or "
+                        f"leave --probes out") from None
+
+
 def build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: Path, *, cache_dir: Path,
-          progress: bool = True, lm: LoadedModel | None = None) -> Built:
+          progress: bool = True, lm: LoadedModel | None = None, probes: Path | None = None) -> Built:
     t0 = time.perf_counter()
+    chosen = read_probes(probes)
     cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, cfg.device))
     dtype, device = getattr(torch, cfg.dtype), resolve_device(cfg.device)
     store = ActivationStore.open(store_path)
@@ -115,7 +128,7 @@ def build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: 
     for c in ckpts:
         collected = collect(store, c.layer, c.sae, rows, topic_D, len(store.topics), cfg, dtype, device, bar)
         effects, nb, matches = geo[c.key]
-        dicts.append(Dictionary(c.run, c.layer, collected, effects, nb, matches))
+        dicts.append(Dictionary(c.run, c.layer, collected, effects, nb, matches, chosen.get(c.key)))
     bar.close()
     t3 = time.perf_counter()
     common = common_payload(store, str(store_path), rows, dicts, lm, cfg, checkpoint_dirs)

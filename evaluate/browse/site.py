@@ -50,6 +50,8 @@ class Dictionary:
     neighbours: tuple[torch.Tensor, torch.Tensor]
     matches: dict[str, tuple[torch.Tensor, torch.Tensor]]
     """{other run: (best matching feature, cosine)} at the same layer."""
+    probes: dict[str, list[int]] | None = None
+    """{topic: the features sparse probing chose for it} (probing.json of `evaluate run`), or None."""
 
     @property
     def key(self) -> str:
@@ -81,6 +83,7 @@ def dictionary_payload(d: Dictionary) -> dict[str, Any]:
         "k_nb": ids.shape[1], "nb_ids": b64(ids, "int32"), "nb_cos": b64(cos, "float32"),
         "matches": {run: {"ids": b64(m_ids, "int32"), "cos": b64(m_cos, "float32")}
                     for run, (m_ids, m_cos) in d.matches.items()},
+        "probes": d.probes,
     }
 
 
