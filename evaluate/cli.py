@@ -69,7 +69,8 @@ def run(store: str, checkpoints: tuple[Path, ...], out: Path, no_progress: bool,
                    "browser.css and data/*.js. Replaced as a whole when the build is complete.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--results", type=click.Path(path_type=Path), default=None,
-              help="The --out directory of `evaluate run`: the start page shows its frontier and matched-L0 verdicts.")
+              help="The --out directory of `evaluate run`: the start page shows its frontier and matched-L0 verdicts, "
+                   "each dictionary page the features sparse probing chose per topic.")
 @params_option("browse")
 def browse(store: str, checkpoints: tuple[Path, ...], out: Path, no_progress: bool, results: Path | None,
            params: str | None, **options: object) -> None:

@@ -6,6 +6,7 @@ comparison of each run with the reference (the last run given), written to an ou
     <out>/comparison.json   per layer and headline figure: run, reference, difference with its paired interval,
                             direction of "better", verdict; and how the intervals were formed
     <out>/metrics_all.json  every figure: per run and layer with intervals, and per seed (point values, counts)
+    <out>/probing.json      per SAE and topic, the features sparse probing chose at the largest k (the browser's)
     <out>/unlearning.json   the unlearning sweep, chosen setting and test results per SAE
     <out>/report.md         the verdict table first, then the figures with intervals, counts, time, plots
     <out>/*.png, <out>/plots/{training,unlearning}/*.csv   plots (evaluate/report/markdown.py, evaluate/report/plots.py)
@@ -17,8 +18,9 @@ are sorted, so identical runs give identical bytes (but for eval_config.json's t
 
 Families (one module each, each takes its inputs and returns figures): reconstruction/sparsity
 (reconstruction.py), contrastive with decoder geometry (contrastive.py, features.py), topic (topic.py) --
-composed over the store's held-out rows in store_metrics.py --, downstream (downstream.py), unlearning
-(unlearning.py), statistics (stats.py).
+composed over the store's held-out rows in store_metrics.py --, sparse probing and TPP over the store's
+documents (probing.py, tpp.py; probing.json: the features the probes chose per topic), downstream
+(downstream.py), unlearning (unlearning.py), statistics (stats.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 
 from csae.evaluate.families.downstream import downstream
+from csae.evaluate.families.probing import probing_family
 from csae.evaluate.families.store import store_families
 from csae.evaluate.families.unlearning.protocol import unlearning
 from csae.evaluate.frontier import Matched, matched, summarize_points
@@ -102,6 +105,11 @@ def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path
     t0 = time.perf_counter()
     results, densities = store_families(store, ckpts, cfg, progress)
     timings["store_families_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    probing, chosen = probing_family(store, ckpts, cfg, progress)
+    results += probing
+    dump_json(out / "probing.json", chosen, indent=1)
+    timings["probing_s"] = time.perf_counter() - t0
     points: dict[str, Any] = {}
     if cfg.ce_tokens or cfg.unlearn_known:  # only then is the language model loaded
         src = text_source(store, cfg)

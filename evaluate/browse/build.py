@@ -6,6 +6,7 @@ Everything is checked before anything is written, and the site is built in a tem
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ from csae.evaluate.browse.logits import best_match, logit_effects, nearest, norm
 from csae.evaluate.browse.site import (
     DATA,
     FRONTIER_PNG,
+    PROBES_JSON,
     Dictionary,
     answer_payload,
     b64,
@@ -102,6 +104,17 @@ def geometry(ckpts: list[LayerCheckpoint], lm: LoadedModel, cfg: BrowseConfig, d
     return out
 
 
+def read_probes(results: Path | None) -> dict[str, dict[str, list[int]]]:
+    """probing.json of `evaluate run --out RESULTS`: {checkpoint key: {topic: features}} ({} without one)."""
+    path = None if results is None else Path(results) / PROBES_JSON
+    if path is None or not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}); re-run `evaluate run`, or leave --results out") from None
+
+
 #: What `evaluate browse` writes into its --out (name patterns); anything else there is left as it is.
 SITE = ("index.html", "browser.js", "browser.css", FRONTIER_PNG, DATA)
 
@@ -122,6 +135,7 @@ def build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: 
 def _build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out: Path, *, cache_dir: Path,
            progress: bool, lm: LoadedModel | None, results: Path | None, answer: dict | None) -> Built:
     t0 = time.perf_counter()
+    chosen = read_probes(results)
     cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, cfg.device))
     dtype, device = getattr(torch, cfg.dtype), resolve_device(cfg.device)
     store = ActivationStore.open(store_path)
@@ -141,7 +155,7 @@ def _build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out:
     for c in ckpts:
         collected = collect(store, c.layer, c.sae, rows, topic_D, len(store.topics), cfg, dtype, device, bar)
         effects, nb, matches = geo[c.key]
-        dicts.append(Dictionary(c.series, c.layer, collected, effects, nb, matches))
+        dicts.append(Dictionary(c.series, c.layer, collected, effects, nb, matches, chosen.get(c.key)))
     bar.close()
     t3 = time.perf_counter()
     common = {**common_payload(store, str(store_path), rows, dicts, lm, cfg, checkpoint_dirs), "answer": answer}

@@ -42,7 +42,7 @@ def data_file(run: str, layer: int) -> str:
 
 
 #: What the start page shows of an evaluate run's output (`evaluate browse --results DIR`).
-FRONTIER_PNG, COMPARISON_JSON = "frontier.png", "comparison.json"
+FRONTIER_PNG, COMPARISON_JSON, PROBES_JSON = "frontier.png", "comparison.json", "probing.json"
 
 
 def answer_payload(results: Path | None) -> dict[str, Any] | None:
@@ -75,6 +75,8 @@ class Dictionary:
     neighbours: tuple[torch.Tensor, torch.Tensor]
     matches: dict[str, tuple[torch.Tensor, torch.Tensor]]
     """{other run: (best matching feature, cosine)} at the same layer."""
+    probes: dict[str, list[int]] | None = None
+    """{topic: the features sparse probing chose for it} (probing.json of `evaluate run`), or None."""
 
     @property
     def key(self) -> str:
@@ -106,6 +108,7 @@ def dictionary_payload(d: Dictionary) -> dict[str, Any]:
         "k_nb": ids.shape[1], "nb_ids": b64(ids, "int32"), "nb_cos": b64(cos, "float32"),
         "matches": {run: {"ids": b64(m_ids, "int32"), "cos": b64(m_cos, "float32")}
                     for run, (m_ids, m_cos) in d.matches.items()},
+        "probes": d.probes,
     }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from csae.shared.config.evaluate import EvalConfig
+
 
 @dataclass(frozen=True)
 class Column:
@@ -15,7 +17,8 @@ class Column:
     """None: not a headline figure (no verdict)."""
 
 
-#: Headline figures, in report order. L0 counts as better when lower: at equal reconstruction a sparser code
+#: Headline figures, in report order (sparse probing and TPP at the default k and N; other values of probe_ks
+#: and tpp_ns are in metrics_all.json). L0 counts as better when lower: at equal reconstruction a sparser code
 #: is the goal, but read it together with explained variance (a trade-off, not a free win).
 HEADLINE = (
     Column("explained_variance", "expl. var", higher_is_better=True),
@@ -28,6 +31,8 @@ HEADLINE = (
     Column("dec_max_cos", "dec max cos", higher_is_better=False),
     Column("heldout_infonce", "InfoNCE (fresh head)", higher_is_better=False),
     Column("topic_excess", "topic excess", "{:.4f}", higher_is_better=True),
+    *(Column(f"probe_acc_k{k}", f"sparse probe acc k={k}", higher_is_better=True) for k in EvalConfig.probe_ks),
+    *(Column(f"tpp_n{n}", f"TPP N={n}", "{:.4f}", higher_is_better=True) for n in EvalConfig.tpp_ns),
     Column("unlearn_U", "U", higher_is_better=True),
     Column("unlearn_U_minus_random", "U - U_rand", higher_is_better=True),
     Column("unlearn_U_CE", "U_CE", higher_is_better=True),
@@ -40,6 +45,8 @@ SECONDARY = (
     Column("dense_fraction_0.01", "dense>1%"), Column("heldout_trained_infonce", "InfoNCE (trained head)"),
     Column("heldout_sim_gap", "sim gap (fresh)"), Column("coactivation_mean_abs_corr", "coact |corr|"),
     Column("topic_significant_fraction", "topic-significant"), Column("topic_entropy_ratio", "topic H ratio"),
+    *(Column(f"probe_resid_acc_k{k}", f"residual top-{k} probe acc") for k in EvalConfig.probe_ks),
+    Column("probe_resid_acc_full", "residual full probe acc"),
     Column("unlearn_A_retain", "A_retain"), Column("unlearn_U_random", "U_rand"),
     Column("unlearn_U_random_sd", "U_rand sd"), Column("unlearn_dCE_retain", "dCE retain"),
 )

@@ -98,6 +98,10 @@ def _counts(summary: Summary, lay: Layout, cfg: EvalConfig) -> list[str]:
         f"- held-out InfoNCE: {get('contrastive_pairs')} pairs in batches of {get('contrastive_batch_used')} distinct "
         f"sequences (chance {c.get('heldout_infonce_chance', math.nan):.3f}); fresh head: {cfg.head_steps} Adam "
         f"steps on {cfg.head_rows} training rows",
+        f"- sparse probing, TPP: {get('probe_train_docs')} training and {get('probe_test_docs')} test documents of the "
+        f"store (split by topic; only test documents resampled), {get('probe_topics')} topics averaged, "
+        f"{get('probe_thin_topics')} left out with fewer than {cfg.probe_min_test_docs} test documents (counts per "
+        "topic: metrics_all.json)",
         f"- downstream CE/KL: {get('ce_predictions')} predictions from {get('ce_docs')} held-out documents "
         f"(at most {cfg.ce_doc_predictions} each)",
         f"- unlearning, test split: {get('unlearn_forget_known')} known forget tokens ({get('unlearn_forget_docs')} "

@@ -109,6 +109,24 @@ class EvalConfig:
     """Unlearning control: draws of n random features matched on forget firing rate, each clamped like the
     chosen setting on the test split. 0: no control."""
 
+    probe_docs: int = 2000
+    """Sparse probing and TPP: store documents with a topic (drawn at random when there are more; the same for
+    every SAE) whose mean codes over their positions are probed, training and held-out rows alike (as
+    SAEBench). 0: skip both families."""
+
+    probe_test_fraction: float = 0.2
+    """Sparse probing: share of each topic's probed documents on the test side (SAEBench: 80/20)."""
+
+    probe_ks: tuple[int, ...] = (1, 2, 5, 10, 20)
+    """Sparse probing: numbers k of features (or residual channels) chosen per topic and probed."""
+
+    probe_min_test_docs: int = 10
+    """Sparse probing: a topic with fewer positive test documents is left out of the averages (counted in
+    probe_thin_topics, its document counts still reported)."""
+
+    tpp_ns: tuple[int, ...] = (2, 5, 10, 20)
+    """TPP: numbers N of latents zero-ablated per topic (those with the largest effect on its probe)."""
+
     bootstrap_resamples: int = 2000
     """Bootstrap replicates behind every interval and paired comparison."""
 
@@ -154,7 +172,22 @@ class EvalConfig:
         for name in ("topic_fdr", "confidence"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        self._check_probing()
         self._check_unlearning()
+
+    def _check_probing(self) -> None:
+        if self.probe_docs < 0:
+            raise ConfigError(f"probe_docs must be non-negative (0 skips sparse probing), got {self.probe_docs}")
+        if not self.probe_docs:
+            return
+        if not 0.0 < self.probe_test_fraction < 1.0:
+            raise ConfigError(f"probe_test_fraction must be in (0, 1), got {self.probe_test_fraction}")
+        if not self.probe_ks or any(k < 1 for k in self.probe_ks):
+            raise ConfigError(f"probe_ks needs positive values (or --probe-docs 0), got {list(self.probe_ks)}")
+        if any(n < 1 for n in self.tpp_ns):
+            raise ConfigError(f"tpp_ns must be positive, got {list(self.tpp_ns)}")
+        if self.probe_min_test_docs < 1:
+            raise ConfigError(f"probe_min_test_docs must be at least 1, got {self.probe_min_test_docs}")
 
     def _check_unlearning(self) -> None:
         if not self.unlearn_known:

@@ -158,7 +158,7 @@ function dictionaryPage(d) {
       style="width:60px">% of tokens</label><span id="count" class="muted"></span></div>
     <table id="features"><thead><tr><th data-s="id" class="num">feature</th><th data-s="density" class="num">density</th>
     <th data-s="max" class="num">max act</th><th data-s="topic">top topic</th><th>top tokens</th></tr></thead>
-    <tbody></tbody></table><p><button id="more">show more</button></p>`;
+    <tbody></tbody></table><p><button id="more">show more</button></p>${probesPanel(d)}`;
   const redraw = () => fillTable(d);
   document.getElementById("search").addEventListener("input", (e) => { state.query = e.target.value; state.shown = 200; redraw(); });
   document.getElementById("hide-dead").addEventListener("change", (e) => { state.hideDead = e.target.checked; redraw(); });
@@ -172,6 +172,16 @@ function dictionaryPage(d) {
     });
   }
   redraw();
+}
+
+// The features sparse probing chose per topic (probing.json of `evaluate run`), best first, linked.
+function probesPanel(d) {
+  if (!d.probes || !Object.keys(d.probes).length) return "";
+  const rows = Object.entries(d.probes).map(([topic, fs]) => `<tr><td>${esc(topic)}</td><td>${fs.map((f) =>
+    link(d.key, f, "#" + f)).join(" ")}</td></tr>`).join("");
+  return `<h3 id="probes">Features sparse probing chose per topic</h3><p class="muted">Ranked by the difference of
+    their mean over the topic's training documents and over others' (docs/metrics.md).</p>
+    <table class="probes"><thead><tr><th>topic</th><th>features</th></tr></thead><tbody>${rows}</tbody></table>`;
 }
 
 function fillTable(d) {
