@@ -26,8 +26,6 @@ _IDENTITY_KEYS = ("name", "revision", "version", "sha256", "gguf_sha256")
 class LayerCheckpoint:
     run: str
     """The run's name: its checkpoint directory's name (e.g. csae, baseline)."""
-    point: str
-    """The sparsity point: the name of its directory in a sweep (e.g. k_64); "" for a run without points."""
     seed: int
     layer: int
     path: Path
@@ -36,6 +34,8 @@ class LayerCheckpoint:
     """The contrastive head, or None when the directory has none."""
     info: LayerInfo
     """train_config.json: the training config plus store, seed, layer, scale."""
+    point: str = ""
+    """The sparsity point: the name of its directory in a sweep (e.g. k_64); "" for a run without points."""
 
     @property
     def series(self) -> str:
@@ -97,7 +97,8 @@ def point_dirs(directory: Path) -> list[tuple[str, Path]]:
     subdirectory that does (a sweep's points), in the order of their sparsity setting."""
     if not directory.is_dir() or trained_layers(directory):
         return [("", directory)]
-    found = [(p.name, p) for p in sorted(directory.iterdir()) if p.is_dir() and trained_layers(p)]
+    found = [(p.name, p) for p in sorted(directory.iterdir())  # not train's unfinished .overwrite/ and the like
+             if p.is_dir() and not p.name.startswith(".") and trained_layers(p)]
     if not found:
         return [("", directory)]  # layer_dirs names what is missing
 
@@ -138,7 +139,7 @@ def _load_point(directory: Path, point: str, where: Path, store: ActivationStore
             raise UserError(f"{path} says it was trained with seed {info.seed} on layer {info.layer}, not seed "
                             f"{seed}, layer {layer}; move it back to seed_{info.seed}/layer_{info.layer}")
         check_model(info, store, store_path, path)
-        out.append(LayerCheckpoint(name, point, seed, layer, path, sae, head, info))
+        out.append(LayerCheckpoint(name, seed, layer, path, sae, head, info, point))
     return out
 
 

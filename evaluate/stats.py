@@ -141,15 +141,25 @@ def from_open(t: np.ndarray, bounds: Bounds | None) -> np.ndarray:
     return a + (b - a) / (1 + np.exp(-np.asarray(t, dtype=np.float64)))
 
 
-def _seed_mean(v_BS: np.ndarray, values: list[np.ndarray], bounds: Bounds | None = None) -> np.ndarray:
-    """The mean over resampled seeds (weights v_BS, rows summing to 1) of per-seed values (each (B,)), with
-    the seed deviations widened by sqrt(S / (S - 1)): resampling S values with replacement shrinks their
-    variance by (S - 1) / S, which matters with the few seeds training affords (a half with two). A bounded
-    figure is widened on the logit scale and mapped back, so the result stays inside its range."""
+def seed_widening(n_seeds: int, confidence: float) -> float:
+    """The factor on the resampled seeds' deviations from their mean: sqrt(S / (S - 1)), since resampling S
+    values with replacement shrinks their variance by (S - 1) / S, times t_{S-1} / z at the confidence level, since
+    S seeds estimate their own spread with S - 1 degrees of freedom (with two seeds, t_1 = 12.7 against z = 1.96):
+    the seeds' share of an interval is then as wide as a t interval over seeds, as it must be to cover with few
+    seeds (tests/test_eval_frontier.py measures the coverage)."""
+    if n_seeds < 2:
+        return 0.0
+    q = 0.5 + confidence / 2
+    return math.sqrt(n_seeds / (n_seeds - 1)) * float(stats.t.ppf(q, n_seeds - 1) / stats.norm.ppf(q))
+
+
+def _seed_mean(v_BS: np.ndarray, values: list[np.ndarray], bounds: Bounds | None = None, widen: float = 0.0
+               ) -> np.ndarray:
+    """The mean over resampled seeds (weights v_BS, rows summing to 1) of per-seed values (each (B,)), the
+    seed deviations widened by `widen` (seed_widening). A bounded figure is widened on the logit scale and mapped
+    back, so the result stays inside its range."""
     v_SB = to_open(np.stack(values), bounds)
     mean_B = v_SB.mean(axis=0)
-    s = len(values)
-    widen = math.sqrt(s / (s - 1)) if s > 1 else 0.0
     return from_open(mean_B + widen * (v_BS.T * (v_SB - mean_B)).sum(axis=0), bounds)
 
 
@@ -233,6 +243,7 @@ def resample(figures: dict[str, Sequence[dict[str, Figure]]], names: list[str], 
     sizes = (*units.strata, n_seeds)
     varied = [i for i, n in enumerate(sizes) if n >= 2]  # scipy resamples samples of two or more; others stay
     bounds = bounds or {}
+    widen = seed_widening(n_seeds, confidence)
 
     def statistic(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
         b = np.atleast_2d(samples[0]).shape[0]
@@ -242,7 +253,7 @@ def resample(figures: dict[str, Sequence[dict[str, Figure]]], names: list[str], 
         w_BD = np.concatenate([_counts(i, n) for i, n in zip(idx[:-1], units.strata, strict=True)], axis=1)
         v_BS = _counts(idx[-1], n_seeds) / n_seeds
         return contrast({r: {n: _seed_mean(v_BS, [_evaluate(figures[r][s][n], w_BD) for s in range(n_seeds)],
-                                           bounds.get(n)) for n in names} for r in runs})
+                                           bounds.get(n), widen) for n in names} for r in runs})
 
     values = {r: {n: np.array([np.mean([d[n].value for d in figures[r]])]) for n in names} for r in runs}
     point = [float(v) for v in contrast(values)[:, 0]]

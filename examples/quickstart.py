@@ -4,7 +4,7 @@ layer, evaluate both, and look at a feature. About a minute and a half on 2 CPU 
     python examples/quickstart.py [WORKDIR]
 
 Each step is a cell: run them one by one in a notebook, changing what you like (any config field is a
-keyword argument: `train(..., l1=2.0)`).
+keyword argument: `train(..., k=32)`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def main(workdir: str | Path = "csae-quickstart", *, model: str = "gemma-3-270m"
         f = sae.encode(x)
     top = int(f.sum(dim=0).argmax())
     print(f"feature {top} fires on {int((f[:, top] > 0).sum())} of {len(x)} held-out tokens "
-          f"(trained with l1={info.config.l1}, {info.config.steps} steps)")
+          f"(a {info.config.architecture} SAE trained with {'='.join(map(str, info.config.sparsity))}, "
+          f"{info.config.steps} steps)")
     return metrics
 
 

@@ -5,8 +5,9 @@
 
 DVC renders every file of a plots directory, so each kind of curve gets a directory of CSVs only:
 
-    <out>/plots/training/<run>_seed_<s>_layer_<L>.csv    step, loss terms, fvu, l0, dead_frac, lr (training)
-    <out>/plots/unlearning/<run>_seed_<s>_layer_<L>.csv  a row per sweep point (selection split): tau, n, c, A
+    <out>/plots/training/<run>[_<point>]_seed_<s>_layer_<L>.csv    step, loss terms, fvu, l0, dead_frac, lr
+    <out>/plots/unlearning/<run>[_<point>]_seed_<s>_layer_<L>.csv  a row per unlearning setting (selection
+                                                                     split): tau, n, c, A
     <out>/training_layer_<L>.png                         loss and FVU against step, runs and seeds overlaid
 """
 
@@ -101,10 +102,10 @@ def write_curves(out: Path, ckpts: list[LayerCheckpoint], points: dict[str, Any]
         (out / "plots" / kind).mkdir(parents=True, exist_ok=True)
     logs: dict[int, list[tuple[str, list[dict[str, float]]]]] = defaultdict(list)
     for ckpt in ckpts:
-        name = f"{ckpt.run}_seed_{ckpt.seed}_layer_{ckpt.layer}.csv"
+        name = f"{ckpt.series.replace('/', '_')}_seed_{ckpt.seed}_layer_{ckpt.layer}.csv"
         log = read_metrics(ckpt.path)
         _write_csv(out / "plots" / "training" / name, TRAINING_COLUMNS, log)
-        logs[ckpt.layer].append((f"{ckpt.run} seed {ckpt.seed}", log))
+        logs[ckpt.layer].append((f"{ckpt.series} seed {ckpt.seed}", log))
         rows = (points.get(ckpt.key) or {}).get("sweep") or []
         if rows:
             _write_csv(out / "plots" / "unlearning" / name, SWEEP_COLUMNS, rows)
