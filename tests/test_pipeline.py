@@ -41,6 +41,7 @@ def make_project(work: Path, model: Path, corpus: Path, dtype: str) -> dict:
     params["train"].update(tokens=2048, batch_size=128, expansion=2, resample_every=4, checkpoint_every=8,
                            dtype=dtype)
     params["sweep"].update(points=[4, 8], main=8, layers=[19])  # k 8 at both layers, k 4 at layer 19
+    params["train"]["architecture"] = "topk"  # L0 = k exactly (BatchTopK's threshold needs more than 16 steps)
     params["evaluate"].update(ce_tokens=64, select_tokens=128, sweep_predictions=32, unlearn_known=16, recon_tokens=256,
                               head_steps=10, topic_permutations=100, bootstrap_resamples=200, forget_topic="Arts",
                               retain_topics=["History", "Geography"], dtype=dtype)
