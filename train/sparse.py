@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
@@ -102,22 +103,23 @@ def active(p_BF: torch.Tensor, b_F: torch.Tensor) -> tuple[Pattern, torch.Tensor
 
 def _kept(s_BF: torch.Tensor, flat_N: torch.Tensor) -> tuple[Pattern, torch.Tensor]:
     """The pattern and values of s at the flat positions flat_N where s > 0 (any order in; row-major out)."""
-    flat_N = flat_N[s_BF.view(-1).take(flat_N) > 0].sort().values
+    flat_N = flat_N[s_BF.view(-1).take(flat_N) > 0]
     B, F_ = s_BF.shape
-    rows_K, cols_K = flat_N // F_, flat_N % F_
-    row_offsets = _offsets(torch.bincount(rows_K, minlength=B))
-    if s_BF.device.type == "cpu":
-        pat = Pattern.of_rows(row_offsets, cols_K, F_)
+    if s_BF.device.type == "cpu":  # numpy's sort of topk's indices measured 15x faster than torch's on 2 cores
+        flat_N = torch.from_numpy(np.sort(flat_N.numpy()))
+        rows_K, cols_K = flat_N // F_, flat_N % F_
+        pat = Pattern.of_rows(_offsets(torch.bincount(rows_K, minlength=B)), cols_K, F_)
     else:
-        by_col_K = torch.argsort(cols_K, stable=True)
-        pat = Pattern(B, F_, cols_K, row_offsets, by_col_K, rows_K[by_col_K],
-                      _offsets(torch.bincount(cols_K, minlength=F_)))
+        flat_N = flat_N.sort().values
+        pat = Pattern.of_torch(torch.zeros(B * F_, dtype=torch.bool, device=s_BF.device)
+                               .index_fill_(0, flat_N, True).view(B, F_))
     return pat, s_BF.view(-1).take(flat_N)
 
 
 def top_k_rows(p_BF: torch.Tensor, b_F: torch.Tensor, k: int) -> tuple[Pattern, torch.Tensor]:
-    """TopK's pattern: the k largest p + b of each row (p + b in float32, as the dense path adds them), those
-    that are positive (ReLU after the top k, as SAELens' TopK)."""
+    """TopK's pattern: the k largest p + b of each row (p + b in float32, as the dense path adds them, and
+    torch.topk's choice among ties, as the dense path's), those that are positive (ReLU after the top k, as
+    SAELens' TopK)."""
     s_BF = p_BF.float().add_(b_F)
     idx_BK = torch.topk(s_BF, k, dim=1, sorted=False).indices
     rows_B1 = torch.arange(len(s_BF), device=s_BF.device).unsqueeze(1) * s_BF.shape[1]
