@@ -90,11 +90,11 @@ def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path
         timings["load_model_s"] = time.perf_counter() - t0
         if cfg.ce_tokens:
             t0 = time.perf_counter()
-            results += [r for r in [downstream(lm, ckpts, src, cfg, progress)] if r is not None]
+            results += [r for r in [downstream(lm, ckpts, src, cfg, progress, timings)] if r is not None]
             timings["downstream_s"] = time.perf_counter() - t0
         if cfg.unlearn_known:
             t0 = time.perf_counter()
-            found = unlearning(lm, ckpts, src, cfg, progress)
+            found = unlearning(lm, ckpts, src, cfg, progress, timings)
             if found is not None:
                 results.append(found[0])
                 points = found[1]

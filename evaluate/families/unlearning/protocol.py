@@ -31,6 +31,7 @@ from csae.evaluate.families.unlearning.intervention import (
     zero_intervention,
 )
 from csae.evaluate.inputs import LayerCheckpoint
+from csae.evaluate.lm.clock import Clock
 from csae.evaluate.lm.passes import Restart, clean_pass
 from csae.evaluate.lm.text import (
     Piece,
@@ -51,8 +52,10 @@ log = logging.getLogger(__name__)
 
 
 def unlearning(lm: LoadedModel, ckpts: list[LayerCheckpoint], src: TextSource, cfg: EvalConfig,
-               progress: bool) -> tuple[FamilyResult, dict[str, Any]] | None:
+               progress: bool,
+               timings: dict[str, float] | None = None) -> tuple[FamilyResult, dict[str, Any]] | None:
     """(figures per checkpoint, sweep points per checkpoint), or None when the corpus lacks the topics."""
+    clock = Clock("unlearning", timings)
     found = _topic_docs(src, cfg)
     if found is None:
         return None
@@ -70,10 +73,11 @@ def unlearning(lm: LoadedModel, ckpts: list[LayerCheckpoint], src: TextSource, c
             text.add(batch)
         return text
 
-    sel_f, sel_r = select(forget_sel), select(retain_sel)
-    sweep_f, sweep_r = sweep_text(forget_sel), sweep_text(retain_sel)
-    test_f = _known_text(lm, forget_test, src, cfg, layers)
-    test_r = _known_text(lm, retain_test, src, cfg, layers)
+    with clock("text"):
+        sel_f, sel_r = select(forget_sel), select(retain_sel)
+        sweep_f, sweep_r = sweep_text(forget_sel), sweep_text(retain_sel)
+        test_f = _known_text(lm, forget_test, src, cfg, layers)
+        test_r = _known_text(lm, retain_test, src, cfg, layers)
     if min(test_f.n_known, test_r.n_known, sweep_f.n_known, sweep_r.n_known) == 0:
         log.warning("unlearning skipped: too little forget or retain text with known tokens")
         return None
@@ -81,28 +85,34 @@ def unlearning(lm: LoadedModel, ckpts: list[LayerCheckpoint], src: TextSource, c
         if text.n_known < cfg.unlearn_known:
             log.warning("the held-out %s text has only %d known tokens (unlearn_known = %d)", name, text.n_known,
                         cfg.unlearn_known)
-    restart = _verified_restart(lm, test_f.items[0].batch, layers)
-    clean_f, clean_r = test_f.clean(), test_r.clean()
-    zero_f = {layer: test_f.score(restart, layer, zero_intervention, ce=True) for layer in layers}
+    with clock("text"):
+        restart = _verified_restart(lm, test_f.items[0].batch, layers)
+        clean_f, clean_r = test_f.clean(), test_r.clean()
+        zero_f = {layer: test_f.score(restart, layer, zero_intervention, ce=True) for layer in layers}
 
     n_points = len(cfg.retain_thresholds) * len(cfg.ns) * len(cfg.cs) * len(ckpts)
     bar = tqdm(total=n_points, desc="unlearning sweep", unit="pt", disable=not progress)
     figures, extras, points = {}, {}, {}
     for ckpt in ckpts:
-        sel = selection_stats(ckpt.sae, sel_f[ckpt.layer], sel_r[ckpt.layer], cfg.sae_batch_size)
-        pts = sweep(ckpt, sel, sweep_f, sweep_r, restart, cfg, bar)
+        with clock("selection"):
+            sel = selection_stats(ckpt.sae, sel_f[ckpt.layer], sel_r[ckpt.layer], cfg.sae_batch_size)
+        with clock("sweep"):
+            pts = sweep(ckpt, sel, sweep_f, sweep_r, restart, cfg, bar)
         chosen = choose(pts, cfg.retain_accuracy)
         if chosen is None:  # nothing keeps the retain text: no intervention, U = 0
             test_sel_f, test_sel_r, draws, drawn = clean_f, clean_r, [], []
         else:
             clamp = _clamp(ckpt, sel, torch.tensor(chosen["features"]), chosen["c"])
-            test_sel_f = test_f.score(restart, ckpt.layer, clamp, ce=True)
-            test_sel_r = test_r.score(restart, ckpt.layer, clamp, ce=True)
+            with clock("test"):
+                test_sel_f = test_f.score(restart, ckpt.layer, clamp, ce=True)
+                test_sel_r = test_r.score(restart, ckpt.layer, clamp, ce=True)
             draws, drawn = [], []
-            for k in range(cfg.random_draws):
-                rng = np.random.default_rng(seed_of(cfg.seed, 3, ckpt.layer, ckpt.seed, k))
-                drawn.append(matched_features(sel.nu_forget_F, torch.tensor(chosen["features"]), rng))
-                draws.append(test_f.score(restart, ckpt.layer, _clamp(ckpt, sel, drawn[-1], chosen["c"]), ce=False))
+            with clock("control"):
+                for k in range(cfg.random_draws):
+                    rng = np.random.default_rng(seed_of(cfg.seed, 3, ckpt.layer, ckpt.seed, k))
+                    drawn.append(matched_features(sel.nu_forget_F, torch.tensor(chosen["features"]), rng))
+                    draws.append(test_f.score(restart, ckpt.layer, _clamp(ckpt, sel, drawn[-1], chosen["c"]),
+                                              ce=False))
         figures[ckpt.key] = _figures(clean_f, clean_r, zero_f[ckpt.layer], test_sel_f, test_sel_r, draws,
                                      control=cfg.random_draws > 0)
         extras[ckpt.key] = _extras(test_f, test_r, chosen, [test_sel_f, test_sel_r, *draws])
