@@ -83,7 +83,7 @@ def downstream_losses(model: Any, text: list[TextBatch], interventions: dict[Any
                       chunk: int, progress: bool = True, clock: Clock | None = None) -> DownstreamResult:
     """Per-document CE sums of the clean model and of every intervention {key: (layer, splice)}, plus each
     intervention's KL from the clean model, over all predictions in `text`."""
-    layers = sorted({layer for layer, _ in interventions.values()})
+    layers = {layer for layer, _ in interventions.values()}
     d = 1 + max(int(b.doc_B.max()) for b in text)
     res = DownstreamResult(np.zeros(d), np.zeros(d), {k: np.zeros(d) for k in interventions},
                            {k: np.zeros(d) for k in interventions})
@@ -93,19 +93,18 @@ def downstream_losses(model: Any, text: list[TextBatch], interventions: dict[Any
     bar = tqdm(total=sum(b.n_predictions for b in text), unit="tok", desc="downstream CE/KL", disable=not progress)
     for batch in text:
         with clock("blocks"):
-            clean = clean_pass(model, batch, layers)
+            clean = clean_pass(model, batch, sorted(layers))
         if restart is None:
             with clock("head"):
                 check_head(model, batch)
             restart = Restart(model, clean.tuple_out)
         pred = batch.pred_BT
-        hs = [clean.final_BTD[pred]]
         with clock("blocks"):
-            for layer, splice in interventions.values():
-                if layer not in verified:
-                    restart.verify(batch, clean, layer)
-                    verified.add(layer)
-                hs.append(restart(batch.ids_BT, layer, splice(clean.resid[layer], batch.text_BT))[pred])
+            for layer in layers - verified:
+                restart.verify(batch, clean, layer)
+            verified |= layers
+            finals = restarted(restart, batch, clean.resid, interventions)
+        hs = [clean.final_BTD[pred], *(finals[key][pred] for key in interventions)]
         with clock("head"):
             stats = token_stats(model, batch.targets_BT[pred], hs, chunk, reference=0)
         docs = batch.pred_docs().numpy()
@@ -121,6 +120,18 @@ def downstream_losses(model: Any, text: list[TextBatch], interventions: dict[Any
         bar.update(len(docs))
     bar.close()
     return res
+
+
+def restarted(restart: Restart, batch: TextBatch, resid: dict[int, torch.Tensor],
+              interventions: dict[Any, tuple[int, Splice]]) -> dict[Any, torch.Tensor]:
+    """Final hidden states (B, T, D) of every intervention on one batch; the restarts of one layer (every SAE
+    of it and its zero-ablations) share forwards (`Restart.many`)."""
+    out: dict[Any, torch.Tensor] = {}
+    for layer in sorted({layer for layer, _ in interventions.values()}):
+        keys = [k for k, (at, _) in interventions.items() if at == layer]
+        jobs = [(batch.ids_BT, interventions[k][1](resid[layer], batch.text_BT)) for k in keys]
+        out.update(zip(keys, restart.many(jobs, layer), strict=True))
+    return out
 
 
 def downstream_figures(res: DownstreamResult, key: Any, zero: Any, zero_all: Any) -> dict[str, Figure]:
