@@ -119,12 +119,12 @@ def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path
         timings["load_model_s"] = time.perf_counter() - t0
         if cfg.ce_tokens:
             t0 = time.perf_counter()
-            results += [r for r in [downstream(lm, ckpts, src, cfg, progress)] if r is not None]
+            results += [r for r in [downstream(lm, ckpts, src, cfg, progress, timings)] if r is not None]
             timings["downstream_s"] = time.perf_counter() - t0
         if cfg.unlearn_known:
             t0 = time.perf_counter()
             at = [c for c in ckpts if cfg.unlearn_points == "all" or c.point in lay.main_points]
-            found = unlearning(lm, at, src, cfg, progress)
+            found = unlearning(lm, at, src, cfg, progress, timings)
             if found is not None:
                 results.append(found[0])
                 points = found[1]

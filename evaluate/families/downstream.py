@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from csae.evaluate.inputs import LayerCheckpoint
+from csae.evaluate.lm.clock import Clock
 from csae.evaluate.lm.passes import Restart, check_head, clean_pass
 from csae.evaluate.lm.text import TextBatch, TextSource, text_batches
 from csae.evaluate.lm.vocab import token_stats
@@ -79,29 +80,33 @@ class DownstreamResult:
 
 
 def downstream_losses(model: Any, text: list[TextBatch], interventions: dict[Any, tuple[int, Splice]],
-                      chunk: int, progress: bool = True) -> DownstreamResult:
+                      chunk: int, progress: bool = True, clock: Clock | None = None) -> DownstreamResult:
     """Per-document CE sums of the clean model and of every intervention {key: (layer, splice)}, plus each
     intervention's KL from the clean model, over all predictions in `text`."""
-    layers = sorted({layer for layer, _ in interventions.values()})
+    layers = {layer for layer, _ in interventions.values()}
     d = 1 + max(int(b.doc_B.max()) for b in text)
     res = DownstreamResult(np.zeros(d), np.zeros(d), {k: np.zeros(d) for k in interventions},
                            {k: np.zeros(d) for k in interventions})
+    clock = clock or Clock("downstream", None)
     restart: Restart | None = None
     verified: set[int] = set()
     bar = tqdm(total=sum(b.n_predictions for b in text), unit="tok", desc="downstream CE/KL", disable=not progress)
     for batch in text:
-        clean = clean_pass(model, batch, layers)
+        with clock("blocks"):
+            clean = clean_pass(model, batch, sorted(layers))
         if restart is None:
-            check_head(model, batch)
+            with clock("head"):
+                check_head(model, batch)
             restart = Restart(model, clean.tuple_out)
         pred = batch.pred_BT
-        hs = [clean.final_BTD[pred]]
-        for layer, splice in interventions.values():
-            if layer not in verified:
+        with clock("blocks"):
+            for layer in layers - verified:
                 restart.verify(batch, clean, layer)
-                verified.add(layer)
-            hs.append(restart(batch.ids_BT, layer, splice(clean.resid[layer], batch.text_BT))[pred])
-        stats = token_stats(model, batch.targets_BT[pred], hs, chunk, reference=0)
+            verified |= layers
+            finals = restarted(restart, batch, clean.resid, interventions)
+        hs = [clean.final_BTD[pred], *(finals[key][pred] for key in interventions)]
+        with clock("head"):
+            stats = token_stats(model, batch.targets_BT[pred], hs, chunk, reference=0)
         docs = batch.pred_docs().numpy()
 
         def add(sums: np.ndarray, values: torch.Tensor, docs: np.ndarray = docs) -> None:
@@ -115,6 +120,18 @@ def downstream_losses(model: Any, text: list[TextBatch], interventions: dict[Any
         bar.update(len(docs))
     bar.close()
     return res
+
+
+def restarted(restart: Restart, batch: TextBatch, resid: dict[int, torch.Tensor],
+              interventions: dict[Any, tuple[int, Splice]]) -> dict[Any, torch.Tensor]:
+    """Final hidden states (B, T, D) of every intervention on one batch; the restarts of one layer (every SAE
+    of it and its zero-ablations) share forwards (`Restart.many`)."""
+    out: dict[Any, torch.Tensor] = {}
+    for layer in sorted({layer for layer, _ in interventions.values()}):
+        keys = [k for k, (at, _) in interventions.items() if at == layer]
+        jobs = [(batch.ids_BT, interventions[k][1](resid[layer], batch.text_BT)) for k in keys]
+        out.update(zip(keys, restart.many(jobs, layer), strict=True))
+    return out
 
 
 def downstream_figures(res: DownstreamResult, key: Any, zero: Any, zero_all: Any) -> dict[str, Figure]:
@@ -144,7 +161,7 @@ def downstream_figures(res: DownstreamResult, key: Any, zero: Any, zero_all: Any
 
 
 def downstream(lm: LoadedModel, ckpts: list[LayerCheckpoint], src: TextSource, cfg: EvalConfig,
-               progress: bool) -> FamilyResult | None:
+               progress: bool, timings: dict[str, float] | None = None) -> FamilyResult | None:
     """The family: CE/KL figures of every checkpoint on cfg.ce_tokens predictions of held-out text."""
     text = text_batches(lm.tokenizer, src.documents(), src.context, cfg.ce_tokens, cfg.lm_batch_size,
                         per_doc=cfg.ce_doc_predictions)
@@ -155,7 +172,8 @@ def downstream(lm: LoadedModel, ckpts: list[LayerCheckpoint], src: TextSource, c
     interventions: dict[Any, tuple[int, Splice]] = {("zero", layer): (layer, zero_splice) for layer in layers}
     interventions.update({("zero_all", layer): (layer, zero_all_splice) for layer in layers})
     interventions.update({c.key: (c.layer, sae_splice(c.sae)) for c in ckpts})
-    res = downstream_losses(lm.model, text, interventions, cfg.logit_chunk, progress=progress)
+    res = downstream_losses(lm.model, text, interventions, cfg.logit_chunk, progress=progress,
+                            clock=Clock("downstream", timings))
     figures = {c.key: downstream_figures(res, c.key, ("zero", c.layer), ("zero_all", c.layer)) for c in ckpts}
     extras = {c.key: {"ce_predictions": res.n_predictions, "ce_docs": len(res.n_D)} for c in ckpts}
     return FamilyResult(Units((len(res.n_D),)), figures, extras)

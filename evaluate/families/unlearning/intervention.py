@@ -12,7 +12,7 @@ Shape suffixes: N tokens, F features, K selected features, B sequences, T positi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +142,18 @@ class _Clean:
     ref: Top1Reference
 
 
+@dataclass
+class _Job:
+    """One intervention's restart on one batch of text."""
+
+    rows: torch.Tensor
+    """The sequences it changes."""
+    redo_RT: torch.Tensor
+    """Positions of those rows whose prediction is recomputed."""
+    resid_RTD: torch.Tensor
+    """Their residual at the layer with the intervention applied (float32)."""
+
+
 class EvalText:
     """Evaluation text with its clean pass cached: residuals at the layers, clean log p, known tokens and
     what the top-1 shortcut needs."""
@@ -171,6 +183,15 @@ class EvalText:
     def n_docs(self) -> int:
         return 1 + max((int(it.batch.doc_B.max()) for it in self.items), default=-1)
 
+    def stages(self) -> Iterator[EvalText]:
+        """The text in consecutive parts of 1, 1, 2, 4, ... batches: each part doubles the prefix scored."""
+        start = 0
+        while start < len(self.items):
+            part = EvalText(self.model, self.layers, self.chunk)
+            part.items, part.tuple_out = self.items[start:start + max(1, start)], self.tuple_out
+            yield part
+            start += max(1, start)
+
     def extend(self, other: EvalText) -> None:
         """Append another text's cached batches (their documents are numbered in one sequence already)."""
         self.items.extend(other.items)
@@ -193,29 +214,41 @@ class EvalText:
 
     def score(self, restart: Restart | None, layer: int, intervention: Intervention | None, *, ce: bool) -> Score:
         """Known tokens kept per document under the intervention at `layer` (and CE sums when `ce`)."""
-        d = self.n_docs
-        kept, known, nll, n = np.zeros(d), np.zeros(d), np.zeros(d), np.zeros(d)
-        head = 0
+        return self.score_many(restart, layer, [intervention], ce=ce)[0]
+
+    def score_many(self, restart: Restart | None, layer: int, interventions: list[Intervention | None], *,
+                   ce: bool) -> list[Score]:
+        """`score` of several interventions at one layer; their restarted forwards share forwards per batch of
+        text (`Restart.many`), so adding one costs its changed rows, not a forward of its own."""
+        d, k = self.n_docs, len(interventions)
+        sums = np.zeros((k, 4, d))  # kept, known, nll, predictions
+        head = [0] * k
         for it in self.items:
             b = it.batch
             text, pred = b.text_BT, b.pred_BT
-            logp, correct = it.logp_BT, it.correct_BT
-            if intervention is not None and restart is not None:
-                out, changed = intervention(it.resid[layer][text])
-                if changed.any():
-                    logp, correct, used = self._rescore(it, restart, layer, out, changed, ce)
-                    head += used
+            jobs: list[tuple[int, _Job]] = []
+            for i, intervention in enumerate(interventions):
+                if intervention is not None and restart is not None:
+                    out, changed = intervention(it.resid[layer][text])
+                    if changed.any():
+                        jobs.append((i, self._job(it, layer, out, changed, ce)))
+            finals = restart.many([(b.ids_BT[j.rows], j.resid_RTD) for _, j in jobs], layer) if restart else []
+            scored = {i: self._finish(it, j, final, ce) for (i, j), final in zip(jobs, finals, strict=True)}
             doc_BT = b.doc_B.unsqueeze(1).expand_as(b.ids_BT)
             known_BT = it.correct_BT & pred
-            kept += np.bincount(doc_BT[known_BT].numpy(), weights=correct[known_BT].double().numpy(), minlength=d)
-            known += np.bincount(doc_BT[known_BT].numpy(), minlength=d)
-            nll -= np.bincount(doc_BT[pred].numpy(), weights=logp[pred].double().numpy(), minlength=d)
-            n += np.bincount(doc_BT[pred].numpy(), minlength=d)
-        return Score(kept, known, nll if ce else None, n, head)
+            docs_known, docs_pred = doc_BT[known_BT].numpy(), doc_BT[pred].numpy()
+            for i in range(k):
+                logp, correct, used = scored.get(i, (it.logp_BT, it.correct_BT, 0))
+                head[i] += used
+                sums[i, 0] += np.bincount(docs_known, weights=correct[known_BT].double().numpy(), minlength=d)
+                sums[i, 1] += np.bincount(docs_known, minlength=d)
+                sums[i, 2] -= np.bincount(docs_pred, weights=logp[pred].double().numpy(), minlength=d)
+                sums[i, 3] += np.bincount(docs_pred, minlength=d)
+        return [Score(sums[i, 0], sums[i, 1], sums[i, 2] if ce else None, sums[i, 3], head[i]) for i in range(k)]
 
-    def _rescore(self, it: _Clean, restart: Restart, layer: int, out: torch.Tensor, changed: torch.Tensor,
-                 ce: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(log p, correct) of a batch after the intervention, recomputing positions from the first change."""
+    def _job(self, it: _Clean, layer: int, out: torch.Tensor, changed: torch.Tensor, ce: bool) -> _Job:
+        """The rows of a batch that an intervention changes, their new residual and the positions to redo (from
+        the first change on; known ones only unless CE is asked for)."""
         b = it.batch
         text, pred = b.text_BT, b.pred_BT
         changed_BT = torch.zeros_like(text)
@@ -227,7 +260,12 @@ class EvalText:
             redo_RT &= it.correct_BT[rows]
         resid = it.resid[layer].clone()
         resid[text] = out.float()
-        final_RTD = restart(b.ids_BT[rows], layer, resid[rows])
+        return _Job(rows, redo_RT, resid[rows])
+
+    def _finish(self, it: _Clean, job: _Job, final_RTD: torch.Tensor,
+                ce: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(log p, correct, predictions that ran the full head) of a batch after the intervention."""
+        b, rows, redo_RT = it.batch, job.rows, job.redo_RT
         logp, correct = it.logp_BT.clone(), it.correct_BT.clone()
         sub_lp, sub_c = logp[rows], correct[rows]
         if ce:

@@ -11,10 +11,10 @@ Figures are sums per test document, forget documents then retain documents (two 
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,13 +24,13 @@ from tqdm import tqdm
 from csae.evaluate.families.unlearning.intervention import (
     EvalText,
     Score,
-    clamp_intervention,
     matched_features,
-    select_features,
     selection_stats,
     zero_intervention,
 )
+from csae.evaluate.families.unlearning.sweep import choose, clamp_of, sweep_layer
 from csae.evaluate.inputs import LayerCheckpoint
+from csae.evaluate.lm.clock import Clock
 from csae.evaluate.lm.passes import Restart, clean_pass
 from csae.evaluate.lm.text import (
     Piece,
@@ -51,8 +51,10 @@ log = logging.getLogger(__name__)
 
 
 def unlearning(lm: LoadedModel, ckpts: list[LayerCheckpoint], src: TextSource, cfg: EvalConfig,
-               progress: bool) -> tuple[FamilyResult, dict[str, Any]] | None:
+               progress: bool,
+               timings: dict[str, float] | None = None) -> tuple[FamilyResult, dict[str, Any]] | None:
     """(figures per checkpoint, sweep points per checkpoint), or None when the corpus lacks the topics."""
+    clock = Clock("unlearning", timings)
     found = _topic_docs(src, cfg)
     if found is None:
         return None
@@ -70,10 +72,11 @@ def unlearning(lm: LoadedModel, ckpts: list[LayerCheckpoint], src: TextSource, c
             text.add(batch)
         return text
 
-    sel_f, sel_r = select(forget_sel), select(retain_sel)
-    sweep_f, sweep_r = sweep_text(forget_sel), sweep_text(retain_sel)
-    test_f = _known_text(lm, forget_test, src, cfg, layers)
-    test_r = _known_text(lm, retain_test, src, cfg, layers)
+    with clock("text"):
+        sel_f, sel_r = select(forget_sel), select(retain_sel)
+        sweep_f, sweep_r = sweep_text(forget_sel), sweep_text(retain_sel)
+        test_f = _known_text(lm, forget_test, src, cfg, layers)
+        test_r = _known_text(lm, retain_test, src, cfg, layers)
     if min(test_f.n_known, test_r.n_known, sweep_f.n_known, sweep_r.n_known) == 0:
         log.warning("unlearning skipped: too little forget or retain text with known tokens")
         return None
@@ -81,77 +84,76 @@ def unlearning(lm: LoadedModel, ckpts: list[LayerCheckpoint], src: TextSource, c
         if text.n_known < cfg.unlearn_known:
             log.warning("the held-out %s text has only %d known tokens (unlearn_known = %d)", name, text.n_known,
                         cfg.unlearn_known)
-    restart = _verified_restart(lm, test_f.items[0].batch, layers)
-    clean_f, clean_r = test_f.clean(), test_r.clean()
-    zero_f = {layer: test_f.score(restart, layer, zero_intervention, ce=True) for layer in layers}
+    with clock("text"):
+        restart = _verified_restart(lm, test_f.items[0].batch, layers)
+        clean_f, clean_r = test_f.clean(), test_r.clean()
+        zero_f = {layer: test_f.score(restart, layer, zero_intervention, ce=True) for layer in layers}
 
     n_points = len(cfg.retain_thresholds) * len(cfg.ns) * len(cfg.cs) * len(ckpts)
     bar = tqdm(total=n_points, desc="unlearning sweep", unit="pt", disable=not progress)
-    figures, extras, points = {}, {}, {}
-    for ckpt in ckpts:
-        sel = selection_stats(ckpt.sae, sel_f[ckpt.layer], sel_r[ckpt.layer], cfg.sae_batch_size)
-        pts = sweep(ckpt, sel, sweep_f, sweep_r, restart, cfg, bar)
-        chosen = choose(pts, cfg.retain_accuracy)
-        if chosen is None:  # nothing keeps the retain text: no intervention, U = 0
-            test_sel_f, test_sel_r, draws, drawn = clean_f, clean_r, [], []
-        else:
-            clamp = _clamp(ckpt, sel, torch.tensor(chosen["features"]), chosen["c"])
-            test_sel_f = test_f.score(restart, ckpt.layer, clamp, ce=True)
-            test_sel_r = test_r.score(restart, ckpt.layer, clamp, ce=True)
-            draws, drawn = [], []
-            for k in range(cfg.random_draws):
-                rng = np.random.default_rng(seed_of(cfg.seed, 3, ckpt.layer, ckpt.seed, k))
-                drawn.append(matched_features(sel.nu_forget_F, torch.tensor(chosen["features"]), rng))
-                draws.append(test_f.score(restart, ckpt.layer, _clamp(ckpt, sel, drawn[-1], chosen["c"]), ce=False))
-        figures[ckpt.key] = _figures(clean_f, clean_r, zero_f[ckpt.layer], test_sel_f, test_sel_r, draws,
-                                     control=cfg.random_draws > 0)
-        extras[ckpt.key] = _extras(test_f, test_r, chosen, [test_sel_f, test_sel_r, *draws])
-        points[ckpt.key] = {"sweep": pts, "chosen": chosen, "test": {
-            "A_forget": test_sel_f.accuracy, "A_retain": test_sel_r.accuracy,
-            "random_A_forget": [d.accuracy for d in draws], "random_features": [f.tolist() for f in drawn]}}
+    texts = _Texts(sel_f, sel_r, sweep_f, sweep_r, test_f, test_r, clean_f, clean_r, restart)
+    found_by_key: dict[str, tuple[dict[str, Figure], dict[str, float], dict[str, Any]]] = {}
+    for layer in layers:
+        group = [c for c in ckpts if c.layer == layer]
+        found_by_key.update(_layer(group, texts, zero_f[layer], cfg, clock, bar))
     bar.close()
+    figures = {c.key: found_by_key[c.key][0] for c in ckpts}
+    extras = {c.key: found_by_key[c.key][1] for c in ckpts}
+    points = {c.key: found_by_key[c.key][2] for c in ckpts}
     return FamilyResult(Units((test_f.n_docs, test_r.n_docs)), figures, extras), points
 
 
-def _clamp(ckpt: LayerCheckpoint, sel: Any, feats: torch.Tensor, c: float) -> Any:
-    a_K = sel.mean_act_F[feats]
+@dataclass(frozen=True)
+class _Texts:
+    """Everything the SAEs of every layer share: selection residuals, the sweep and test texts with their clean
+    passes, the clean scores and the verified restart."""
 
-    def clamp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return clamp_intervention(x, ckpt.sae, feats, a_K, c)
+    sel_f: dict[int, torch.Tensor]
+    sel_r: dict[int, torch.Tensor]
+    sweep_f: EvalText
+    sweep_r: EvalText
+    test_f: EvalText
+    test_r: EvalText
+    clean_f: Score
+    clean_r: Score
+    restart: Restart
 
-    return clamp
 
-
-def sweep(ckpt: LayerCheckpoint, sel: Any, forget: EvalText, retain: EvalText, restart: Restart, cfg: EvalConfig,
-          bar: Any = None) -> list[dict[str, Any]]:
-    """One point per (tau, n, c) on the selection split: the features select_features(tau, n) clamped with
-    multiplier c; top-1 accuracy on retain text, then on forget text unless the retain constraint already
-    failed (such a point cannot be chosen: A_forget None). Identical (features, c) are evaluated once."""
-    cache: dict[tuple[tuple[int, ...], float], tuple[float | None, float]] = {}
-    out = []
-    for tau, n in itertools.product(cfg.retain_thresholds, cfg.ns):
-        feats = select_features(sel.nu_forget_F, sel.nu_retain_F, tau, n)
-        for c in cfg.cs:
-            key = (tuple(feats.tolist()), float(c))
-            if key not in cache and len(feats):
-                clamp = _clamp(ckpt, sel, feats, c)
-                a_r = retain.score(restart, ckpt.layer, clamp, ce=False).accuracy
-                a_f = forget.score(restart, ckpt.layer, clamp, ce=False).accuracy if a_r >= cfg.retain_accuracy \
-                    else None  # the forget side costs most (the features fire there); skip what cannot be chosen
-                cache[key] = (a_f, a_r)
-            a_f, a_r = cache.get(key, (1.0, 1.0))
-            out.append({"retain_threshold": tau, "n": n, "c": c, "features": list(key[0]), "A_forget": a_f,
-                        "A_retain": a_r})
-            if bar is not None:
-                bar.update(1)
+def _layer(group: list[LayerCheckpoint], t: _Texts, zero_f: Score, cfg: EvalConfig, clock: Clock,
+           bar: Any) -> dict[str, tuple[dict[str, Figure], dict[str, float], dict[str, Any]]]:
+    """Figures, extras and points of every SAE of one layer: their sweeps, tests and controls each share the
+    restarted forwards (`EvalText.score_many`)."""
+    layer = group[0].layer
+    with clock("selection"):
+        sels = [selection_stats(c.sae, t.sel_f[layer], t.sel_r[layer], cfg.sae_batch_size) for c in group]
+    with clock("sweep"):
+        swept = sweep_layer(group, sels, t.sweep_f, t.sweep_r, t.restart, cfg, bar)
+    chosen = [choose(pts, cfg.retain_accuracy) for pts in swept]
+    clamps = [None if ch is None else clamp_of(c, s, torch.tensor(ch["features"]), ch["c"])
+              for c, s, ch in zip(group, sels, chosen, strict=True)]
+    with clock("test"):
+        test_f = t.test_f.score_many(t.restart, layer, clamps, ce=True)
+        test_r = t.test_r.score_many(t.restart, layer, clamps, ce=True)
+    drawn: list[list[torch.Tensor]] = [[] for _ in group]
+    for i, (c, s, ch) in enumerate(zip(group, sels, chosen, strict=True)):
+        for k in range(cfg.random_draws if ch is not None else 0):  # nothing chosen: no intervention, U = 0
+            rng = np.random.default_rng(seed_of(cfg.seed, 3, layer, c.seed, k))
+            drawn[i].append(matched_features(s.nu_forget_F, torch.tensor(ch["features"]), rng))  # type: ignore
+    with clock("control"):
+        flat = t.test_f.score_many(t.restart, layer, [clamp_of(c, s, f, ch["c"])  # type: ignore[index]
+                                                      for c, s, ch, fs in zip(group, sels, chosen, drawn, strict=True)
+                                                      for f in fs], ce=False)
+    out = {}
+    for i, (c, ch) in enumerate(zip(group, chosen, strict=True)):
+        sel_f, sel_r = (test_f[i], test_r[i]) if ch is not None else (t.clean_f, t.clean_r)
+        draws, flat = flat[:len(drawn[i])], flat[len(drawn[i]):]
+        figs = _figures(t.clean_f, t.clean_r, zero_f, sel_f, sel_r, draws, control=cfg.random_draws > 0)
+        extra = _extras(t.test_f, t.test_r, ch, [sel_f, sel_r, *draws])
+        points = {"sweep": swept[i], "chosen": ch, "test": {
+            "A_forget": sel_f.accuracy, "A_retain": sel_r.accuracy, "random_A_forget": [d.accuracy for d in draws],
+            "random_features": [f.tolist() for f in drawn[i]]}}
+        out[c.key] = (figs, extra, points)
     return out
-
-
-def choose(points: list[dict[str, Any]], retain_accuracy: float) -> dict[str, Any] | None:
-    """The point with the lowest A_forget among those with A_retain >= retain_accuracy and some features;
-    ties go to fewer features, then the smaller multiplier and threshold. None when no point qualifies."""
-    ok = [p for p in points if p["A_retain"] >= retain_accuracy and p["features"]]
-    return min(ok, key=lambda p: (p["A_forget"], len(p["features"]), p["c"], p["retain_threshold"])) if ok else None
 
 
 def _figures(clean_f: Score, clean_r: Score, zero_f: Score, sel_f: Score, sel_r: Score, draws: list[Score], *,
