@@ -190,7 +190,7 @@ def doc_means(store: ActivationStore, layer: int, local_N: np.ndarray, n_docs: i
             sums.index_add_(0, doc, x.double())
             for c in group:
                 for s in range(0, len(x), batch):
-                    codes[c.key].index_add_(0, doc[s:s + batch], c.sae(x[s:s + batch])[1].float())
+                    codes[c.key].index_add_(0, doc[s:s + batch], c.sae.encode(x[s:s + batch]).float())
         bar.update(stop - start)
     n_D = np.bincount(local_N[local_N >= 0], minlength=n_docs).astype(np.float64)
     div = torch.from_numpy(np.maximum(n_D, 1))[:, None]
