@@ -97,3 +97,14 @@ def planted_site(tmp_path_factory: pytest.TempPathFactory, tiny_gemma3: Path, to
                  dtype: str) -> dict[str, Any]:
     """`evaluate browse` of a csae run with a planted feature and a baseline run (planted_site.py)."""
     return build_planted_site(tmp_path_factory.mktemp("browse"), tiny_gemma3, topic_corpus, dtype)
+
+
+@pytest.fixture(scope="module")
+def reference_sae(tmp_path_factory: pytest.TempPathFactory, reference: Path) -> Path:
+    """The layer directory an uninterrupted `train fit` on the reference store writes (the fault tests')."""
+    from faults import TRAIN, run
+
+    out = tmp_path_factory.mktemp("ref-ck") / "ck"
+    proc = run("train", ["fit", "--store", reference, "--out", out, *TRAIN])
+    assert proc.returncode == 0, proc.stderr
+    return out / "seed_0" / "layer_12"

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import load_file
 
 from csae.shared.store.schema import TOKEN_FIELDS, ActivationStore
 
@@ -200,3 +201,11 @@ VERIFY_BAR = """
             super().close()
     tqdm.tqdm = Bar
 """
+
+
+def sae_tensors(layer_dir: Path) -> dict[str, list[float]]:
+    """The SAE's and head's tensors (exact values)."""
+    out = {}
+    for name in ("sae_weights.safetensors", "head.safetensors"):
+        out.update({f"{name}:{k}": v.flatten().tolist() for k, v in load_file(layer_dir / name).items()})
+    return out
