@@ -168,9 +168,6 @@ class Layout:
     def series(run: str, point: str) -> str:
         return f"{run}/{point}" if point else run
 
-    def all_series(self) -> list[str]:
-        return [self.series(r, p) for p in self.points for r in self.runs]
-
     @property
     def main_points(self) -> list[str]:
         """The points trained at every layer."""
