@@ -26,6 +26,8 @@ from csae.shared.files import atomic_write, read_safetensors
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
+#: cfg.json metadata key: the width of the high-level block (the Matryoshka prefix of a T-SAE), absent if none
+HIGH_LEVEL_KEY = "high_level_features"
 
 Activation = Literal["relu", "topk", "jumprelu"]
 #: Our activation -> SAELens 6's `architecture` in cfg.json.
@@ -41,12 +43,16 @@ def topk_relu(p_BF: torch.Tensor, k: int) -> torch.Tensor:
 class SAE(nn.Module):
     """f = act((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec; W_dec rows unit norm; act: `Activation`."""
 
-    def __init__(self, d_in: int, d_sae: int, *, activation: Activation = "relu", k: int = 0,
+    def __init__(self, d_in: int, d_sae: int, *, activation: Activation = "relu", k: int = 0, high_level: int = 0,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
         super().__init__()
         if activation not in SAELENS_ARCHITECTURE or (activation == "topk" and not 0 < k <= d_sae):
             raise ValueError(f"activation {activation!r} with k={k} for {d_sae} features")
+        if not 0 <= high_level < d_sae:
+            raise ValueError(f"high_level={high_level} must be in [0, {d_sae}) (0: no high-level block)")
         self.d_in, self.d_sae, self.activation, self.k = d_in, d_sae, activation, k
+        #: features [0, high_level) are the high-level block (a Matryoshka prefix, T-SAE); 0 = no such block
+        self.high_level = high_level
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **kw))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
@@ -124,7 +130,8 @@ class SAE(nn.Module):
         b_dec (and the threshold) are divided by s; W_enc and the unit-norm W_dec are unchanged. A positive
         scale keeps every activation's choice (the top k, which p pass the threshold).
         """
-        out = SAE(self.d_in, self.d_sae, activation=self.activation, k=self.k, dtype=torch.float32)
+        out = SAE(self.d_in, self.d_sae, activation=self.activation, k=self.k, high_level=self.high_level,
+                  dtype=torch.float32)
         out.load_state_dict({k: v.detach().float() for k, v in self.state_dict().items()})
         out.b_enc.div_(scale)
         out.b_dec.div_(scale)
@@ -139,7 +146,8 @@ class SAE(nn.Module):
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
         atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p),
                      need=sum(t.numel() * 4 for t in tensors.values()))
-        cfg = saelens_cfg(self.d_in, self.d_sae, metadata or {}, activation=self.activation, k=self.k)
+        metadata = {**(metadata or {}), **({HIGH_LEVEL_KEY: self.high_level} if self.high_level else {})}
+        cfg = saelens_cfg(self.d_in, self.d_sae, metadata, activation=self.activation, k=self.k)
         atomic_write(directory / CFG_FILE, lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
 
     @classmethod
@@ -148,7 +156,8 @@ class SAE(nn.Module):
         tensors, _ = read_safetensors(directory / WEIGHTS_FILE)
         d_in, d_sae = tensors["W_enc"].shape
         activation, k = read_activation(directory)
-        sae = cls(int(d_in), int(d_sae), activation=activation, k=k, device=device)
+        sae = cls(int(d_in), int(d_sae), activation=activation, k=k, high_level=read_high_level(directory),
+                  device=device)
         sae.load_state_dict(tensors)
         return sae
 
@@ -160,6 +169,13 @@ def read_activation(directory: Path) -> tuple[Activation, int]:
     cfg = json.loads(path.read_text()) if path.exists() else {}
     ours = {v: k for k, v in SAELENS_ARCHITECTURE.items()}
     return ours.get(cfg.get("architecture", "standard"), "relu"), int(cfg.get("k", 0))  # type: ignore[return-value]
+
+
+def read_high_level(directory: Path) -> int:
+    """The high-level block's width from a saved SAE's cfg.json metadata (0: none)."""
+    path = Path(directory) / CFG_FILE
+    cfg = json.loads(path.read_text()) if path.exists() else {}
+    return int(cfg.get("metadata", {}).get(HIGH_LEVEL_KEY, 0))
 
 
 def saelens_cfg(d_in: int, d_sae: int, metadata: dict[str, Any], *, activation: Activation = "relu",
