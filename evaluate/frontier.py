@@ -5,10 +5,13 @@ are compared at the same L0 only:
 
 - fixed-L0 architectures (topk, batchtopk): the runs at one sweep point have the same k, so the paired comparison
   at each point is at matched L0 by construction; `l0_gaps` checks that their held-out L0 agree within 2%.
-- relu (L0 set indirectly by l1): each figure of a run is interpolated linearly in log L0 between the run's two
-  sweep points that bracket the reference's L0, inside every bootstrap replicate (so the interval includes the
-  interpolation); a reference point outside the run's swept L0 range is not comparable (never extrapolated). The
+- relu (L0 set indirectly by l1): each figure of run A is interpolated linearly in log L0 between A's two
+  sweep points that bracket run B's L0, inside every bootstrap replicate (so the interval includes the
+  interpolation); a point of B outside A's swept L0 range is not comparable (never extrapolated). The
   L0 positions are the seed-mean point values (L0's own interval is far narrower than the gaps between points).
+
+Runs are compared in pairs (A, B), A minus B: `Layout.comparisons` (EvalConfig.pairs; by default every run
+against the reference, the last run given, then every pair of the other runs).
 
 Shape suffixes: B bootstrap replicates, P sweep points.
 """
@@ -30,12 +33,12 @@ L0_AGREEMENT = 0.02
 
 def summarize_points(results: list[FamilyResult], lay: Layout, *, n_resamples: int, confidence: float, seed: int,
                      bounds: Mapping[str, Bounds] | None = None) -> Summary:
-    """Every series' figures with intervals, and each run minus the reference at the same point (paired)."""
+    """Every series' figures with intervals, and each pair's A minus B at the same point (paired)."""
     out = Summary({}, {}, {}, {})
     for i, point in enumerate(lay.points):
         series = [lay.series(r, point) for r in lay.runs]
-        ref = lay.series(lay.reference, point) if lay.reference else None
-        part = summarize(results, series, lay.seeds, lay.point_layers[point], ref, n_resamples=n_resamples,
+        pairs = [(lay.series(a, point), lay.series(b, point)) for a, b in lay.comparisons]
+        part = summarize(results, series, lay.seeds, lay.point_layers[point], pairs, n_resamples=n_resamples,
                          confidence=confidence, seed=seed_of(seed, 31, i), bounds=bounds)
         for mine, theirs in ((out.pooled, part.pooled), (out.diffs, part.diffs), (out.per_seed, part.per_seed),
                              (out.counts, part.counts)):
@@ -43,16 +46,16 @@ def summarize_points(results: list[FamilyResult], lay: Layout, *, n_resamples: i
     return out
 
 
-def l0_gaps(summary: Summary, lay: Layout) -> dict[tuple[str, str, int], float]:
-    """{(run, point, layer): L0 of the run over the reference's L0, minus 1} at every point (fixed-L0 sweeps)."""
+def l0_gaps(summary: Summary, lay: Layout) -> dict[tuple[str, str, str, int], float]:
+    """{(A, B, point, layer): L0 of A over B's L0, minus 1} for every pair at every point (fixed-L0 sweeps)."""
     out = {}
     for point in lay.points:
         for layer in lay.point_layers[point]:
-            ref = summary.pooled.get((lay.series(lay.reference or "", point), layer), {}).get("l0")
-            for run in lay.runs[:-1]:
-                mine = summary.pooled.get((lay.series(run, point), layer), {}).get("l0")
-                if ref is not None and mine is not None and ref.value > 0:
-                    out[run, point, layer] = mine.value / ref.value - 1
+            for a, b in lay.comparisons:
+                mine = summary.pooled.get((lay.series(a, point), layer), {}).get("l0")
+                theirs = summary.pooled.get((lay.series(b, point), layer), {}).get("l0")
+                if theirs is not None and mine is not None and theirs.value > 0:
+                    out[a, b, point, layer] = mine.value / theirs.value - 1
     return out
 
 
@@ -73,11 +76,11 @@ def interpolate_log(l0_P: np.ndarray, y_PB: np.ndarray, at: float) -> np.ndarray
 
 def interpolated(results: list[FamilyResult], lay: Layout, summary: Summary, *, n_resamples: int,
                  confidence: float, seed: int, bounds: Mapping[str, Bounds] | None = None
-                 ) -> dict[tuple[str, str, int], dict[str, Interval]]:
-    """{(run, reference point, layer): {figure: run interpolated at the reference's L0 minus the reference}},
-    for every run but the reference, at every layer that at least two points hold."""
-    out: dict[tuple[str, str, int], dict[str, Interval]] = {}
-    if lay.reference is None:
+                 ) -> dict[tuple[str, str, str, int], dict[str, Interval]]:
+    """{(A, B, B's point, layer): {figure: A interpolated at B's L0 minus B}} for every pair compared, at every
+    layer that at least two points hold."""
+    out: dict[tuple[str, str, str, int], dict[str, Interval]] = {}
+    if not lay.comparisons:
         return out
     for layer in lay.layers:
         points = [p for p in lay.points if layer in lay.point_layers[p]]
@@ -92,7 +95,7 @@ def interpolated(results: list[FamilyResult], lay: Layout, summary: Summary, *, 
 
 
 def _interpolate_family(fam: FamilyResult, lay: Layout, layer: int, points: list[str], l0: dict[str, float],
-                        out: dict[tuple[str, str, int], dict[str, Interval]], **kw: object) -> None:
+                        out: dict[tuple[str, str, str, int], dict[str, Interval]], **kw: object) -> None:
     keys = {lay.series(r, p): [f"{lay.series(r, p)}/seed_{s}/layer_{layer}" for s in lay.seeds]
             for r in lay.runs for p in points}
     if not all(k in fam.figures for ks in keys.values() for k in ks) or len(l0) < len(keys):
@@ -101,34 +104,33 @@ def _interpolate_family(fam: FamilyResult, lay: Layout, layer: int, points: list
     names = sorted(n for n in set.intersection(*[set(f) for fs in figs.values() for f in fs])
                    if all(math.isfinite(f[n].value) and f[n].interval and f[n].resample is not None
                           for fs in figs.values() for f in fs))
-    ref = lay.reference
-    rows = [(run, q, n) for run in lay.runs[:-1] for q in points for n in names]
+    rows = [(a, b, q, n) for a, b in lay.comparisons for q in points for n in names]
     if not rows:
         return
 
     def contrast(pooled: dict[str, dict[str, np.ndarray]]) -> np.ndarray:
         out_rows = []
-        for run, q, n in rows:
-            l0_P = np.array([l0[lay.series(run, p)] for p in points])
-            y_PB = np.stack([pooled[lay.series(run, p)][n] for p in points])
-            out_rows.append(interpolate_log(l0_P, y_PB, l0[lay.series(ref, q)]) - pooled[lay.series(ref, q)][n])  # type: ignore[arg-type]
+        for a, b, q, n in rows:
+            l0_P = np.array([l0[lay.series(a, p)] for p in points])
+            y_PB = np.stack([pooled[lay.series(a, p)][n] for p in points])
+            out_rows.append(interpolate_log(l0_P, y_PB, l0[lay.series(b, q)]) - pooled[lay.series(b, q)][n])
         return np.stack(out_rows)
 
     ints = resample(figs, names, fam.units, contrast, **kw)  # type: ignore[arg-type]
-    for (run, q, n), iv in zip(rows, ints, strict=True):
-        out.setdefault((run, q, layer), {})[n] = iv
+    for (a, b, q, n), iv in zip(rows, ints, strict=True):
+        out.setdefault((a, b, q, layer), {})[n] = iv
 
 
 @dataclass(frozen=True)
 class Matched:
-    """Each run minus the reference at matched L0, per (run, reference point, layer)."""
+    """Each pair's A minus B at matched L0, per (A, B, B's point, layer)."""
 
     method: str
     """"same point" (fixed-L0 architectures), "interpolated in log L0" (relu sweeps) or "same setting, L0 not
     matched" (relu runs with one point: nothing to match along)."""
-    diffs: dict[tuple[str, str, int], dict[str, Interval]]
-    l0: dict[tuple[str, str, int], tuple[float, float]]
-    """The run's L0 (interpolated: the reference's, by construction) and the reference's."""
+    diffs: dict[tuple[str, str, str, int], dict[str, Interval]]
+    l0: dict[tuple[str, str, str, int], tuple[float, float]]
+    """A's L0 (interpolated: B's, by construction) and B's."""
 
     @property
     def matched(self) -> bool:
@@ -141,7 +143,7 @@ UNMATCHED = "same setting, L0 not matched"
 def matched(results: list[FamilyResult], lay: Layout, summary: Summary, *, n_resamples: int, confidence: float,
             seed: int, bounds: Mapping[str, Bounds] | None = None) -> Matched:
     """The comparison at matched L0 that the layout allows (see the module docstring)."""
-    if lay.reference is None:
+    if not lay.comparisons:
         return Matched("none", {}, {})
 
     def l0_of(series: str, layer: int) -> float:
@@ -149,12 +151,12 @@ def matched(results: list[FamilyResult], lay: Layout, summary: Summary, *, n_res
         return iv.value if iv is not None else math.nan
 
     if lay.fixed_l0 or len(lay.points) < 2:
-        diffs = {(r, p, layer): summary.diffs[lay.series(r, p), layer] for p in lay.points
-                 for layer in lay.point_layers[p] for r in lay.runs[:-1]}
-        l0 = {(r, p, layer): (l0_of(lay.series(r, p), layer), l0_of(lay.series(lay.reference, p), layer))
-              for r, p, layer in diffs}
+        diffs = {(a, b, p, layer): summary.diffs[lay.series(a, p), lay.series(b, p), layer] for a, b in lay.comparisons
+                 for p in lay.points for layer in lay.point_layers[p]}
+        l0 = {(a, b, p, layer): (l0_of(lay.series(a, p), layer), l0_of(lay.series(b, p), layer))
+              for a, b, p, layer in diffs}
         return Matched("same point" if lay.fixed_l0 else UNMATCHED, diffs, l0)
     diffs = interpolated(results, lay, summary, n_resamples=n_resamples, confidence=confidence, seed=seed,
                          bounds=bounds)
-    l0 = {(r, p, layer): (l0_of(lay.series(lay.reference, p), layer),) * 2 for r, p, layer in diffs}
+    l0 = {(a, b, p, layer): (l0_of(lay.series(b, p), layer),) * 2 for a, b, p, layer in diffs}
     return Matched("interpolated in log L0", diffs, l0)

@@ -159,10 +159,17 @@ class Layout:
     fixed_l0: bool
     """Every SAE has a fixed-L0 architecture (topk, batchtopk): runs at one point are at matched L0 by
     construction. Otherwise (relu) runs are matched by interpolating along their sweep in log L0."""
+    pairs: tuple[tuple[str, str], ...] = ()
+    """The runs compared, (A, B) for A minus B (EvalConfig.pairs); empty: `default_pairs`."""
 
     @property
     def reference(self) -> str | None:
         return self.runs[-1] if len(self.runs) > 1 else None
+
+    @property
+    def comparisons(self) -> list[tuple[str, str]]:
+        """The pairs compared, (A, B) for A minus B, in report order."""
+        return list(self.pairs) if self.pairs else default_pairs(self.runs)
 
     @staticmethod
     def series(run: str, point: str) -> str:
@@ -177,9 +184,31 @@ class Layout:
         return f"{run}/seed_{seed}/layer_{layer}"
 
 
-def layout(ckpts: list[LayerCheckpoint]) -> Layout:
+def default_pairs(runs: list[str]) -> list[tuple[str, str]]:
+    """Every run minus the reference (the last), then every pair of the other runs in the order given (earlier
+    minus later): csae, tsae, baseline -> (csae, baseline), (tsae, baseline), (csae, tsae)."""
+    if len(runs) < 2:
+        return []
+    ref, others = runs[-1], runs[:-1]
+    return [(r, ref) for r in others] + [(a, b) for i, a in enumerate(others) for b in others[i + 1:]]
+
+
+def parse_pairs(pairs: tuple[str, ...], runs: list[str]) -> tuple[tuple[str, str], ...]:
+    """EvalConfig.pairs ("A:B") as (A, B), each run one of `runs` (a one-line error naming the unknown one)."""
+    out = []
+    for pair in pairs:
+        a, _, b = pair.partition(":")
+        unknown = [r for r in (a, b) if r not in runs]
+        if unknown:
+            raise UserError(f"pairs: {pair!r} names run {unknown[0]!r}, but the runs evaluated are {', '.join(runs)} "
+                            f"(named by their checkpoint directories); list pairs of these")
+        out.append((a, b))
+    return tuple(dict.fromkeys(out))
+
+
+def layout(ckpts: list[LayerCheckpoint], pairs: tuple[str, ...] = ()) -> Layout:
     """Every run must hold the same points and, at each, the same (seed, layer) SAEs, else comparisons would pair
-    unlike things: one-line error naming what is missing where."""
+    unlike things: one-line error naming what is missing where. `pairs`: EvalConfig.pairs."""
     runs = list(dict.fromkeys(c.run for c in ckpts))
     points = list(dict.fromkeys(c.point for c in ckpts))
     have = {(r, p): {(c.seed, c.layer) for c in ckpts if (c.run, c.point) == (r, p)} for r in runs for p in points}
@@ -201,4 +230,5 @@ def layout(ckpts: list[LayerCheckpoint]) -> Layout:
                         f"(`train fit --resume` with the same seeds) or evaluate runs trained alike")
     point_layers = {p: sorted({lay for _, lay in have[runs[0], p]}) for p in points}
     fixed = all(c.info.config.architecture != "relu" for c in ckpts)
-    return Layout(runs, points, seeds, sorted({lay for c in ckpts for lay in [c.layer]}), point_layers, fixed)
+    return Layout(runs, points, seeds, sorted({lay for c in ckpts for lay in [c.layer]}), point_layers, fixed,
+                  parse_pairs(pairs, runs))

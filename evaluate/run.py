@@ -1,10 +1,11 @@
 """`evaluate run`: every metric family for every trained SAE of one or more runs, their intervals and the paired
-comparison of each run with the reference (the last run given), written to an output directory.
+comparisons of runs at matched L0 (each pair A, B of `Layout.comparisons`: by default every run against the
+reference, the last run given, then every pair of the other runs), written to an output directory.
 
     <out>/metrics.json      headline figures per run and layer (seed mean, <name>_lo, <name>_hi) and the
-                            verdicts "<run>_vs_<reference>/layer_<L>" (DVC metrics)
-    <out>/comparison.json   per layer and headline figure: run, reference, difference with its paired interval,
-                            direction of "better", verdict; and how the intervals were formed
+                            verdicts "<A>_vs_<B>/layer_<L>" of each pair (DVC metrics)
+    <out>/comparison.json   per pair, layer and headline figure: both runs' values, A - B with its paired
+                            interval, direction of "better", verdict; the pairs; and how the intervals were formed
     <out>/metrics_all.json  every figure: per run and layer with intervals, and per seed (point values, counts)
     <out>/probing.json      per SAE and topic, the features sparse probing chose at the largest k (the browser's)
     <out>/unlearning.json   the unlearning sweep, chosen setting and test results per SAE
@@ -37,6 +38,7 @@ import torch
 from csae.evaluate.families.downstream import downstream
 from csae.evaluate.families.probing import probing_family
 from csae.evaluate.families.store import store_families
+from csae.evaluate.families.temporal import blocks_of
 from csae.evaluate.families.unlearning.protocol import unlearning
 from csae.evaluate.frontier import Matched, matched, summarize_points
 from csae.evaluate.inputs import LayerCheckpoint, Layout, layout, load_run
@@ -95,7 +97,7 @@ def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path
     cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, cfg.device))  # recorded as resolved in eval_config.json
     store = ActivationStore.open(store_path)
     ckpts = load_checkpoints(store, store_path, checkpoint_dirs)
-    lay = layout(ckpts)
+    lay = layout(ckpts, cfg.pairs)
     if cfg.ce_tokens or cfg.unlearn_known:
         check_local(text_source(store, cfg).dataset)  # before the model loads
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +108,7 @@ def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path
     results, densities = store_families(store, ckpts, cfg, progress)
     timings["store_families_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    probing, chosen = probing_family(store, ckpts, cfg, progress)
+    probing, chosen = probing_family(store, ckpts, cfg, progress, blocks_of(ckpts, densities))
     results += probing
     dump_json(out / "probing.json", chosen, indent=1)
     timings["probing_s"] = time.perf_counter() - t0
@@ -173,12 +175,13 @@ def write_json(out: Path, summary: Summary, match: Matched, lay: Layout, cfg: Ev
     for (series, layer), pooled in summary.pooled.items():
         metrics[f"{series}/layer_{layer}"] = _with_interval(pooled, headline)
         everything[f"{series}/layer_{layer}"] = {**_with_interval(pooled), **_finite(summary.counts[series, layer])}
-    comparison: dict[str, Any] = {"reference": lay.reference, "method": method(cfg, lay, match)}
-    for (run, point, layer), diffs in match.diffs.items():
-        cells = _cells(summary, match, lay, run, point, layer, diffs, headline)
+    comparison: dict[str, Any] = {"reference": lay.reference, "pairs": [list(p) for p in lay.comparisons],
+                                  "method": method(cfg, lay, match)}
+    for (a, b, point, layer), diffs in match.diffs.items():
+        cells = _cells(summary, match, lay, (a, b), point, layer, diffs, headline)
         where = f"{point}/layer_{layer}" if point else f"layer_{layer}"
-        comparison.setdefault(f"{run}_vs_{lay.reference}", {})[where] = cells
-        metrics[f"{run}_vs_{lay.reference}/{where}"] = {k: v["verdict"] for k, v in cells.items() if k != "at_l0"}
+        comparison.setdefault(f"{a}_vs_{b}", {})[where] = cells
+        metrics[f"{a}_vs_{b}/{where}"] = {k: v["verdict"] for k, v in cells.items() if k != "at_l0"}
     for key, values in summary.per_seed.items():
         everything[key] = _finite(values)
     dump_json(out / "metrics.json", metrics)
@@ -187,12 +190,12 @@ def write_json(out: Path, summary: Summary, match: Matched, lay: Layout, cfg: Ev
     return everything
 
 
-def _cells(summary: Summary, match: Matched, lay: Layout, run: str, point: str, layer: int,
+def _cells(summary: Summary, match: Matched, lay: Layout, pair: tuple[str, str], point: str, layer: int,
            diffs: dict[str, Interval], headline: list[str]) -> dict[str, Any]:
-    """comparison.json's cells of one (run, point, layer): the L0 compared at, then per headline figure both runs'
-    values (the run's only where it was measured there, not interpolated), the difference and the verdict."""
-    ref = lay.reference or ""
-    l0_run, l0_ref = match.l0[run, point, layer]
+    """comparison.json's cells of one pair (run A, run B) at (point, layer): the L0 compared at, then per headline
+    figure both runs' values (A's only where it was measured there, not interpolated), A - B and the verdict."""
+    run, ref = pair
+    l0_run, l0_ref = match.l0[run, ref, point, layer]
     cells: dict[str, Any] = {"at_l0": _finite({run: l0_run, ref: l0_ref})}
     for name in (n for n in headline if n in diffs):
         d, ours = diffs[name], summary.pooled.get((lay.series(run, point), layer), {}).get(name)
@@ -212,6 +215,8 @@ def method(cfg: EvalConfig, lay: Layout, match: Matched) -> dict[str, Any]:
             "resampled": "documents (clusters; forget and retain documents separately) and training seeds, with "
                          "replacement; runs paired (same documents and seeds in every run and point)",
             "seeds": lay.seeds, "points": lay.points,
-            "comparison": "each run minus the reference run (the last --checkpoints) at matched L0: " + match.method,
+            "comparison": "each pair A_vs_B: A minus B at matched L0 (pairs: evaluate's `pairs`; by default each "
+                          "run minus the reference, the last --checkpoints, then each pair of the other runs): "
+                          + match.method,
             "verdict": "better/worse when the paired interval excludes 0 (direction per figure), else no detectable "
-                       "difference; 'not comparable' where the reference's L0 lies outside the run's swept range"}
+                       "difference; 'not comparable' where B's L0 lies outside A's swept range"}

@@ -167,19 +167,19 @@ def _seed_mean(v_BS: np.ndarray, values: list[np.ndarray], bounds: Bounds | None
 class Comparison:
     runs: dict[str, dict[str, Interval]]
     """{run: {figure: its seed mean and interval}}."""
-    diffs: dict[str, dict[str, Interval]]
-    """{run: {figure: run minus the reference run, with a paired interval}} for every run but the reference."""
+    diffs: dict[tuple[str, str], dict[str, Interval]]
+    """{(A, B): {figure: A minus B, with a paired interval}} for every pair compared."""
     n_docs: tuple[int, ...]
     n_seeds: int
 
 
-def bootstrap(figures: dict[str, Sequence[dict[str, Figure]]], units: Units, reference: str | None, *,
-              n_resamples: int, confidence: float, seed: int, bounds: Mapping[str, Bounds] | None = None
-              ) -> Comparison:
+def bootstrap(figures: dict[str, Sequence[dict[str, Figure]]], units: Units,
+              pairs: Sequence[tuple[str, str]] | None, *, n_resamples: int, confidence: float, seed: int,
+              bounds: Mapping[str, Bounds] | None = None) -> Comparison:
     """Seed-mean values, intervals and paired differences of every figure common to all runs.
 
-    figures: {run: [one {name: Figure} per seed, seeds in the same order in every run]}. reference: the
-    run the others are compared with (None: no comparison). Figures that depend on documents get the paired
+    figures: {run: [one {name: Figure} per seed, seeds in the same order in every run]}. pairs: (A, B) for
+    each difference A minus B formed (None or empty: no comparison). Figures that depend on documents get the paired
     two-level bootstrap; figures that depend on the seeds only (decoder geometry) a t interval over seeds,
     since a bootstrap of two or three values cannot estimate their spread; with one seed they get none.
     """
@@ -187,7 +187,7 @@ def bootstrap(figures: dict[str, Sequence[dict[str, Figure]]], units: Units, ref
     n_seeds = len(figures[runs[0]])
     if any(len(v) != n_seeds for v in figures.values()):
         raise ValueError("every run needs the same seeds")
-    others = [r for r in runs if r != reference] if reference is not None else []
+    pairs = list(pairs or [])
     common = sorted(set.intersection(*[set(d) for per_run in figures.values() for d in per_run]))
     usable = [n for n in common if all(math.isfinite(d[n].value) and d[n].interval
                                        for per_run in figures.values() for d in per_run)]
@@ -198,20 +198,21 @@ def bootstrap(figures: dict[str, Sequence[dict[str, Figure]]], units: Units, ref
         return np.array([d[n].value for d in figures[r]])
 
     out_runs: dict[str, dict[str, Interval]] = {r: {} for r in runs}
-    out_diffs: dict[str, dict[str, Interval]] = {r: {} for r in others}
+    out_diffs: dict[tuple[str, str], dict[str, Interval]] = {pair: {} for pair in pairs}
     bounds = bounds or {}
     for n in by_seeds:
         b = bounds.get(n)
         for r in runs:
             out_runs[r][n] = _t_interval(per_seed(r, n), confidence, b)
-        for r in others:
-            out_diffs[r][n] = _t_interval(per_seed(r, n) - per_seed(reference, n), confidence,  # type: ignore[arg-type]
-                                          None if b is None else (b[0] - b[1], b[1] - b[0]))
+        for a, c in pairs:
+            out_diffs[a, c][n] = _t_interval(per_seed(a, n) - per_seed(c, n), confidence,
+                                             None if b is None else (b[0] - b[1], b[1] - b[0]))
     if by_docs:
-        rows = [(r, n) for r in runs for n in by_docs] + [(r, n) for r in others for n in by_docs]
-        ints = _resampled(figures, by_docs, units, reference, others, n_resamples, confidence, seed, bounds)
-        for i, (r, n) in enumerate(rows):
-            (out_runs if i < len(runs) * len(by_docs) else out_diffs)[r][n] = ints[i]
+        ints = _resampled(figures, by_docs, units, pairs, n_resamples, confidence, seed, bounds)
+        for i, (r, n) in enumerate((r, n) for r in runs for n in by_docs):
+            out_runs[r][n] = ints[i]
+        for i, (pair, n) in enumerate((pair, n) for pair in pairs for n in by_docs):
+            out_diffs[pair][n] = ints[len(runs) * len(by_docs) + i]
     return Comparison(out_runs, out_diffs, units.strata, n_seeds)
 
 
@@ -272,16 +273,15 @@ def resample(figures: dict[str, Sequence[dict[str, Figure]]], names: list[str], 
             for p, a, b in zip(point, lo, hi, strict=True)]
 
 
-def _resampled(figures: dict[str, Sequence[dict[str, Figure]]], names: list[str], units: Units, reference: str | None,
-               others: list[str], n_resamples: int, confidence: float, seed: int,
+def _resampled(figures: dict[str, Sequence[dict[str, Figure]]], names: list[str], units: Units,
+               pairs: list[tuple[str, str]], n_resamples: int, confidence: float, seed: int,
                bounds: Mapping[str, Bounds] | None = None) -> list[Interval]:
-    """Each run's seed mean (runs x names), then each other run's difference from the reference (others x
-    names), paired."""
+    """Each run's seed mean (runs x names), then each pair's difference A - B (pairs x names), paired."""
     runs = list(figures)
 
     def contrast(pooled: dict[str, dict[str, np.ndarray]]) -> np.ndarray:
         rows = [pooled[r][n] for r in runs for n in names]
-        rows += [pooled[r][n] - pooled[reference][n] for r in others for n in names]  # type: ignore[index]
+        rows += [pooled[a][n] - pooled[b][n] for a, b in pairs for n in names]
         return np.stack(rows)
 
     return resample(figures, names, units, contrast, n_resamples=n_resamples, confidence=confidence, seed=seed,
@@ -289,7 +289,7 @@ def _resampled(figures: dict[str, Sequence[dict[str, Figure]]], names: list[str]
 
 
 def verdict(diff: Interval, higher_is_better: bool) -> Verdict:
-    """better / worse when the paired interval of (run - reference) excludes 0, else no detectable difference."""
+    """better / worse when the paired interval of (A - B) excludes 0, else no detectable difference."""
     if diff.lo > 0:
         return "better" if higher_is_better else "worse"
     if diff.hi < 0:
@@ -303,8 +303,8 @@ class Summary:
 
     pooled: dict[tuple[str, int], dict[str, Interval]]
     """Seed means with intervals (lo = hi = NaN for figures reported without one)."""
-    diffs: dict[tuple[str, int], dict[str, Interval]]
-    """run minus the reference run, paired intervals (every run but the reference)."""
+    diffs: dict[tuple[str, str, int], dict[str, Interval]]
+    """{(A, B, layer): A minus B with paired intervals} for every pair compared (A, B: series)."""
     per_seed: dict[str, dict[str, float]]
     """{checkpoint key: point values and extras}."""
     counts: dict[tuple[str, int], dict[str, float]]
@@ -312,12 +312,13 @@ class Summary:
 
 
 def summarize(results: list[FamilyResult], runs: list[str], seeds: list[int], layers: list[int],
-              reference: str | None, *, n_resamples: int, confidence: float, seed: int,
+              pairs: Sequence[tuple[str, str]] | None, *, n_resamples: int, confidence: float, seed: int,
               bounds: Mapping[str, Bounds] | None = None) -> Summary:
-    """Bootstrap every family's figures layer by layer (all runs and seeds of a layer share the documents)."""
+    """Bootstrap every family's figures layer by layer (all runs and seeds of a layer share the documents);
+    pairs: (A, B) of runs for each difference A - B."""
+    pairs = list(pairs or [])
     pooled: dict[tuple[str, int], dict[str, Interval]] = {(r, lay): {} for r in runs for lay in layers}
-    diffs: dict[tuple[str, int], dict[str, Interval]] = {(r, lay): {} for r in runs if r != reference
-                                                         for lay in layers}
+    diffs: dict[tuple[str, str, int], dict[str, Interval]] = {(a, b, lay): {} for a, b in pairs for lay in layers}
     per_seed: dict[str, dict[str, float]] = {}
     counts: dict[tuple[str, int], dict[str, float]] = {(r, lay): {} for r in runs for lay in layers}
     for i, fam in enumerate(results):
@@ -330,7 +331,7 @@ def summarize(results: list[FamilyResult], runs: list[str], seeds: list[int], la
             if not all(k in fam.figures for ks in keys.values() for k in ks):
                 continue
             figs = {r: [fam.figures[k] for k in ks] for r, ks in keys.items()}
-            comp = bootstrap(figs, fam.units, reference, n_resamples=n_resamples, confidence=confidence,
+            comp = bootstrap(figs, fam.units, pairs, n_resamples=n_resamples, confidence=confidence,
                              seed=seed_of(seed, 8, layer, i), bounds=bounds)
             for r in runs:
                 pooled[r, layer].update(comp.runs[r])
@@ -339,6 +340,6 @@ def summarize(results: list[FamilyResult], runs: list[str], seeds: list[int], la
                                                       math.nan)
                 for name in set.intersection(*[set(fam.extras.get(k, {})) for k in keys[r]]):
                     counts[r, layer][name] = float(np.mean([fam.extras[k][name] for k in keys[r]]))
-            for r in comp.diffs:
-                diffs[r, layer].update(comp.diffs[r])
+            for a, b in comp.diffs:
+                diffs[a, b, layer].update(comp.diffs[a, b])
     return Summary(pooled, diffs, per_seed, counts)

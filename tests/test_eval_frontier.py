@@ -4,6 +4,7 @@ and intervals that stay in a figure's range (evaluate/stats.py), with their cove
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -74,9 +75,10 @@ def test_planted_differences_are_found_with_intervals_that_cover_them(shape: str
                        "baseline": tuple((x, curve(x)) for x in REF_L0)}, rng)
         _, match = compare(fam, layout(["csae", "baseline"], 4), seed=draw, n=300)
         assert match.method == "interpolated in log L0"
-        assert math.isnan(match.diffs["csae", "p0", LAYER]["y"].value)  # 16 lies below csae's swept 20: no answer
+        # 16 lies below csae's swept 20: no answer
+        assert math.isnan(match.diffs["csae", "baseline", "p0", LAYER]["y"].value)
         for i in (1, 2, 3):
-            d = match.diffs["csae", f"p{i}", LAYER]["y"]
+            d = match.diffs["csae", "baseline", f"p{i}", LAYER]["y"]
             covered.append(d.lo <= planted_diff(REF_L0[i]) <= d.hi)
             verdicts.append((i, verdict(d, True)))
     assert np.mean(covered) >= 0.85, np.mean(covered)
@@ -107,11 +109,11 @@ def test_density_alone_is_not_an_advantage() -> None:
     fam = planted({"csae": tuple((1.5 * x, curve(1.5 * x)) for x in REF_L0),
                    "baseline": tuple((x, curve(x)) for x in REF_L0)}, rng, noise=0.02)
     summary, match = compare(fam, layout(["csae", "baseline"], 4))
-    same_setting = [verdict(summary.diffs[f"csae/p{i}", LAYER]["y"], True) for i in range(4)]
+    same_setting = [verdict(summary.diffs[f"csae/p{i}", f"baseline/p{i}", LAYER]["y"], True) for i in range(4)]
     assert same_setting.count("better") >= 3  # what the unmatched comparison would have said
-    assert math.isnan(match.diffs["csae", "p0", LAYER]["y"].value)  # 16 < 24: outside the CSAE's sweep
+    assert math.isnan(match.diffs["csae", "baseline", "p0", LAYER]["y"].value)  # 16 < 24: outside the CSAE's sweep
     for i in (1, 2, 3):
-        d = match.diffs["csae", f"p{i}", LAYER]["y"]
+        d = match.diffs["csae", "baseline", f"p{i}", LAYER]["y"]
         assert verdict(d, True) == "no detectable difference", (i, d)
 
 
@@ -122,9 +124,9 @@ def test_fixed_l0_sweeps_pair_runs_at_the_same_point() -> None:
     _, match = compare(fam, layout(["csae", "baseline"], 4, fixed=True))
     assert match.method == "same point"
     for i, x in enumerate(REF_L0):
-        d = match.diffs["csae", f"p{i}", LAYER]["y"]
+        d = match.diffs["csae", "baseline", f"p{i}", LAYER]["y"]
         assert d.lo <= 0.04 <= d.hi and verdict(d, True) == "better"
-        assert match.l0["csae", f"p{i}", LAYER] == pytest.approx((x, x))
+        assert match.l0["csae", "baseline", f"p{i}", LAYER] == pytest.approx((x, x))
 
 
 def _bounded_seed_figures(rng: np.random.Generator, mean: float, n_seeds: int) -> list[dict]:
@@ -157,3 +159,54 @@ def test_bounded_intervals_stay_in_range_and_cover(n_seeds: int) -> None:
     # without the range, the same seed values give an interval past 1 (the problem this fixes)
     plain = _t_interval(np.array([0.99, 0.80]), 0.95)
     assert plain.hi > 1.0 and _t_interval(np.array([0.99, 0.80]), 0.95, (-1.0, 1.0)).hi <= 1.0
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_three_runs_give_every_pair_its_planted_difference(fixed: bool) -> None:
+    """Runs csae, tsae, baseline with planted offsets +0.06, +0.03, 0 on the baseline's frontier. The default pairs
+    are csae - baseline, tsae - baseline and csae - tsae (the two contrastive runs against each other), each found
+    with its planted difference (0.06, 0.03, 0.03) inside its interval in >= 85% of draws. Fixed L0: all runs at the
+    reference's L0, compared point by point. Relu sweeps: csae and tsae swept at other L0 than the baseline and than
+    each other, so csae is interpolated at tsae's L0 (the curve is linear in log L0, so exactly) and tsae's first
+    point (18) lies below csae's sweep (20), the baseline's (16) below both: not comparable."""
+    offsets = {"csae": 0.06, "tsae": 0.03, "baseline": 0.0}
+    sweeps = {"csae": (20.0, 45.0, 90.0, 150.0), "tsae": (18.0, 40.0, 80.0, 140.0), "baseline": REF_L0}
+    want = {("csae", "baseline"): 0.06, ("tsae", "baseline"): 0.03, ("csae", "tsae"): 0.03}
+    lay = layout(list(offsets), 4, fixed)
+    assert lay.comparisons == list(want)
+    covered = []
+    for draw in range(20):
+        rng = np.random.default_rng(50 + draw)
+        fam = planted({r: tuple((x, curve(x) + off) for x in (REF_L0 if fixed else sweeps[r]))
+                       for r, off in offsets.items()}, rng, noise=0.02)
+        _, match = compare(fam, lay, seed=draw, n=300)
+        assert set(match.diffs) == {(a, b, f"p{i}", LAYER) for a, b in want for i in range(4)}
+        for (a, b), planted_diff in want.items():
+            for i in range(4):
+                d = match.diffs[a, b, f"p{i}", LAYER]["y"]
+                if not fixed and i == 0:  # 16 (baseline) lies below 18 and 20, and 18 (tsae) below csae's 20
+                    assert math.isnan(d.value)
+                    continue
+                assert d.value == pytest.approx(planted_diff, abs=0.02), (a, b, i, d)
+                covered.append(d.lo <= planted_diff <= d.hi)
+        if fixed:  # differences of seed means are additive: (csae - tsae) = (csae - base) - (tsae - base) exactly
+            for i in range(4):
+                got = [match.diffs[a, b, f"p{i}", LAYER]["y"].value for a, b in want]
+                assert got[2] == pytest.approx(got[0] - got[1], abs=1e-12)
+    assert np.mean(covered) >= 0.85, np.mean(covered)
+
+
+def test_pairs_can_be_chosen() -> None:
+    """An explicit list of pairs (EvalConfig.pairs) replaces the default: only those differences, in that order,
+    and B - A is minus A - B."""
+    rng = np.random.default_rng(7)
+    fam = planted({r: tuple((x, curve(x) + off) for x in REF_L0) for r, off in
+                   (("csae", 0.06), ("tsae", 0.03), ("baseline", 0.0))}, rng, noise=0.02)
+    lay = replace(layout(["csae", "tsae", "baseline"], 4, True), pairs=(("baseline", "tsae"),))
+    _, match = compare(fam, lay)
+    assert {k[:2] for k in match.diffs} == {("baseline", "tsae")}
+    default = compare(fam, layout(["csae", "tsae", "baseline"], 4, True))[1]
+    for i in range(4):
+        mine = match.diffs["baseline", "tsae", f"p{i}", LAYER]["y"]
+        theirs = default.diffs["tsae", "baseline", f"p{i}", LAYER]["y"]
+        assert mine.value == pytest.approx(-theirs.value, abs=1e-12)

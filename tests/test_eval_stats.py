@@ -93,37 +93,38 @@ def _runs(delta: float, rng: np.random.Generator, n_seeds: int = 2) -> dict[str,
 def test_paired_comparison_finds_a_planted_advantage_and_nothing_between_identical_runs() -> None:
     rng = np.random.default_rng(2)
     runs = _runs(0.3, rng)
-    comp = bootstrap(runs, Units((60,)), "baseline", n_resamples=1000, confidence=0.95, seed=0)
-    d = comp.diffs["csae"]["m"]
+    comp = bootstrap(runs, Units((60,)), [("csae", "baseline")], n_resamples=1000, confidence=0.95, seed=0)
+    d = comp.diffs["csae", "baseline"]["m"]
     assert d.value == pytest.approx(0.3) and d.lo > 0 and verdict(d, higher_is_better=True) == "better"
     assert verdict(d, higher_is_better=False) == "worse"
-    assert verdict(comp.diffs["csae"]["geometry"], higher_is_better=False) == "better"  # both seeds agree
+    assert verdict(comp.diffs["csae", "baseline"]["geometry"], higher_is_better=False) == "better"  # both seeds agree
 
     same = {"csae": runs["baseline"], "baseline": runs["baseline"]}
-    comp = bootstrap(same, Units((60,)), "baseline", n_resamples=1000, confidence=0.95, seed=0)
-    assert all(iv == Interval(0.0, 0.0, 0.0) for iv in comp.diffs["csae"].values())
-    assert all(verdict(iv, True) == "no detectable difference" for iv in comp.diffs["csae"].values())
+    comp = bootstrap(same, Units((60,)), [("csae", "baseline")], n_resamples=1000, confidence=0.95, seed=0)
+    assert all(iv == Interval(0.0, 0.0, 0.0) for iv in comp.diffs["csae", "baseline"].values())
+    assert all(verdict(iv, True) == "no detectable difference" for iv in comp.diffs["csae", "baseline"].values())
 
-    swapped = bootstrap({"baseline": runs["baseline"], "csae": runs["csae"]}, Units((60,)), "csae",
+    swapped = bootstrap({"baseline": runs["baseline"], "csae": runs["csae"]}, Units((60,)), [("baseline", "csae")],
                         n_resamples=1000, confidence=0.95, seed=0)
-    assert verdict(swapped.diffs["baseline"]["m"], True) == "worse"
-    assert swapped.diffs["baseline"]["m"].value == pytest.approx(-0.3)
+    assert verdict(swapped.diffs["baseline", "csae"]["m"], True) == "worse"
+    assert swapped.diffs["baseline", "csae"]["m"].value == pytest.approx(-0.3)
 
 
 def test_pairing_removes_the_shared_document_noise() -> None:
     """Both runs see the same documents, so document-level noise shared by the runs cancels in the paired
     difference: its interval is much narrower than either run's own interval."""
     rng = np.random.default_rng(3)
-    comp = bootstrap(_runs(0.05, rng), Units((60,)), "baseline", n_resamples=1000, confidence=0.95, seed=1)
-    assert comp.diffs["csae"]["m"].width < 0.5 * comp.runs["baseline"]["m"].width
-    assert comp.diffs["csae"]["m"].lo > 0
+    comp = bootstrap(_runs(0.05, rng), Units((60,)), [("csae", "baseline")], n_resamples=1000, confidence=0.95, seed=1)
+    assert comp.diffs["csae", "baseline"]["m"].width < 0.5 * comp.runs["baseline"]["m"].width
+    assert comp.diffs["csae", "baseline"]["m"].lo > 0
 
 
 def test_no_interval_without_anything_to_resample() -> None:
     """One seed and a figure that does not depend on documents: no interval, so no verdict can be drawn."""
     rng = np.random.default_rng(4)
-    comp = bootstrap(_runs(0.3, rng, n_seeds=1), Units((60,)), "baseline", n_resamples=200, confidence=0.95, seed=0)
-    assert "geometry" not in comp.diffs["csae"] and "m" in comp.diffs["csae"]
+    comp = bootstrap(_runs(0.3, rng, n_seeds=1), Units((60,)), [("csae", "baseline")], n_resamples=200,
+                     confidence=0.95, seed=0)
+    assert "geometry" not in comp.diffs["csae", "baseline"] and "m" in comp.diffs["csae", "baseline"]
 
 
 def test_strata_are_resampled_separately() -> None:

@@ -7,6 +7,7 @@ Shape suffixes: N rows, D documents, M model width, F features.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,8 @@ class HeldoutRows:
     topic_D: np.ndarray | None
     """Topic index of each document (-1: none); None when the store has no topics."""
     n_topics: int
+    pos_N: np.ndarray | None = None
+    """Position of each row in its sequence (store numbering: BOS is 0, never stored)."""
 
     @property
     def n_docs(self) -> int:
@@ -56,7 +59,8 @@ def heldout_rows(store: ActivationStore, layer: int, start: int, stop: int) -> H
     topic_D = None
     if store.topics and "docs/topic" in store.group:
         topic_D = store.docs("topic").astype(np.int64)[docs[order]]
-    return HeldoutRows(layer, start, stop, x, doc_N, store.tokens("seq")[start:stop], topic_D, len(store.topics))
+    return HeldoutRows(layer, start, stop, x, doc_N, store.tokens("seq")[start:stop], topic_D, len(store.topics),
+                       store.tokens("pos")[start:stop])
 
 
 @dataclass
@@ -86,7 +90,9 @@ class SaePass:
 
 
 @torch.inference_mode()
-def sae_pass(sae: torch.nn.Module, rows: HeldoutRows, batch: int) -> SaePass:
+def sae_pass(sae: torch.nn.Module, rows: HeldoutRows, batch: int,
+             on_batch: Callable[[int, torch.Tensor], None] | None = None) -> SaePass:
+    """The per-document sums of one pass; on_batch(first row, features) sees every batch's features in row order."""
     d, f = rows.n_docs, sae.d_sae
     sums = {k: torch.zeros(d, dtype=torch.float64) for k in ("n", "err", "xx", "hh", "xh", "cos", "l2r", "nz", "l0",
                                                              "l1")}
@@ -96,6 +102,8 @@ def sae_pass(sae: torch.nn.Module, rows: HeldoutRows, batch: int) -> SaePass:
     for s in range(0, len(rows.x_NM), batch):
         x, doc = rows.x_NM[s:s + batch], doc_N[s:s + batch]
         x_hat, f_NF = sae(x)
+        if on_batch is not None:
+            on_batch(s, f_NF)
         x64, h64 = x.double(), x_hat.double()
         norm_x, norm_h = x64.norm(dim=1), h64.norm(dim=1)
         nonzero = norm_x > 0

@@ -154,6 +154,15 @@ def sparse_probing(x_DF: np.ndarray, sets: ProbeSets, ks: tuple[int, ...],
     return figs, chosen
 
 
+def block_probing(x_DF: np.ndarray, block: np.ndarray | None, sets: ProbeSets,
+                  ks: tuple[int, ...]) -> dict[str, Figure]:
+    """`probe_block_acc_k<k>`: the same sparse probing with only the block's features to choose from (T-SAE's
+    high-level block, or the features matched to it on firing rate); {} without a block."""
+    if block is None:
+        return {}
+    return sparse_probing(x_DF[:, block], sets, ks, "probe_block_acc_k")[0]
+
+
 def full_probes(resid_DM: np.ndarray, sets: ProbeSets) -> tuple[list[LogisticRegression], Figure]:
     """The full-width residual probe of each usable topic (the ceiling; TPP's probes) and its accuracy."""
     topics = np.flatnonzero(sets.usable)
@@ -242,10 +251,12 @@ def probe_task(store: ActivationStore, cfg: EvalConfig) -> ProbeTask:
     return ProbeTask(docs, local_N, topic_D, test_D, sets)
 
 
-def probing_family(store: ActivationStore, ckpts: list[LayerCheckpoint], cfg: EvalConfig,
-                   progress: bool) -> tuple[list[FamilyResult], dict[str, dict[str, list[int]]]]:
+def probing_family(store: ActivationStore, ckpts: list[LayerCheckpoint], cfg: EvalConfig, progress: bool,
+                   blocks: dict[str, np.ndarray] | None = None
+                   ) -> tuple[list[FamilyResult], dict[str, dict[str, list[int]]]]:
     """(one FamilyResult per layer, {checkpoint key: {topic: features chosen at the largest k}}); nothing when
-    `probe_docs` is 0 or the store has no topics."""
+    `probe_docs` is 0 or the store has no topics. blocks: {checkpoint key: the features of its high-level block
+    (temporal.blocks_of)}, probed on their own too (`block_probing`)."""
     if not cfg.probe_docs or not store.topics or "docs/topic" not in store.group:
         return [], {}
     task, topics = probe_task(store, cfg), list(store.topics)
@@ -271,7 +282,8 @@ def probing_family(store: ActivationStore, ckpts: list[LayerCheckpoint], cfg: Ev
             figs, picked = sparse_probing(means.codes[c.key], sets, cfg.probe_ks, "probe_acc_k")
             w_dec = c.sae.W_dec.detach().float().numpy()
             figs.update(tpp_figures(means.codes[c.key], w_dec, means.resid_DM, sets, probes, cfg.tpp_ns))
-            figures[c.key] = {**figs, **ref}
+            figures[c.key] = {**figs, **ref, **block_probing(means.codes[c.key], (blocks or {}).get(c.key), sets,
+                                                             cfg.probe_ks)}
             chosen[c.key] = {topics[t]: picked[max(cfg.probe_ks)][j].tolist() for j, t in enumerate(usable)}
         results.append(FamilyResult(Units((len(sets.test_docs),)), figures, {c.key: extras for c in group}))
     bar.close()

@@ -1,6 +1,7 @@
 """The families computed from the store's held-out tail (reconstruction/sparsity, contrastive with decoder
-geometry and co-activation, topic), composed per layer: all checkpoints of a layer share its held-out rows,
-so their figures are resampled over the same documents."""
+geometry and co-activation, topic, smoothness along sequences), composed per layer: all checkpoints of a layer
+share its held-out rows, so their figures are resampled over the same documents. SAEs with a high-level block
+(T-SAE) come first in a layer, so the others can be matched to their block on firing rate (temporal.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from csae.evaluate.families.contrastive import contrastive_figures
 from csae.evaluate.families.disentanglement import disentanglement_figures
 from csae.evaluate.families.heldout import heldout_range, heldout_rows, sae_pass, training_sample
 from csae.evaluate.families.reconstruction import reconstruction_figures
+from csae.evaluate.families.temporal import LagSums, block_features, smoothness_figures
 from csae.evaluate.families.topic import topic_figures
 from csae.evaluate.inputs import LayerCheckpoint
 from csae.evaluate.stats import FamilyResult, Units, seed_of
@@ -40,15 +42,19 @@ def store_families(store: ActivationStore, ckpts: list[LayerCheckpoint], cfg: Ev
         rows = heldout_rows(store, layer, start, stop)
         train_x, train_seq = training_sample(store, layer, start, cfg.head_rows, seed_of(cfg.seed, 4, layer))
         figures, extras = {}, {}
-        for ckpt in group:
-            p = sae_pass(ckpt.sae, rows, cfg.sae_batch_size)
+        for ckpt in sorted(group, key=lambda c: not c.sae.high_level):  # blocks first: the others match them
+            lags = LagSums(rows, ckpt.sae.d_sae)
+            p = sae_pass(ckpt.sae, rows, cfg.sae_batch_size, lags.add)
+            densities[ckpt.key] = p.fires_DF.sum(axis=0) / max(len(rows.x_NM), 1)
             figs = reconstruction_figures(p, cfg.dense_thresholds)
+            smooth, smooth_ext = smoothness_figures(lags, block_features(ckpt, group, densities))
+            figs.update(smooth)
             live = torch.from_numpy(np.flatnonzero(p.fires_DF.sum(axis=0) > 0))
             gen = torch.Generator().manual_seed(seed_of(cfg.seed, 7, layer, ckpt.seed))
             figs.update(disentanglement_figures(ckpt.sae, rows.x_NM, live, cfg.coact_features, gen,
                                                 cfg.sae_batch_size))
             ext: dict[str, float] = {"eval_rows": len(rows.x_NM), "eval_docs": rows.n_docs,
-                                     "dead_features": int((p.fires_DF.sum(axis=0) == 0).sum())}
+                                     "dead_features": int((p.fires_DF.sum(axis=0) == 0).sum()), **smooth_ext}
             if rows.topic_D is not None:
                 topic, topic_ext = topic_figures(p.fires_DF, p.n_D, rows.topic_D, rows.n_topics,
                                                  min_fires=cfg.topic_min_fires, permutations=cfg.topic_permutations,
@@ -60,7 +66,6 @@ def store_families(store: ActivationStore, ckpts: list[LayerCheckpoint], cfg: Ev
             figs.update(con)
             ext.update(con_ext)
             figures[ckpt.key], extras[ckpt.key] = figs, ext
-            densities[ckpt.key] = p.fires_DF.sum(axis=0) / max(len(rows.x_NM), 1)
             bar.update(1)
         results.append(FamilyResult(Units((rows.n_docs,)), figures, extras))
     bar.close()

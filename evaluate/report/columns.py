@@ -19,7 +19,10 @@ class Column:
 
 #: Headline figures, in report order (sparse probing and TPP at the default k and N; other values of probe_ks
 #: and tpp_ns are in metrics_all.json). L0 counts as better when lower: at equal reconstruction a sparser code
-#: is the goal, but read it together with explained variance (a trade-off, not a free win).
+#: is the goal, but read it together with explained variance (a trade-off, not a free win). The block figures
+#: (T-SAE's high-level block, or features matched to it on firing rate: evaluate/families/temporal.py) exist only
+#: when a run with a block is evaluated; smoothness counts as better when higher, T-SAE's stated aim for that
+#: block (slowly varying, sequence-level features), not a quality of every feature.
 HEADLINE = (
     Column("explained_variance", "expl. var", higher_is_better=True),
     Column("ce_score", "CE score", higher_is_better=True),
@@ -33,6 +36,8 @@ HEADLINE = (
     Column("topic_excess", "topic excess", "{:.4f}", higher_is_better=True),
     *(Column(f"probe_acc_k{k}", f"sparse probe acc k={k}", higher_is_better=True) for k in EvalConfig.probe_ks),
     *(Column(f"tpp_n{n}", f"TPP N={n}", "{:.4f}", higher_is_better=True) for n in EvalConfig.tpp_ns),
+    *(Column(f"probe_block_acc_k{k}", f"block probe acc k={k}", higher_is_better=True) for k in EvalConfig.probe_ks),
+    Column("smoothness_block", "smoothness (block)", higher_is_better=True),
     Column("unlearn_U", "U", higher_is_better=True),
     Column("unlearn_U_minus_random", "U - U_rand", higher_is_better=True),
     Column("unlearn_U_CE", "U_CE", higher_is_better=True),
@@ -45,6 +50,7 @@ SECONDARY = (
     Column("dense_fraction_0.01", "dense>1%"), Column("heldout_trained_infonce", "InfoNCE (trained head)"),
     Column("heldout_sim_gap", "sim gap (fresh)"), Column("coactivation_mean_abs_corr", "coact |corr|"),
     Column("topic_significant_fraction", "topic-significant"), Column("topic_entropy_ratio", "topic H ratio"),
+    Column("smoothness_all", "smoothness (all features)"),
     *(Column(f"probe_resid_acc_k{k}", f"residual top-{k} probe acc") for k in EvalConfig.probe_ks),
     Column("probe_resid_acc_full", "residual full probe acc"),
     Column("unlearn_A_retain", "A_retain"), Column("unlearn_U_random", "U_rand"),
@@ -59,5 +65,5 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "cosine": (-1.0, 1.0), "dec_max_cos": (-1.0, 1.0), "dec_mean_abs_cos": (0.0, 1.0), "dead_fraction": (0.0, 1.0),
     "dense_fraction_0.01": (0.0, 1.0), "dense_fraction_0.1": (0.0, 1.0), "topic_significant_fraction": (0.0, 1.0),
     "unlearn_A_retain": (0.0, 1.0), "unlearn_A_forget": (0.0, 1.0), "unlearn_U": (0.0, 1.0),
-    "unlearn_U_random": (0.0, 1.0), "coactivation_mean_abs_corr": (0.0, 1.0),
+    "unlearn_U_random": (0.0, 1.0), "coactivation_mean_abs_corr": (0.0, 1.0), "smoothness_block": (-1.0, 1.0),
 }

@@ -25,14 +25,15 @@ def _cell(iv: Interval | None, fmt: str) -> str:
 
 
 def verdict_table(summary: Summary, match: Matched, lay: Layout) -> list[str]:
-    """Markdown: per headline figure and (point, layer), the verdict at matched L0 and the paired difference with
-    its interval."""
+    """Markdown, one table per pair (A, B): per headline figure and (point, layer), the verdict at matched L0 and
+    the paired difference A - B with its interval."""
     lines = []
     cols = [(p, layer) for p in lay.points for layer in lay.point_layers[p]]
-    for run in lay.runs[:-1]:
-        heads = [f"{p + ' ' if p else ''}L{layer} (L0 {_l0(match, run, p, layer)})" for p, layer in cols]
-        lines += [f"## {run} vs {lay.reference} at matched L0: verdicts", "",
-                  f"Difference {run} - {lay.reference} with its paired interval, compared {match.method}; a verdict "
+    gaps_all = l0_gaps(summary, lay)
+    for run, ref in lay.comparisons:
+        heads = [f"{p + ' ' if p else ''}L{layer} (L0 {_l0(match, (run, ref), p, layer)})" for p, layer in cols]
+        lines += [f"## {run} vs {ref} at matched L0: verdicts", "",
+                  f"Difference {run} - {ref} with its paired interval, compared {match.method}; a verdict "
                   "is better/worse when the interval excludes 0." + ("" if match.matched else
                   " **These runs have one sparsity point each: L0 is not matched, so a difference may be density "
                   "alone; sweep the sparsity (params.yaml `sweep`) to compare at matched L0.**"), "",
@@ -40,7 +41,7 @@ def verdict_table(summary: Summary, match: Matched, lay: Layout) -> list[str]:
         for col in HEADLINE:
             cells = []
             for point, layer in cols:
-                d = match.diffs.get((run, point, layer), {}).get(col.name)
+                d = match.diffs.get((run, ref, point, layer), {}).get(col.name)
                 if d is None:
                     cells.append("-")
                     continue
@@ -53,8 +54,8 @@ def verdict_table(summary: Summary, match: Matched, lay: Layout) -> list[str]:
                 cells.append(f"{shown} {_signed(fmt, d.value)} [{_signed(fmt, d.lo)}, {_signed(fmt, d.hi)}]")
             better = "higher" if col.higher_is_better else "lower"
             lines.append(f"| {col.title} | {better} | " + " | ".join(cells) + " |")
-        gaps = [f"{p} L{layer}: {g:+.1%}" for (r, p, layer), g in l0_gaps(summary, lay).items()
-                if r == run and abs(g) > L0_AGREEMENT]
+        gaps = [f"{p} L{layer}: {g:+.1%}" for (a, b, p, layer), g in gaps_all.items()
+                if (a, b) == (run, ref) and abs(g) > L0_AGREEMENT]
         if lay.fixed_l0:
             lines += ["", f"Held-out L0 of the two runs agree within {L0_AGREEMENT:.0%} at every point." if not gaps
                       else f"Held-out L0 differ by more than {L0_AGREEMENT:.0%} at: {', '.join(gaps)}."]
@@ -62,9 +63,9 @@ def verdict_table(summary: Summary, match: Matched, lay: Layout) -> list[str]:
     return lines
 
 
-def _l0(match: Matched, run: str, point: str, layer: int) -> str:
-    pair = match.l0.get((run, point, layer))
-    return "-" if pair is None else f"{pair[1]:.0f}"
+def _l0(match: Matched, pair: tuple[str, str], point: str, layer: int) -> str:
+    l0 = match.l0.get((*pair, point, layer))
+    return "-" if l0 is None else f"{l0[1]:.0f}"
 
 
 def figure_table(summary: Summary, lay: Layout, columns: tuple[Column, ...]) -> list[str]:
@@ -130,13 +131,13 @@ def write_report(path: Path, summary: Summary, match: Matched, lay: Layout, cfg:
                  timings: dict[str, float], store: str | Path) -> None:
     """report.md: the frontier, the verdict table at matched L0, then every figure with its interval, what it rests
     on, time, plots."""
+    compared = ", ".join(f"{a} - {b}" for a, b in lay.comparisons) or "-"
     lines = ["# Evaluation report", "", f"Store: `{store}`. Runs: {', '.join(lay.runs)} (reference: "
-             f"{lay.reference or '-'}). Formulas: docs/metrics.md.", ""]
+             f"{lay.reference or '-'}); compared: {compared}. Formulas: docs/metrics.md.", ""]
     if any(p.name == "frontier.png" for p in plots):
         lines += ["## The frontier: each figure against L0", "", "![frontier](frontier.png)", "",
                   "Seed means with their 95% bands; data: plots/frontier/*.csv.", ""]
-    if lay.reference is not None:
-        lines += verdict_table(summary, match, lay)
+    lines += verdict_table(summary, match, lay)
     lines += [f"## Headline figures (seed mean [{cfg.confidence:.0%} interval])", "",
               *figure_table(summary, lay, HEADLINE), "", "## Further figures", "",
               *figure_table(summary, lay, SECONDARY), ""]

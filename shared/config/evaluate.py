@@ -127,6 +127,11 @@ class EvalConfig:
     tpp_ns: tuple[int, ...] = (2, 5, 10, 20)
     """TPP: numbers N of latents zero-ablated per topic (those with the largest effect on its probe)."""
 
+    pairs: tuple[str, ...] = ()
+    """Runs compared at matched L0, each "A:B" (A minus B, run names as their checkpoint directories are
+    named), in the order reported. Empty: every run minus the reference (the last run given), then every pair
+    of the other runs in the order given (runs csae tsae baseline: csae:baseline, tsae:baseline, csae:tsae)."""
+
     bootstrap_resamples: int = 2000
     """Bootstrap replicates behind every interval and paired comparison."""
 
@@ -172,6 +177,10 @@ class EvalConfig:
         for name in ("topic_fdr", "confidence"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        for pair in self.pairs:
+            a, sep, b = pair.partition(":")
+            if not sep or not a or not b or a == b or ":" in b:
+                raise ConfigError(f"pairs: {pair!r} is not A:B with two different run names (e.g. tsae:baseline)")
         self._check_probing()
         self._check_unlearning()
 
