@@ -20,9 +20,13 @@ from click.testing import CliRunner
 from tiny_eval import D_MODEL, make_store, random_sae, write_checkpoint
 
 from csae.evaluate.cli import main
+from csae.shared.sae.autoencoder import SAE
 from csae.shared.store.schema import bf16_to_bits, bits_to_bf16
 
 PLANTED_WORD, RAISED_WORD, LAYER = "gene", "brain", 1
+#: The tsae run's high-level block: its features [0, HIGH_LEVEL).
+HIGH_LEVEL = 6
+RUNS = ("csae", "tsae", "baseline")
 #: Arrays of the data files, by the typed array the page decodes them into.
 TYPES = {"fires": "<i4", "max": "<f4", "topics": "<i4", "hist": "<i4", "top_rows": "<i4", "top_val": "<f4",
          "top_win": "u1", "sample_rows": "<i4", "sample_val": "<f4", "sample_win": "u1", "up_ids": "<i4",
@@ -81,7 +85,8 @@ def model_ranking(model_dir: Path, direction: torch.Tensor, dtype: str) -> list[
 
 
 def build_planted_site(tmp: Path, tiny_gemma3: Path, topic_corpus: Path, dtype: str) -> dict[str, Any]:
-    """`evaluate browse` of a csae run (feature 0 planted) and a baseline run, both at layer 1, in `tmp`."""
+    """`evaluate browse` of a csae run (feature 0 planted), a tsae run (a jumprelu SAE with a high-level block of
+    HIGH_LEVEL features) and a baseline run, all at layer 1, in `tmp`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     store = tmp / "acts.zarr"
@@ -99,10 +104,13 @@ def build_planted_site(tmp: Path, tiny_gemma3: Path, topic_corpus: Path, dtype: 
         sae.b_enc[0] = -threshold
         sae.W_dec[0] = d
     write_checkpoint(tmp / "csae", LAYER, sae)
+    tsae = SAE(D_MODEL, 32, activation="jumprelu", high_level=HIGH_LEVEL)
+    tsae.load_state_dict({**random_sae(D_MODEL, 32, seed=3, bias=-0.5).state_dict(), "threshold": torch.zeros(32)})
+    write_checkpoint(tmp / "tsae", LAYER, tsae)
     write_checkpoint(tmp / "baseline", LAYER, random_sae(D_MODEL, 32, seed=2, bias=-0.5))
     out = tmp / "site"
     result = CliRunner().invoke(main, ["browse", "--no-progress", "--store", str(store), "--checkpoints",
-                                       str(tmp / "csae"), str(tmp / "baseline"), "--out", str(out), "--dtype", dtype])
+                                       *(str(tmp / r) for r in RUNS), "--out", str(out), "--dtype", dtype])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    return {"out": out, "planted_token": planted, "planted_word": PLANTED_WORD, "raised_token": raised,
-            "model_ranking": model_ranking(tiny_gemma3, d, dtype), "dtype": dtype}
+    return {"out": out, "checkpoints": tmp, "planted_token": planted, "planted_word": PLANTED_WORD,
+            "raised_token": raised, "model_ranking": model_ranking(tiny_gemma3, d, dtype), "dtype": dtype}

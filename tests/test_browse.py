@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from planted_site import read_data
+from planted_site import HIGH_LEVEL, LAYER, RUNS, read_data
 from tiny_eval import D_MODEL, make_store, random_sae, write_checkpoint
 
 from csae.evaluate.browse.collect import choose_rows, collect
@@ -118,6 +118,26 @@ def test_planted_feature_end_to_end(planted_site: dict[str, Any]) -> None:
     assert common["vocab"][str(site["planted_token"])].strip() == site["planted_word"]
     other = data["matches"]["baseline"]
     assert len(other["ids"]) == data["n_features"] and np.all(np.abs(other["cos"]) <= 1 + 1e-6)
+
+
+def test_every_feature_links_its_best_match_in_each_other_run(planted_site: dict[str, Any]) -> None:
+    """Three runs (csae, tsae, baseline): each dictionary links every feature to the feature of largest decoder
+    cosine in each other run (brute force over the saved decoders, in float64), and the T-SAE's high-level block is
+    named in its data and in the list of dictionaries (the page marks features [0, HIGH_LEVEL))."""
+    decoders = {}
+    for run in RUNS:
+        w = SAE.load(planted_site["checkpoints"] / run / "seed_0" / f"layer_{LAYER}").W_dec.detach().double()
+        decoders[run] = torch.nn.functional.normalize(w, dim=1).numpy()
+    for run in RUNS:
+        common, data = read_data(planted_site["out"], f"{run}/layer_{LAYER}")
+        assert set(data["matches"]) == set(RUNS) - {run}
+        for other, m in data["matches"].items():
+            cos = decoders[run] @ decoders[other].T
+            assert (m["ids"] == cos.argmax(axis=1)).all(), (run, other)
+            assert np.allclose(m["cos"], cos.max(axis=1), atol=1e-5)
+        want = HIGH_LEVEL if run == "tsae" else 0
+        assert data["high_level"] == want
+        assert next(d for d in common["dictionaries"] if d["run"] == run)["high_level"] == want
 
 
 def run_browse(*args: object) -> tuple[int, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from browse_page import CHROMIUM, chromium_page, open_first_match
-from planted_site import PLANTED_WORD
+from planted_site import HIGH_LEVEL, PLANTED_WORD
 
 
 def test_planted_feature_in_headless_chromium(planted_site: dict[str, Any], tmp_path: Path) -> None:
@@ -26,6 +26,18 @@ def test_planted_feature_in_headless_chromium(planted_site: dict[str, Any], tmp_
         page.wait_for_selector('#feature[data-f]')
         assert "baseline layer 1 feature" in page.inner_text("#feature")
         page.go_back()
+        page.wait_for_selector('#feature[data-f="0"]')
+        tsae = page.query_selector('p.match a[href^="#d=tsae%2Flayer_1&f="]')  # and in the third run
+        assert tsae is not None and "tsae #" in tsae.inner_text()
+        page.goto(index.resolve().as_uri() + "#d=tsae%2Flayer_1")  # the T-SAE's block is marked and filterable
+        page.wait_for_selector("#block-note")
+        page.uncheck("#hide-dead")
+        page.fill("#dense", "100")
+        page.check("#block-only")
+        shown = [int(r.get_attribute("data-f")) for r in page.query_selector_all("tr.feature-row")]
+        assert shown and all(f < HIGH_LEVEL for f in shown)
+        assert all(r.query_selector(".hl") for r in page.query_selector_all("tr.feature-row"))
+        page.goto(index.resolve().as_uri() + "#d=csae%2Flayer_1&f=0")
         page.wait_for_selector('#feature[data-f="0"]')
         shot = tmp_path / "feature.png"
         page.screenshot(path=str(shot), full_page=True)

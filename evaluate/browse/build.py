@@ -155,7 +155,8 @@ def _build(cfg: BrowseConfig, store_path: str, checkpoint_dirs: list[Path], out:
     for c in ckpts:
         collected = collect(store, c.layer, c.sae, rows, topic_D, len(store.topics), cfg, dtype, device, bar)
         effects, nb, matches = geo[c.key]
-        dicts.append(Dictionary(c.series, c.layer, collected, effects, nb, matches, chosen.get(c.key)))
+        dicts.append(Dictionary(c.series, c.layer, collected, effects, nb, matches, chosen.get(c.key),
+                                c.sae.high_level))
     bar.close()
     t3 = time.perf_counter()
     common = {**common_payload(store, str(store_path), rows, dicts, lm, cfg, checkpoint_dirs), "answer": answer}
@@ -173,7 +174,8 @@ def common_payload(store: ActivationStore, store_path: str, rows: Rows, dicts: l
     topic_D = store.docs("topic")[docs].tolist() if "docs/topic" in store.group else [-1] * len(docs)
     return {
         "dictionaries": [{"key": d.key, "run": d.run, "layer": d.layer, "file": data_file(d.run, d.layer),
-                          "n_features": len(d.collected.fires_F), "live": int((d.collected.fires_F > 0).sum())}
+                          "n_features": len(d.collected.fires_F), "live": int((d.collected.fires_F > 0).sum()),
+                          "high_level": d.high_level}
                          for d in dicts],
         "topics": store.topics, "n_rows": rows.n, "ranges": rows.ranges,
         "token": b64(rows.token_N, "int32"), "seq": b64(rows.seq_N, "int32"), "doc": b64(doc_local, "int32"),

@@ -77,6 +77,8 @@ class Dictionary:
     """{other run: (best matching feature, cosine)} at the same layer."""
     probes: dict[str, list[int]] | None = None
     """{topic: the features sparse probing chose for it} (probing.json of `evaluate run`), or None."""
+    high_level: int = 0
+    """Features [0, high_level) are the SAE's high-level block (a T-SAE's Matryoshka prefix); 0: none."""
 
     @property
     def key(self) -> str:
@@ -108,7 +110,7 @@ def dictionary_payload(d: Dictionary) -> dict[str, Any]:
         "k_nb": ids.shape[1], "nb_ids": b64(ids, "int32"), "nb_cos": b64(cos, "float32"),
         "matches": {run: {"ids": b64(m_ids, "int32"), "cos": b64(m_cos, "float32")}
                     for run, (m_ids, m_cos) in d.matches.items()},
-        "probes": d.probes,
+        "probes": d.probes, "high_level": d.high_level,
     }
 
 

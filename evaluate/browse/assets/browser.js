@@ -52,6 +52,9 @@ const pct = (x) => (x === 0 ? "0" : x < 0.0001 ? x.toExponential(1) : (100 * x).
 const main = () => document.getElementById("main");
 const showError = (msg) => { main().innerHTML = `<p class="error">${esc(msg)}</p>`; };
 const link = (key, f, text) => `<a href="#d=${encodeURIComponent(key)}&f=${f}">${esc(text)}</a>`;
+// Features [0, high_level) of a T-SAE form its high-level block (0: no block); marked "HL" wherever a feature is listed.
+const highLevel = (key) => (CSAE.common.dictionaries.find((x) => x.key === key) || {}).high_level || 0;
+const hlMark = (key, f) => (f < highLevel(key) ? ' <span class="hl" title="high-level block">HL</span>' : "");
 
 // ----- feature statistics ---------------------------------------------------------------------------------------
 function contexts(d, f, kind) {
@@ -112,10 +115,11 @@ function homePage() {
   document.getElementById("where").textContent = "";
   const rows = CSAE.common.dictionaries.map((x) => `<tr><td><a class="dict-link" href="#d=${encodeURIComponent(x.key)}">
     ${esc(x.run)}</a></td><td class="num">${x.layer}</td><td class="num">${x.n_features}</td>
-    <td class="num">${x.live}</td></tr>`).join("");
+    <td class="num">${x.live}</td><td class="num">${x.high_level ? `0-${x.high_level - 1}` : "-"}</td></tr>`).join("");
   main().innerHTML = `${answerPanel()}<div class="panel"><p>Every dictionary (run at its sparsity point, and layer).
     Open one to list its features; open a feature to see its contexts, logit effects, topics and neighbours.</p>
-    <table><tr><th>run</th><th class="num">layer</th><th class="num">features</th><th class="num">firing</th></tr>
+    <table><tr><th>run</th><th class="num">layer</th><th class="num">features</th><th class="num">firing</th>
+    <th class="num">high-level block</th></tr>
     ${rows}</table></div>`;
 }
 
@@ -147,7 +151,14 @@ function answerPanel() {
     ${tables}</div>`;
 }
 
-const state = { sort: "density", desc: true, query: "", hideDead: true, dense: 10, shown: 200 };
+const state = { sort: "density", desc: true, query: "", hideDead: true, dense: 10, shown: 200, blockOnly: false };
+
+function blockNote(d) {
+  if (!d.high_level) return "";
+  return `<p class="muted" id="block-note">Features 0-${d.high_level - 1} (marked <span class="hl">HL</span>) are
+    this SAE's high-level block: a Matryoshka prefix that must reconstruct on its own, trained (T-SAE) so that the
+    block's codes of adjacent tokens agree; the others are the low-level features (docs/metrics.md).</p>`;
+}
 
 function dictionaryPage(d) {
   document.getElementById("where").textContent = `${d.run} \u00b7 layer ${d.layer}`;
@@ -155,7 +166,9 @@ function dictionaryPage(d) {
     <input type="search" id="search" placeholder="search a token or word in top contexts" value="${esc(state.query)}">
     <label><input type="checkbox" id="hide-dead" ${state.hideDead ? "checked" : ""}> hide dead</label>
     <label>hide dense above <input type="number" id="dense" value="${state.dense}" min="0" max="100" step="any"
-      style="width:60px">% of tokens</label><span id="count" class="muted"></span></div>
+      style="width:60px">% of tokens</label>${d.high_level ? `<label><input type="checkbox" id="block-only"
+      ${state.blockOnly ? "checked" : ""}> high-level block only</label>` : ""}<span id="count" class="muted"></span>
+    </div>${blockNote(d)}
     <table id="features"><thead><tr><th data-s="id" class="num">feature</th><th data-s="density" class="num">density</th>
     <th data-s="max" class="num">max act</th><th data-s="topic">top topic</th><th>top tokens</th></tr></thead>
     <tbody></tbody></table><p><button id="more">show more</button></p>${probesPanel(d)}`;
@@ -164,6 +177,8 @@ function dictionaryPage(d) {
   document.getElementById("hide-dead").addEventListener("change", (e) => { state.hideDead = e.target.checked; redraw(); });
   document.getElementById("dense").addEventListener("input", (e) => { state.dense = parseFloat(e.target.value); redraw(); });
   document.getElementById("more").addEventListener("click", () => { state.shown += 500; redraw(); });
+  const blockOnly = document.getElementById("block-only");
+  if (blockOnly) blockOnly.addEventListener("change", (e) => { state.blockOnly = e.target.checked; redraw(); });
   for (const th of document.querySelectorAll("th[data-s]")) {
     th.addEventListener("click", () => {
       state.desc = state.sort === th.dataset.s ? !state.desc : th.dataset.s !== "id";
@@ -191,6 +206,7 @@ function fillTable(d) {
   for (let f = 0; f < d.n_features; f++) {
     const density = d.fires[f] / n;
     if (state.hideDead && d.fires[f] === 0) continue;
+    if (state.blockOnly && d.high_level && f >= d.high_level) continue;
     if (Number.isFinite(state.dense) && density > state.dense / 100) continue;
     let score = 0;
     if (index) {
@@ -208,7 +224,7 @@ function fillTable(d) {
   document.getElementById("more").style.display = feats.length > state.shown ? "" : "none";
   for (const th of document.querySelectorAll("th[data-s]")) th.classList.toggle("sorted", th.dataset.s === state.sort);
   document.querySelector("#features tbody").innerHTML = feats.slice(0, state.shown).map((x) => `<tr class="feature-row"
-    data-f="${x.f}"><td class="num">${link(d.key, x.f, "#" + x.f)}</td><td class="num">${pct(x.density)}</td>
+    data-f="${x.f}"><td class="num">${link(d.key, x.f, "#" + x.f)}${hlMark(d.key, x.f)}</td><td class="num">${pct(x.density)}</td>
     <td class="num">${fmt(x.max)}</td><td>${esc(x.topic[0])} ${x.topic[0] ? `<span class="muted">${pct(x.topic[1])}</span>` : ""}</td>
     <td class="preview">${esc(preview(d, x.f).join("  "))}</td></tr>`).join("");
 }
@@ -266,11 +282,15 @@ function topicsPanel(d, f) {
 function neighboursPanel(d, f) {
   const k = d.k_nb;
   let html = "<ul class='plain'>";
-  for (let j = 0; j < k; j++) html += `<li>${link(d.key, d.nb_ids[f * k + j], "#" + d.nb_ids[f * k + j])}  cos ${d.nb_cos[f * k + j].toFixed(3)}</li>`;
+  for (let j = 0; j < k; j++) {
+    const g = d.nb_ids[f * k + j];
+    html += `<li>${link(d.key, g, "#" + g)}${hlMark(d.key, g)}  cos ${d.nb_cos[f * k + j].toFixed(3)}</li>`;
+  }
   html += "</ul>";
   for (const [run, m] of Object.entries(d.matches)) {
-    html += `<p>best match in <b>${esc(run)}</b>: ${link(`${run}/layer_${d.layer}`, m.ids[f], `${run} #${m.ids[f]}`)}
-      (decoder cosine ${m.cos[f].toFixed(3)})</p>`;
+    const other = `${run}/layer_${d.layer}`;
+    html += `<p class="match">best match in <b>${esc(run)}</b>: ${link(other, m.ids[f], `${run} #${m.ids[f]}`)}${hlMark(other,
+      m.ids[f])} (decoder cosine ${m.cos[f].toFixed(3)})</p>`;
   }
   return html;
 }
@@ -284,6 +304,8 @@ function featurePage(d, f) {
   main().innerHTML = `<div class="panel stats" id="feature" data-f="${f}"><b>${esc(d.run)} layer ${d.layer} feature ${f}</b>
     <span>density ${pct(d.fires[f] / d.n_rows)} (${d.fires[f]} of ${d.n_rows} tokens)</span>
     <span>max activation ${fmt(d.max[f])}</span>
+    ${d.high_level ? `<span class="block">${f < d.high_level ? '<span class="hl">HL</span> high-level block'
+      : "low-level feature"} (block: 0-${d.high_level - 1})</span>` : ""}
     <span>${f > 0 ? link(d.key, f - 1, "\u2190 prev") : ""} ${f + 1 < d.n_features ? link(d.key, f + 1, "next \u2192") : ""}</span></div>
     <div class="panel"><h3>Top ${top.length} contexts</h3><p class="muted">Each token coloured by the feature's activation
     (hover: value), the token of the context outlined; its exact activation on the left.</p>
