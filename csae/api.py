@@ -67,8 +67,9 @@ def train(store: str | Path, out: str | Path, cfg: TrainConfig | None = None, *,
 
 def evaluate(store: str | Path, checkpoints: Sequence[str | Path], out: str | Path = "eval",
              cfg: EvalConfig | None = None, *, progress: bool = True, **overrides: Any) -> dict[str, dict[str, Any]]:
-    """Evaluate every trained SAE of each checkpoint directory (a run each; the last is the reference the others
-    are compared with) and write `out`; returns metrics_all.json: {"<run>/layer_<L>": {figure: seed mean,
+    """Evaluate every trained SAE of each checkpoint directory (a run each; the last is the reference: by default
+    every run is compared with it, then every pair of the others, `pairs` chooses) and write `out`; returns
+    metrics_all.json: {"<run>/layer_<L>": {figure: seed mean,
     figure_lo, figure_hi}, "<run>/seed_<s>/layer_<L>": {figure: value}}."""
     from csae.evaluate.run import evaluate_to as run
 

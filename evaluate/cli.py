@@ -35,7 +35,8 @@ def main() -> None:
 @main.command()
 @click_options(EvalConfig)
 @store_option("The activation store the checkpoints were trained on (its held-out tail is evaluated).")
-@checkpoints_option("each run is compared with the last one given (the reference, e.g. the baseline)")
+@checkpoints_option("each run is compared with the last one given (the reference, e.g. the baseline), then each "
+                    "pair of the others (--pairs chooses)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("eval"), show_default=True,
               help="Output directory: metrics.json (headline figures with intervals, verdicts), comparison.json, "
                    "metrics_all.json, unlearning.json, PNG plots, report.md. Replaced as a whole when the run is "
@@ -45,7 +46,7 @@ def main() -> None:
 def run(store: str, checkpoints: tuple[Path, ...], out: Path, no_progress: bool, params: str | None,
         **options: object) -> None:
     """Evaluate every trained SAE of each checkpoint directory; write metrics with intervals, the paired
-    comparison with the reference run, plots and a report."""
+    comparisons of runs at matched L0 (--pairs), plots and a report."""
     from csae.evaluate.run import evaluate_to
 
     cfg = config(EvalConfig, "evaluate", params, options)

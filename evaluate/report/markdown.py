@@ -103,6 +103,10 @@ def _counts(summary: Summary, lay: Layout, cfg: EvalConfig) -> list[str]:
         f"store (split by topic; only test documents resampled), {get('probe_topics')} topics averaged, "
         f"{get('probe_thin_topics')} left out with fewer than {cfg.probe_min_test_docs} test documents (counts per "
         "topic: metrics_all.json)",
+        *([f"- high-level block (T-SAE): {get('block_features')} features per SAE, a T-SAE's prefix and, in the other "
+           "runs, as many of their features matched on firing rate to it (same point and seed); smoothness over "
+           f"{get('smoothness_pairs')} adjacent held-out row pairs, sparse probing within the block as over the "
+           "dictionary"] if "block_features" in c else []),
         f"- downstream CE/KL: {get('ce_predictions')} predictions from {get('ce_docs')} held-out documents "
         f"(at most {cfg.ce_doc_predictions} each)",
         f"- unlearning, test split: {get('unlearn_forget_known')} known forget tokens ({get('unlearn_forget_docs')} "
