@@ -26,6 +26,8 @@ from csae.evaluate.families.temporal import (
     smoothness_figures,
 )
 from csae.evaluate.inputs import LayerCheckpoint
+from csae.shared.config.base import ConfigError
+from csae.shared.config.evaluate import EvalConfig
 from csae.shared.sae.autoencoder import SAE
 from csae.shared.store.schema import ActivationStore
 
@@ -164,9 +166,10 @@ def _jumprelu_sae(seed: int, high_level: int = 0) -> SAE:
 
 
 def test_three_runs_end_to_end(tmp_path: Path, tiny_gemma3: Path, topic_corpus: Path) -> None:
-    """csae, tsae (a block of 8) and baseline: every default pair compared in metrics.json, comparison.json and
-    report.md; smoothness and block probing for every run; the T-SAE's block smoothness equals the brute-force
-    correlation of its first 8 features over adjacent held-out rows."""
+    """csae, tsae (a block of 8) and baseline: a pair naming an unknown run is refused in one line; every default
+    pair compared in metrics.json, comparison.json and report.md; smoothness and block probing for every run; the
+    T-SAE's block smoothness equals the brute-force correlation of its first 8 features over adjacent held-out
+    rows."""
     store = tmp_path / "acts.zarr"
     make_store(store, tiny_gemma3, topic_corpus)
     runs = {"csae": 0, "tsae": 8, "baseline": 0}
@@ -174,6 +177,12 @@ def test_three_runs_end_to_end(tmp_path: Path, tiny_gemma3: Path, topic_corpus: 
         for seed in (0, 1):
             write_checkpoint(tmp_path / run, 1, _jumprelu_sae(10 * i + seed, h), seed=seed)
     out = tmp_path / "eval"
+    refused = CliRunner().invoke(main, ["run", "--no-progress", "--store", str(store), "--checkpoints",
+                                        *(str(tmp_path / r) for r in runs), "--out", str(out), "--pairs", "tsae:csea"])
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1 and "'csea'" in refused.output, refused.output
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="A:B"):
+        EvalConfig(pairs=("tsae",))
     result = CliRunner().invoke(main, ["run", "--no-progress", "--store", str(store), "--checkpoints",
                                        *(str(tmp_path / r) for r in runs), "--out", str(out), "--ce-tokens", "0",
                                        "--unlearn-known", "0", "--head-steps", "5", "--topic-permutations", "50",
