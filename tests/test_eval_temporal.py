@@ -23,6 +23,7 @@ from csae.evaluate.families.temporal import (
     block_features,
     correlations,
     match_rates,
+    rate_gap,
     smoothness_figures,
 )
 from csae.evaluate.inputs import LayerCheckpoint
@@ -136,6 +137,11 @@ def test_block_is_the_prefix_of_a_tsae_and_the_matched_features_of_the_others() 
     assert list(block_features(base[0], group, rates)) == [0, 1, 2, 3]  # same rates, same places
     assert list(block_features(base[1], group, rates)) == [10, 11, 12, 13]  # matched to its own seed's T-SAE
     assert block_features(lone, group, rates) is None
+    assert rate_gap(base[1], group, rates, block_features(base[1], group, rates)) == {"block_rate_gap": 0.0}
+    assert rate_gap(tsae[0], group, rates, np.arange(4)) == {}  # a T-SAE's own block is not matched
+    shifted = {**rates, base[0].key: rates[base[0].key] / 2}  # every rate halved: matched a factor of 2 off
+    gap = rate_gap(base[0], group, shifted, block_features(base[0], group, shifted))["block_rate_gap"]
+    assert gap == pytest.approx(np.log(2), rel=0.2)
 
 
 def test_probing_on_the_block_uses_only_its_features() -> None:

@@ -15,7 +15,7 @@ from csae.evaluate.families.contrastive import contrastive_figures
 from csae.evaluate.families.disentanglement import disentanglement_figures
 from csae.evaluate.families.heldout import heldout_range, heldout_rows, sae_pass, training_sample
 from csae.evaluate.families.reconstruction import reconstruction_figures
-from csae.evaluate.families.temporal import LagSums, block_features, smoothness_figures
+from csae.evaluate.families.temporal import LagSums, block_features, rate_gap, smoothness_figures
 from csae.evaluate.families.topic import topic_figures
 from csae.evaluate.inputs import LayerCheckpoint
 from csae.evaluate.stats import FamilyResult, Units, seed_of
@@ -47,7 +47,9 @@ def store_families(store: ActivationStore, ckpts: list[LayerCheckpoint], cfg: Ev
             p = sae_pass(ckpt.sae, rows, cfg.sae_batch_size, lags.add)
             densities[ckpt.key] = p.fires_DF.sum(axis=0) / max(len(rows.x_NM), 1)
             figs = reconstruction_figures(p, cfg.dense_thresholds)
-            smooth, smooth_ext = smoothness_figures(lags, block_features(ckpt, group, densities))
+            block = block_features(ckpt, group, densities)
+            smooth, smooth_ext = smoothness_figures(lags, block)
+            smooth_ext.update(rate_gap(ckpt, group, densities, block))
             figs.update(smooth)
             live = torch.from_numpy(np.flatnonzero(p.fires_DF.sum(axis=0) > 0))
             gen = torch.Generator().manual_seed(seed_of(cfg.seed, 7, layer, ckpt.seed))

@@ -73,6 +73,19 @@ def block_features(ckpt: LayerCheckpoint, group: list[LayerCheckpoint],
     return np.sort(match_rates(densities[partner.key][:h], densities[ckpt.key]))
 
 
+def rate_gap(ckpt: LayerCheckpoint, group: list[LayerCheckpoint], densities: dict[str, np.ndarray],
+             block: np.ndarray | None) -> dict[str, float]:
+    """How well a matched block's firing rates follow the block it stands in for: `block_rate_gap`, the mean over
+    quantiles of |ln(matched rate / block rate)| (both sorted; 0: the same distribution, ln 2 = 0.69: a factor of
+    2 apart on average); {} for a T-SAE's own block or none."""
+    partner = block_partner(ckpt, group)
+    if block is None or partner is None or partner is ckpt:
+        return {}
+    want = np.sort(np.log(np.maximum(densities[partner.key][:partner.sae.high_level], RATE_FLOOR)))
+    got = np.sort(np.log(np.maximum(densities[ckpt.key][block], RATE_FLOOR)))
+    return {"block_rate_gap": float(np.abs(got - want).mean())}
+
+
 def blocks_of(ckpts: list[LayerCheckpoint], densities: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """{checkpoint key: its block's features} for every checkpoint that has a block or a partner with one."""
     out = {}
