@@ -105,9 +105,9 @@ class EvalConfig:
     """Unlearning: at the sparsity points trained at every layer (main; the family costs the most per SAE) or
     at every point of a sweep (all). The other families run at every point."""
 
-    random_draws: int = 5
+    random_draws: int = 2
     """Unlearning control: draws of n random features matched on forget firing rate, each clamped like the
-    chosen setting on the test split. 0: no control."""
+    chosen setting on the test split (their mean is U_random, their spread U_random_sd). 0: no control."""
 
     probe_docs: int = 2000
     """Sparse probing and TPP: store documents with a topic (drawn at random when there are more; the same for

@@ -84,7 +84,14 @@ class SAE(nn.Module):
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Feature activations f, shape (batch, d_sae)."""
-        return self.activate(self.pre_activation(x_BD))
+        p_BF = self.pre_activation(x_BD)
+        if p_BF.requires_grad or self.activation == "topk":
+            return self.activate(p_BF)
+        # no autograd: p is this call's own temporary, so it is overwritten (one pass over it instead of a mask
+        # and a product: encoding the store's 200k rows spent a fifth of its time there); same values as activate
+        if self.activation == "jumprelu":
+            return p_BF.masked_fill_(p_BF <= self.threshold, 0.0)
+        return p_BF.clamp_min_(0.0)
 
     def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
         """Reconstruction x_hat, shape (batch, d_in)."""
