@@ -256,6 +256,20 @@ class SparseFeatures:
         out = self.vals_K.new_zeros(self.pat.n_rows * self.pat.n_cols)
         return out.index_put((self.pat.flat_K,), self.vals_K).view(self.pat.n_rows, self.pat.n_cols)
 
+    def prefix(self, h: int) -> SparseFeatures:
+        """The features [0, h) of every row (a Matryoshka prefix) as sparse features of width h: the entries
+        with a column below h, in the same row-major order (their values through index_select, so gradients
+        reach vals_K)."""
+        keep_J = (self.pat.cols_K < h).nonzero().squeeze(1)
+        cols_J, rows_J = self.pat.cols_K.index_select(0, keep_J), self.pat.rows_K.index_select(0, keep_J)
+        offsets = _offsets(torch.bincount(rows_J, minlength=self.pat.n_rows))
+        if cols_J.device.type == "cpu":
+            pat = Pattern.of_rows(offsets, cols_J, h)
+        else:
+            mask = torch.zeros(self.pat.n_rows * h, dtype=torch.bool, device=cols_J.device)
+            pat = Pattern.of_torch(mask.index_fill_(0, rows_J * h + cols_J, True).view(-1, h))
+        return SparseFeatures(pat, self.vals_K.index_select(0, keep_J), self.dtype)
+
 
 def encode(x_BD: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
            dtype: torch.dtype, select: Select | None = None) -> SparseFeatures:
@@ -291,6 +305,10 @@ class DenseFeatures:
 
     def dense(self) -> torch.Tensor:
         return self.f_BF
+
+    def prefix(self, h: int) -> DenseFeatures:
+        """The features [0, h) of every row (a Matryoshka prefix)."""
+        return DenseFeatures(self.f_BF[:, :h], self.autocast_dtype)
 
 
 Features = SparseFeatures | DenseFeatures
