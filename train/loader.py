@@ -163,11 +163,15 @@ class ChunkLoader:
     def _prepare(self, buf: Buffer) -> _Ready:
         rows_N = self._rows(buf.chunks)
         ready = self._pair_up(buf, self.seq_N[rows_N])
-        if self.pos_N is not None:
-            ready.batches_KB = self._with_neighbours(ready.batches_KB, rows_N)
         if self.in_memory:  # index the cached layer directly instead of copying the buffer out of it
             ready.acts_ND, ready.batches_KB = self._cached(), rows_N[ready.batches_KB]
+            if self.pos_N is not None:  # any row of the layer is at hand: the neighbours by store index
+                anchors = ready.batches_KB[:, : self.local_batch // 2]
+                ready.batches_KB = np.concatenate([ready.batches_KB, adjacent_rows(anchors, self.seq_N, self.pos_N)],
+                                                  axis=1)
             return ready
+        if self.pos_N is not None:
+            ready.batches_KB = self._with_neighbours(ready.batches_KB, rows_N)
         parts = [self._read_chunk(c) for c in buf.chunks]
         ready.acts_ND = torch.cat(parts) if len(parts) > 1 else parts[0]
         return ready
@@ -182,12 +186,13 @@ class ChunkLoader:
         return _Ready(buf, torch.empty(0), np.concatenate([anchor_P[order], positive_P[order]], axis=1))
 
     def _with_neighbours(self, batches_KB: np.ndarray, rows_N: np.ndarray) -> np.ndarray:
-        """The batches (buffer-local row indices) with each anchor's neighbour appended (`adjacent_rows`),
-        among the buffer's rows: the same draws as without, so rows [0, B) stay every run's batch."""
+        """Streaming: the batches (buffer-local row indices) with each anchor's neighbour appended
+        (`adjacent_rows`) among the buffer's rows, which are all that is read. No random draw: rows [0, B)
+        stay every run's batch."""
         order = np.argsort(rows_N, kind="stable")
         present = rows_N[order]
         anchors = rows_N[batches_KB[:, : self.local_batch // 2]]
-        partners = adjacent_rows(anchors, self.seq_N, self.pos_N, None if self.in_memory else present)
+        partners = adjacent_rows(anchors, self.seq_N, self.pos_N, present)
         return np.concatenate([batches_KB, order[np.searchsorted(present, partners)]], axis=1)
 
     # ----- the background thread and the iterator -----
