@@ -191,8 +191,9 @@ class TrainingSAE:
                  "info_nce": zero, "diversity": zero, "aux_k": zero}
         # each weighted term added by one op (torch.add's alpha), one graph node
         loss = torch.add(terms["recon_loss"], terms["l1"], alpha=self.l1_at(step))
-        if h:  # Matryoshka: the high-level prefix reconstructs on its own too, with the same b_dec
-            x_hat_high_BD = feats.prefix(h).affine(self.sae.W_dec[:h], self.sae.b_dec, "decoder_high")
+        high = feats.prefix(h) if h else None  # the high-level block's codes (a Matryoshka prefix)
+        if high is not None:  # it reconstructs on its own too, with the same b_dec
+            x_hat_high_BD = high.affine(self.sae.W_dec[:h], self.sae.b_dec, "decoder_high")
             terms["recon_high"] = losses.reconstruction(x_BD, x_hat_high_BD)
             loss = loss + terms["recon_high"]
         if cfg.architecture != "relu" and cfg.aux_k > 0 and (aux := self.aux_k_loss(x_BD, x_hat_BD)) is not None:
@@ -201,7 +202,7 @@ class TrainingSAE:
         if cfg.architecture == "batchtopk":
             self.update_threshold_(feats, step)
         if cfg.alpha > 0:
-            terms["info_nce"] = self.info_nce(feats, x_BD, x_adj_PD, step)
+            terms["info_nce"] = self.info_nce(feats, high, x_BD, x_adj_PD, step)
             loss = torch.add(loss, terms["info_nce"], alpha=cfg.alpha)
         if cfg.beta > 0:  # its matmuls in the compute dtype, the rest in float32 (losses.diversity)
             idx_S = None
@@ -215,12 +216,13 @@ class TrainingSAE:
         terms["loss"] = loss  # the terms that are off add nothing (no ops for them in the graph)
         return terms, x_hat_BD, feats
 
-    def info_nce(self, feats: Features, x_BD: torch.Tensor, x_adj_PD: torch.Tensor | None, step: int
-                 ) -> torch.Tensor:
+    def info_nce(self, feats: Features, high: Features | None, x_BD: torch.Tensor, x_adj_PD: torch.Tensor | None,
+                 step: int) -> torch.Tensor:
         """The contrastive term over the P anchors [0, P) of the batch and their positives: the batch's rows
         [P, 2P) (context), two views of each anchor (augment) or each anchor's neighbour (adjacent, encoded as a
         batch of its own, as T-SAE's authors encode t-1, and not reconstructed); on the head's outputs or on the
-        high-level codes (contrast_on). Its products in the compute dtype, the rest in float32."""
+        high-level codes (contrast_on; `high` is the batch's, feats.prefix(h)). Its products in the compute
+        dtype, the rest in float32."""
         cfg, P, dtype = self.cfg, len(x_BD) // 2, self.rt.compute_dtype
         if cfg.positives == "context":  # rows [0, P) are anchors, [P, 2P) their positives
             pairs: Features | None = feats
@@ -235,7 +237,7 @@ class TrainingSAE:
             return losses.info_nce(z_BC, cfg.temperature, dtype)
         h = self.sae.high_level
         if pairs is not None:
-            f_BH = pairs.prefix(h).dense()
+            f_BH = (high if pairs is feats and high is not None else pairs.prefix(h)).dense()
             return losses.temporal_info_nce(f_BH[:P], f_BH[P:], cfg.temperature, dtype)
-        return losses.temporal_info_nce(feats.prefix(h).dense()[:P], adjacent.prefix(h).dense(), cfg.temperature,
-                                        dtype)
+        f_PH = (high if high is not None else feats.prefix(h)).dense()[:P]
+        return losses.temporal_info_nce(f_PH, adjacent.prefix(h).dense(), cfg.temperature, dtype)
