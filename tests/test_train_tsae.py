@@ -35,7 +35,7 @@ K, D, P = 4, 32, 32  # 256 features, a high-level block of 51
 
 def _trainer(dtype: str, mode: str, **over: object) -> CSAETrainer:
     cfg = TrainConfig(**{**TSAE_RUN, "k": K, "expansion": 8, "batch_size": 2 * P, "tokens": 2 * P * 100,  # type: ignore[arg-type]
-                         "warmup_steps": 0, "resample_every": 0, "sparse": mode, "dtype": dtype, "aux_k": 0.0, **over})
+                         "high_level_weight": 0.4, "warmup_steps": 0, "resample_every": 0, "sparse": mode, "dtype": dtype, "aux_k": 0.0, **over})
     trainer = CSAETrainer(cfg, D, Runtime(torch.device("cpu"), torch.bfloat16 if dtype == "bfloat16" else None), 0)
     with torch.no_grad():
         trainer.sae.b_dec.copy_(torch.linspace(-1, 1, D))
@@ -126,7 +126,7 @@ def test_step_equals_the_dense_formula_written_out(mode: str, dtype: str) -> Non
     x_b = x[: 2 * P]
     x_hat = f @ W_dec + b_dec
     x_hat_high = f[:, :h] @ W_dec[:h] + b_dec
-    recon = ((x_hat - x_b) ** 2).sum(1).mean() + ((x_hat_high - x_b) ** 2).sum(1).mean()
+    recon = ((x_hat - x_b) ** 2).sum(1).mean() + cfg.high_level_weight * ((x_hat_high - x_b) ** 2).sum(1).mean()
     s = F.normalize(f[:P, :h], dim=1) @ F.normalize(f_adj[:, :h], dim=1).T / cfg.temperature
     labels = torch.arange(P)
     nce = (F.cross_entropy(s, labels) + F.cross_entropy(s.T, labels)) / 2

@@ -195,7 +195,7 @@ class TrainingSAE:
         if high is not None:  # it reconstructs on its own too, with the same b_dec
             x_hat_high_BD = high.affine(self.sae.W_dec[:h], self.sae.b_dec, "decoder_high")
             terms["recon_high"] = losses.reconstruction(x_BD, x_hat_high_BD)
-            loss = loss + terms["recon_high"]
+            loss = torch.add(loss, terms["recon_high"], alpha=cfg.high_level_weight)
         if cfg.architecture != "relu" and cfg.aux_k > 0 and (aux := self.aux_k_loss(x_BD, x_hat_BD)) is not None:
             terms["aux_k"] = aux
             loss = torch.add(loss, aux, alpha=cfg.aux_k)

@@ -97,6 +97,10 @@ class TrainConfig:
     on their own (a Matryoshka prefix), so the reconstruction term is that of the prefix plus that of the whole
     dictionary. 0: no block, the plain reconstruction term."""
 
+    high_level_weight: float = 0.25
+    """Weight of the high-level prefix's reconstruction term, the whole dictionary's weighing 1 (T-SAE's authors
+    weight the two 0.2 and 0.8). Unused without a high-level block (matryoshka_high 0)."""
+
     contrast_on: Literal["head", "high_level"] = "head"
     """What InfoNCE compares: head = the contrastive head's outputs h(f) (the CSAE); high_level = the
     high-level block's codes f[:, :h] themselves, by cosine, no head (T-SAE; needs matryoshka_high > 0)."""
@@ -160,7 +164,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         nonneg = ("warmup_steps", "l1_warmup_steps", "weight_decay", "grad_clip", "l1", "alpha", "beta", "head_hidden",
-                  "augment_noise", "resample_every", "resample_scale", "in_memory_max_mb", "aux_k")
+                  "augment_noise", "resample_every", "resample_scale", "in_memory_max_mb", "aux_k",
+                  "high_level_weight")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
@@ -247,6 +252,7 @@ PAPER_OURS: dict[str, Any] = {
     "positives": "context",  # another token of the same sequence
     "matryoshka_high": 0.0,  # no high-level block (that is T-SAE's)
     "contrast_on": "head",  # InfoNCE on the contrastive head's outputs
+    "high_level_weight": 0.25,  # (with a high-level block only)
     "augment_dropout": 0.1,  # (augment positives only)
     "augment_noise": 0.1,  # (augment positives only)
     "diversity_features": 256,  # rows per step of the diversity penalty (a 2304^2 Gram matrix every step is slow)
@@ -267,12 +273,13 @@ PAPER_OURS: dict[str, Any] = {
 TSAE: dict[str, Any] = {
     "architecture": "batchtopk",  # a Matryoshka BatchTopK SAE
     "matryoshka_high": 0.2,  # high-level block: 20% of the features, the low-level one 80%
+    "high_level_weight": 0.25,  # authors' code: group weights 0.2 (prefix) and 0.8 (whole dictionary)
     "contrast_on": "high_level",  # InfoNCE on the high-level codes, cosine similarity, no projection head
     "positives": "adjacent",  # tokens t-1 and t of one sequence; in-batch negatives
     "beta": 0.0,  # no decoder-diversity term
     "l1": 0.0,  # no L1 (BatchTopK sets the sparsity)
     "resample_every": 0,  # no resampling: Aux-K revives dead features
-    "alpha": 0.1,  # authors' code: temp_alpha 0.1
+    "alpha": 0.25,  # authors' code: temp_alpha 0.1 beside reconstruction terms weighted 0.4 (0.8 / 2 groups)
     "k": 20,  # authors' code: --k 20
     "expansion": 21,  # authors' code: 16,384 features on Pythia-160m's 768 dims (21.3x)
     "batch_size": 512,  # authors' code
