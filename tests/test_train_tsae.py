@@ -35,7 +35,8 @@ K, D, P = 4, 32, 32  # 256 features, a high-level block of 51
 
 def _trainer(dtype: str, mode: str, **over: object) -> CSAETrainer:
     cfg = TrainConfig(**{**TSAE_RUN, "k": K, "expansion": 8, "batch_size": 2 * P, "tokens": 2 * P * 100,  # type: ignore[arg-type]
-                         "high_level_weight": 0.4, "warmup_steps": 0, "resample_every": 0, "sparse": mode, "dtype": dtype, "aux_k": 0.0, **over})
+                         "high_level_weight": 0.4, "warmup_steps": 0, "resample_every": 0, "sparse": mode,
+                         "dtype": dtype, "aux_k": 0.0, **over})
     trainer = CSAETrainer(cfg, D, Runtime(torch.device("cpu"), torch.bfloat16 if dtype == "bfloat16" else None), 0)
     with torch.no_grad():
         trainer.sae.b_dec.copy_(torch.linspace(-1, 1, D))
