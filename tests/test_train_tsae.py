@@ -21,7 +21,7 @@ from csae.shared.config.base import ConfigError
 from csae.shared.config.train import PRESETS, TSAE, TSAE_OURS, TrainConfig, preset
 from csae.shared.sae.autoencoder import HIGH_LEVEL_KEY, SAE
 from csae.shared.store.schema import ActivationStore, make_test_store
-from csae.train import losses
+from csae.train import losses, sparse
 from csae.train.loader import ChunkLoader, adjacent_rows
 from csae.train.run import fit, resolve
 from csae.train.runtime import Runtime
@@ -144,6 +144,25 @@ def test_step_equals_the_dense_formula_written_out(mode: str, dtype: str) -> Non
     W_enc.grad = None
     recon.backward()
     assert float((W_enc.grad - want["grad W_enc"]).abs().max() / want["grad W_enc"].abs().max()) > 0.05
+
+
+def test_prefix_of_sparse_features_is_the_first_columns_on_either_pattern_path() -> None:
+    """SparseFeatures.prefix keeps exactly the entries of columns [0, h), in order, with their gradients; the
+    torch pattern (other devices) equals the kernel's (CPU) field by field."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(24, 40, generator=gen)
+    feats = sparse.encode(p, torch.eye(40), torch.zeros(40), torch.zeros(40), torch.float32)
+    vals = feats.vals_K.detach().requires_grad_(True)
+    feats = sparse.SparseFeatures(feats.pat, vals, torch.float32)
+    high = feats.prefix(13)
+    assert torch.equal(high.dense(), feats.dense()[:, :13]) and high.pat.n_cols == 13
+    (high.dense() * torch.arange(13.0)).sum().backward()
+    want = torch.where(feats.pat.cols_K < 13, feats.pat.cols_K.float(), 0.0)
+    assert torch.equal(vals.grad, want)
+    rows, cols = high.pat.rows_K, high.pat.cols_K
+    a, b = (sparse.pattern_of_entries(rows, cols, 24, 13, use) for use in (True, False))
+    for name in ("cols_K", "row_offsets", "by_col_K", "rows_by_col_K", "col_offsets"):
+        assert torch.equal(getattr(a, name).long(), getattr(b, name).long()), name
 
 
 def test_temporal_info_nce_is_least_for_identical_neighbours_and_orthogonal_others() -> None:
