@@ -115,6 +115,12 @@ def test_params_files_list_every_config_field(name: str) -> None:
         from_dict(TrainConfig, {**params["train"], **overrides})
         assert set(overrides) <= {f.name for f in dataclasses.fields(TrainConfig)}, run
     assert params["runs"]["baseline"] == {"alpha": 0.0, "beta": 0.0}  # differs from the CSAE only in the loss
+    assert list(params["runs"])[-1] == "baseline"  # evaluate compares every run with the last one
+    if "tsae" in params["runs"]:  # T-SAE differs from the others in its loss and positives only, not in k or arch
+        tsae = from_dict(TrainConfig, {**params["train"], **params["runs"]["tsae"]})
+        assert (tsae.architecture, tsae.positives, tsae.contrast_on, tsae.matryoshka_high) == (
+            "batchtopk", "adjacent", "high_level", 0.2)
+        assert set(params["runs"]["tsae"]) == {"alpha", "beta", "positives", "matryoshka_high", "contrast_on"}
 
 
 def test_paper_params_are_the_paper_preset() -> None:

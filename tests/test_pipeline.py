@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.slow]
 
+#: params.yaml's runs, the baseline last (evaluate compares each run with it)
+RUNS = ("csae", "tsae", "baseline")
+
 
 def dvc(cwd: Path, *args: str) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -58,8 +61,8 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     dvc(work, "repro")
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     held = [("k_8", 5), ("k_8", 19), ("k_4", 19)]  # (point, layer): the main point at every layer
-    assert set(metrics) == {f"{run}/{p}/layer_{layer}" for run in ("csae", "baseline") for p, layer in held} | {
-        f"csae_vs_baseline/{p}/layer_{layer}" for p, layer in held}  # seed means with intervals, and the verdicts
+    assert set(metrics) == {f"{run}/{p}/layer_{layer}" for run in RUNS for p, layer in held} | {
+        f"{run}_vs_baseline/{p}/layer_{layer}" for run in RUNS[:-1] for p, layer in held}  # with the verdicts
     assert all(f"{n}_lo" in metrics["csae/k_8/layer_5"] for n in ("explained_variance", "ce_score", "heldout_infonce"))
     assert set(metrics["csae_vs_baseline/k_8/layer_5"].values()) <= {"better", "worse", "no detectable difference"}
     baseline = LayerInfo.read(work / "checkpoints" / "baseline" / "k_8" / "seed_0" / "layer_5").config
@@ -72,7 +75,7 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     evaluated = json.loads((work / "eval" / "eval_config.json").read_text())
     assert evaluated["config"]["dtype"] == dtype
     assert sorted(p.name for p in (work / "eval" / "plots" / "training").iterdir()) == sorted(
-        f"{run}_{p}_seed_{seed}_layer_{layer}.csv" for run in ("csae", "baseline") for seed in (0, 1)
+        f"{run}_{p}_seed_{seed}_layer_{layer}.csv" for run in RUNS for seed in (0, 1)
         for p, layer in held)
     # a random-weight model knows almost no next token, so unlearning has nothing to score and is skipped (the
     # tiny Gemma 3 of tests/test_eval_*.py covers it); its declared plot directory is still there for DVC
@@ -80,7 +83,7 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     assert (work / "eval" / "comparison.json").is_file() and (work / "eval" / "report.md").is_file()
     browser = work / "eval" / "browser"  # the browse stage: both runs' seed-0 SAEs of each layer
     assert (browser / "index.html").is_file() and sorted(p.name for p in (browser / "data").iterdir()) == sorted(
-        ["common.js"] + [f"{run}_{p}_layer_{layer}.js" for run in ("csae", "baseline") for p, layer in held])
+        ["common.js"] + [f"{run}_{p}_layer_{layer}.js" for run in RUNS for p, layer in held])
     assert (browser / "frontier.png").is_file() and "csae_vs_baseline" in (browser / "data" / "common.js").read_text()
 
     assert "up to date" in dvc(work, "repro")  # a second repro is a no-op
@@ -92,7 +95,7 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     params["train"]["lr"] = 2e-3  # a train value changes: train and evaluate re-run, harvest does not
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = dvc(work, "status")
-    assert "train@csae" in status and "train@baseline" in status and "harvest" not in status
+    assert all(f"train@{run}" in status for run in RUNS) and "harvest" not in status
 
 
 def git(cwd: Path, *args: str) -> str:

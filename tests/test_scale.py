@@ -133,11 +133,16 @@ def test_appending_with_two_ranks_equals_one_longer_harvest(tmp_path: Path, src:
     assert "rows 0-1,000 by 1 rank(s)" in info.stdout and "rows 1,000-2,000 by 2 rank(s)" in info.stdout
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
+#: T-SAE's settings (params.yaml runs.tsae) on BatchTopK, as --set values
+TSAE_SET = ["architecture=batchtopk", "alpha=0.1", "beta=0", "positives=adjacent", "matryoshka_high=0.2",
+            "contrast_on=high_level"]
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "tsae"])
 def test_layer_parallel_training_equals_one_process_bit_for_bit(tmp_path: Path, reference: Path, arch: str) -> None:
     assert TRAIN[2] == "--set"
-    args = ["--store", reference, "--layers", "5", "12", *TRAIN[2:], "--set", "seeds=0 1", f"architecture={arch}",
-            "k=8"]
+    sets = TSAE_SET if arch == "tsae" else [f"architecture={arch}"]
+    args = ["--store", reference, "--layers", "5", "12", *TRAIN[2:], "--set", "seeds=0 1", *sets, "k=8"]
     one = run("train", ["fit", *args, "--out", tmp_path / "one"])
     assert one.returncode == 0, one.stderr
     two = torchrun("-m", "csae.train.cli", "fit", *args, "--out", tmp_path / "two", "--distribute", "layers")

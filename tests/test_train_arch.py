@@ -192,10 +192,16 @@ def test_saved_sae_is_saelens_format_and_reconstructs_as_its_raw_weights_say(act
     assert int((f > 0).sum()) > 0
 
 
+#: T-SAE's settings (params.yaml runs.tsae) on BatchTopK
+TSAE = {"architecture": "batchtopk", "alpha": 0.1, "beta": 0.0, "positives": "adjacent", "matryoshka_high": 0.2,
+        "contrast_on": "high_level"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "tsae"])
 def test_resume_equals_uninterrupted(arch: str, store: Path, tmp_path: Path) -> None:
-    cfg = resolve(TrainConfig(**{**SMALL, "k": 2, "dead_steps": 10}, architecture=arch, dtype="float32"))  # type: ignore[arg-type]
+    over = TSAE if arch == "tsae" else {"architecture": arch}
+    cfg = resolve(TrainConfig(**{**SMALL, "k": 2, "dead_steps": 10, **over}, dtype="float32"))  # type: ignore[arg-type]
     fit(cfg, store, tmp_path / "one", layers=[0], progress=False)
     fit(cfg, store, tmp_path / "two", layers=[0], progress=False, stop_at=130)
     fit(cfg, store, tmp_path / "two", layers=[0], progress=False, resume=True)

@@ -26,7 +26,10 @@ CFG = {"expansion": 8, "batch_size": 128, "tokens": 128 * 60, "l1": 20.0, "lr": 
 
 #: per architecture: the top-k ones with k = 1 of 256 features, so that features die (Aux-K and resampling on)
 ARCH = {"relu": {}, "topk": {"architecture": "topk", "k": 1, "dead_steps": 5},
-        "batchtopk": {"architecture": "batchtopk", "k": 1, "dead_steps": 5}}
+        "batchtopk": {"architecture": "batchtopk", "k": 1, "dead_steps": 5},
+        # T-SAE: BatchTopK with its Matryoshka prefix and InfoNCE on adjacent tokens' high-level codes
+        "tsae": {"architecture": "batchtopk", "k": 1, "dead_steps": 5, "alpha": 0.1, "positives": "adjacent",
+                 "matryoshka_high": 0.2, "contrast_on": "high_level"}}
 
 
 def _worker(rank: int, tmp: str, dtype: str, arch: str) -> None:

@@ -116,8 +116,11 @@ def _lookup(store: ActivationStore, layer: int = 0) -> dict[bytes, int]:
     return table
 
 
-def test_csae_and_baseline_read_the_same_rows_at_every_step(store_path: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_csae_tsae_and_baseline_read_the_same_rows_at_every_step(store_path: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline's three runs (params.yaml `runs`), BatchTopK as there: the same batch at every step. The
+    T-SAE's adjacent positives come on top of it (its last P rows, each anchor's neighbour), read for its
+    contrastive term only."""
     store = ActivationStore.open(store_path)
     lookup = _lookup(store)
     scale = np.sqrt(store.d_model) / store.mean_norm(0)  # what train fit multiplies rows by
@@ -130,16 +133,22 @@ def test_csae_and_baseline_read_the_same_rows_at_every_step(store_path: Path, tm
 
     monkeypatch.setattr(CSAETrainer, "step", recording_step)
     runs = {}
-    for name, weights in (("baseline", {"alpha": 0.0, "beta": 0.0}), ("csae", {"alpha": 2.0, "beta": 10.0})):
+    tsae = {"alpha": 0.1, "beta": 0.0, "positives": "adjacent", "matryoshka_high": 0.2, "contrast_on": "high_level"}
+    for name, weights in (("baseline", {"alpha": 0.0, "beta": 0.0}), ("csae", {"alpha": 2.0, "beta": 10.0}),
+                          ("tsae", tsae)):
         seen.clear()
-        cfg = resolve(TrainConfig(expansion=2, batch_size=64, tokens=64 * 60, warmup_steps=2, seeds=(3,),
-                                  in_memory_max_mb=0, shuffle_rows=512, **weights))  # type: ignore[arg-type]
+        cfg = resolve(TrainConfig(expansion=2, batch_size=64, tokens=64 * 60, warmup_steps=2, seeds=(3,),  # type: ignore[arg-type]
+                                  architecture="batchtopk", k=4, in_memory_max_mb=0, shuffle_rows=512, **weights))
         fit(cfg, store_path, tmp_path / name, layers=[0], progress=False)
         runs[name] = [list(rows) for rows in seen]
     assert len(runs["csae"]) == 60 and runs["csae"] == runs["baseline"]
-    seq = store.tokens("seq")
+    assert [rows[:64] for rows in runs["tsae"]] == runs["baseline"] and all(len(r) == 96 for r in runs["tsae"])
+    seq, pos = store.tokens("seq"), store.tokens("pos")
     for rows in runs["baseline"]:  # the baseline's batches are context pairs too
         assert (seq[rows[:32]] == seq[rows[32:]]).all()
+    for rows in runs["tsae"]:  # the T-SAE's extra rows: each anchor's neighbour in its sequence
+        anchors, partners = np.array(rows[:32]), np.array(rows[64:])
+        assert (seq[anchors] == seq[partners]).all() and (np.abs(pos[anchors] - pos[partners]) <= 1).all()
 
 
 @pytest.mark.parametrize("in_memory", [False, True])

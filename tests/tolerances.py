@@ -45,3 +45,12 @@ KL_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-3}
 #:   as for harvested rows (ROW_TOLERANCE): 2^-6.
 #: Measured on the tiny Gemma 3 (layer 1 of 4): 0 in float32 and in bfloat16.
 BATCHED_RESTART_TOLERANCE = {"float32": 1e-6, "bfloat16": 2**-6}
+
+#: |got - want| over max |want| of a T-SAE training step (loss, x_hat, every SAE gradient) against the dense
+#: formula in float32 autograd (tests/test_train_tsae.py):
+#: - float32: summation order only (the sparse path sums by feature, the formula by row): 1e-5, as the TopK and
+#:   BatchTopK steps of tests/test_train_arch.py.
+#: - bfloat16: every product's operands rounded (2 x 2^-9 relative each) through the encoder, both decodes,
+#:   the cosine products and the gradients' products: a few 2^-8, so 2^-5; dropping the contrastive term
+#:   or the prefix term moves the encoder's gradient by more than 5% of its largest element (checked there).
+TSAE_STEP_TOLERANCE = {"float32": 1e-5, "bfloat16": 2**-5}

@@ -11,6 +11,12 @@ in the same order (the contrastive weights do not change the data stream), and e
 read at least once: a buffer's rows are paired up within their sequences, the odd row out of a sequence
 with a random other row of it (read twice), and the last batch is filled up with pairs from the start.
 
+With `adjacent` (T-SAE's positives) each batch gets P more rows, [B, B + P): anchor i's neighbour in its
+sequence, the token before it (t-1), or after it when the anchor is the sequence's first row here, or the
+anchor itself when it is its sequence's only row in the buffer (a sequence of one token, or, when streaming,
+one cut to one row by a chunk edge). They are read for the contrastive term only; rows [0, B) are the batch
+every other run reads, so all runs still see the same batches (docs/training.md, one data stream).
+
 Everything is a pure function of (seed, rank, buffer number): which chunks form a buffer, the row order
 and the pairs; how many batches a buffer gives depends only on its sequence ids, which are read up front.
 So a run resumed at step k gets exactly the batches an uninterrupted run gets from step k on, without
@@ -53,11 +59,12 @@ class _Ready:
 
 class ChunkLoader:
     """Iterate float32 batches (local_batch, d_model) of `scale * activations`, made of context pairs:
-    rows [0, B/2) are anchors and rows [B/2, B) their positives, another token of the same sequence."""
+    rows [0, B/2) are anchors and rows [B/2, B) their positives, another token of the same sequence; with
+    `adjacent`, (local_batch + B/2, d_model): then rows [B, B + B/2) are the anchors' neighbours."""
 
     def __init__(self, store: ActivationStore, layer: int, *, batch_size: int, train_rows: int, scale: float,
                  seed: int, shuffle_rows: int, in_memory_max_bytes: int, rank: int = 0, world: int = 1,
-                 start_step: int = 0, device: str | torch.device = "cpu") -> None:
+                 start_step: int = 0, device: str | torch.device = "cpu", adjacent: bool = False) -> None:
         if batch_size % (2 * world):
             raise ValueError(f"batch_size {batch_size} does not split into pairs on each of the {world} ranks")
         self.store, self.layer, self.scale, self.seed = store, layer, scale, seed
@@ -73,6 +80,8 @@ class ChunkLoader:
         self.buffer_chunks = self.n_chunks if self.in_memory else max(min_chunks, shuffle_rows // self.chunk_rows)
         # sequence ids of every training row (4 bytes a row): they plan the pairs without reading activations
         self.seq_N = store.tokens("seq")[:train_rows]
+        # positions too when neighbours are wanted (adjacency is checked, not assumed from the row order)
+        self.pos_N = store.tokens("pos")[:train_rows] if adjacent else None
         self._cache: torch.Tensor | None = None
         self._cache_lock = threading.Lock()  # the pool (training thread) and the producer both read the cache
         self.start_step = start_step
@@ -156,7 +165,13 @@ class ChunkLoader:
         ready = self._pair_up(buf, self.seq_N[rows_N])
         if self.in_memory:  # index the cached layer directly instead of copying the buffer out of it
             ready.acts_ND, ready.batches_KB = self._cached(), rows_N[ready.batches_KB]
+            if self.pos_N is not None:  # any row of the layer is at hand: the neighbours by store index
+                anchors = ready.batches_KB[:, : self.local_batch // 2]
+                ready.batches_KB = np.concatenate([ready.batches_KB, adjacent_rows(anchors, self.seq_N, self.pos_N)],
+                                                  axis=1)
             return ready
+        if self.pos_N is not None:
+            ready.batches_KB = self._with_neighbours(ready.batches_KB, rows_N)
         parts = [self._read_chunk(c) for c in buf.chunks]
         ready.acts_ND = torch.cat(parts) if len(parts) > 1 else parts[0]
         return ready
@@ -169,6 +184,16 @@ class ChunkLoader:
         half = self.local_batch // 2
         order = np.resize(rng.permutation(len(anchor_P)), buf.n_batches * half).reshape(buf.n_batches, half)
         return _Ready(buf, torch.empty(0), np.concatenate([anchor_P[order], positive_P[order]], axis=1))
+
+    def _with_neighbours(self, batches_KB: np.ndarray, rows_N: np.ndarray) -> np.ndarray:
+        """Streaming: the batches (buffer-local row indices) with each anchor's neighbour appended
+        (`adjacent_rows`) among the buffer's rows, which are all that is read. No random draw: rows [0, B)
+        stay every run's batch."""
+        order = np.argsort(rows_N, kind="stable")
+        present = rows_N[order]
+        anchors = rows_N[batches_KB[:, : self.local_batch // 2]]
+        partners = adjacent_rows(anchors, self.seq_N, self.pos_N, present)
+        return np.concatenate([batches_KB, order[np.searchsorted(present, partners)]], axis=1)
 
     # ----- the background thread and the iterator -----
     def _producer(self) -> None:
@@ -243,3 +268,22 @@ def context_pairs(seq_N: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
     partner = np.where(pos + 1 < length, pos + 1, rng.integers(0, np.maximum(length - 1, 1)))
     partner = np.where(length > 1, partner, 0)
     return order[first], order[(start + partner)[first]]
+
+
+def adjacent_rows(anchor_A: np.ndarray, seq_N: np.ndarray, pos_N: np.ndarray,
+                  present_S: np.ndarray | None = None) -> np.ndarray:
+    """For each anchor row (store index), the row of the token before it in its sequence (position - 1), else
+    the one after it (the anchor is its sequence's first row here), else the anchor itself (its sequence's only
+    row). Rows must be present (`present_S`, sorted; None: every row of seq_N) and of the same sequence at the
+    next position: never a row of another sequence or document."""
+    out = anchor_A.copy()
+    for step in (1, -1):  # the token after first, so that the one before (t-1) wins where both exist
+        cand = anchor_A + step
+        ok = (cand >= 0) & (cand < len(seq_N))
+        c = np.where(ok, cand, anchor_A)
+        ok &= (seq_N[c] == seq_N[anchor_A]) & (pos_N[c] == pos_N[anchor_A] + step)
+        if present_S is not None:
+            i = np.minimum(np.searchsorted(present_S, c), len(present_S) - 1)
+            ok &= present_S[i] == c
+        out = np.where(ok, cand, out)
+    return out

@@ -109,6 +109,18 @@ def info_nce(z_BC: torch.Tensor, temperature: float, dtype: torch.dtype = torch.
     return _InfoNCE.apply(z_BC, temperature, dtype)
 
 
+def temporal_info_nce(f_PH: torch.Tensor, f_adj_PH: torch.Tensor, temperature: float,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """T-SAE's contrastive term: the symmetric InfoNCE of `info_nce` taken directly on the high-level codes of P
+    tokens and of their neighbours in the sequence (the token at t-1 for the token at t), by cosine similarity
+    over in-batch negatives (the other pairs' tokens), no projection head. (P, H), (P, H) -> (). A row of zeros
+    (no high-level feature active) has cosine 0 with everything."""
+    if f_PH.shape != f_adj_PH.shape:
+        raise ValueError(f"temporal_info_nce takes codes of tokens and of their neighbours, one row each; got "
+                         f"{tuple(f_PH.shape)} and {tuple(f_adj_PH.shape)}")
+    return _InfoNCE.apply(torch.cat([f_PH, f_adj_PH]), temperature, dtype)
+
+
 class _Diversity(torch.autograd.Function):
     """sum_{i != j} cos(w_i, w_j)^2 / (S (S - 1)) over the rows idx_S of W (F, D) -> (), with its gradient written
     out: with u the unit rows and G = u u^T, dL/du = 4 (G - diag G) u (one S x S x D product instead of autograd's two:

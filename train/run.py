@@ -206,7 +206,7 @@ def _fit_one(cfg: TrainConfig, store: ActivationStore, store_path: str, d: Path,
     loader = ChunkLoader(store, layer, batch_size=cfg.batch_size, train_rows=store.heldout_start(
         cfg.heldout_tail_fraction), scale=scale, seed=derive_seed(seed, DATA, layer), shuffle_rows=cfg.shuffle_rows,
         in_memory_max_bytes=cfg.in_memory_max_mb << 20,
-        rank=rt.rank, world=rt.world, start_step=start, device=rt.device)
+        rank=rt.rank, world=rt.world, start_step=start, device=rt.device, adjacent=cfg.positives == "adjacent")
     if state:
         trainer.load_state_dict(state)
     else:

@@ -132,6 +132,16 @@ def top_k_batch(p_BF: torch.Tensor, b_F: torch.Tensor, k: int) -> tuple[Pattern,
     return _kept(s_BF, torch.topk(s_BF.view(-1), k * len(s_BF), sorted=False).indices)
 
 
+def pattern_of_entries(rows_K: torch.Tensor, cols_K: torch.Tensor, n_rows: int, n_cols: int, use_kernels: bool
+                       ) -> Pattern:
+    """The pattern of entries given in row-major order: with `use_kernels` (CPU tensors) its column order from
+    the numba kernel, else from torch (any device)."""
+    if use_kernels:
+        return Pattern.of_rows(_offsets(torch.bincount(rows_K, minlength=n_rows)), cols_K, n_cols)
+    mask = torch.zeros(n_rows * n_cols, dtype=torch.bool, device=cols_K.device)
+    return Pattern.of_torch(mask.index_fill_(0, rows_K * n_cols + cols_K, True).view(n_rows, n_cols))
+
+
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
     out = counts.new_zeros(len(counts) + 1)
     torch.cumsum(counts, 0, out=out[1:])
@@ -256,6 +266,15 @@ class SparseFeatures:
         out = self.vals_K.new_zeros(self.pat.n_rows * self.pat.n_cols)
         return out.index_put((self.pat.flat_K,), self.vals_K).view(self.pat.n_rows, self.pat.n_cols)
 
+    def prefix(self, h: int) -> SparseFeatures:
+        """The features [0, h) of every row (a Matryoshka prefix) as sparse features of width h: the entries
+        with a column below h, in the same row-major order (their values through index_select, so gradients
+        reach vals_K)."""
+        keep_J = (self.pat.cols_K < h).nonzero().squeeze(1)
+        cols_J, rows_J = self.pat.cols_K.index_select(0, keep_J), self.pat.rows_K.index_select(0, keep_J)
+        pat = pattern_of_entries(rows_J, cols_J, self.pat.n_rows, h, cols_J.device.type == "cpu")
+        return SparseFeatures(pat, self.vals_K.index_select(0, keep_J), self.dtype)
+
 
 def encode(x_BD: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
            dtype: torch.dtype, select: Select | None = None) -> SparseFeatures:
@@ -291,6 +310,10 @@ class DenseFeatures:
 
     def dense(self) -> torch.Tensor:
         return self.f_BF
+
+    def prefix(self, h: int) -> DenseFeatures:
+        """The features [0, h) of every row (a Matryoshka prefix)."""
+        return DenseFeatures(self.f_BF[:, :h], self.autocast_dtype)
 
 
 Features = SparseFeatures | DenseFeatures

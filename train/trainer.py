@@ -35,8 +35,8 @@ from csae.train.training_sae import TrainingSAE
 
 #: Where torch's AdamW has a fused kernel (elsewhere its default, op by op, with the clip done beforehand).
 FUSED_DEVICES = ("cpu", "cuda")
-METRIC_NAMES = ("loss", "recon_loss", "l1", "aux_k", "info_nce", "diversity", "l0", "fvu", "grad_norm_sae",
-                "grad_norm_head")
+METRIC_NAMES = ("loss", "recon_loss", "recon_high", "l1", "aux_k", "info_nce", "diversity", "l0", "fvu",
+                "grad_norm_sae", "grad_norm_head")
 
 
 class CSAETrainer:
@@ -102,7 +102,7 @@ class CSAETrainer:
         with torch.no_grad(), record_function("csae.step.stats"):
             self.last_fired_F.masked_fill_(feats.fired(), step)
             terms["l0"] = feats.l0()
-            terms["fvu"] = losses.fvu_of_reconstruction(terms["recon_loss"], x_BD)
+            terms["fvu"] = losses.fvu_of_reconstruction(terms["recon_loss"], self.model.split_batch(x_BD)[0])
         self.model.end_step(terms["l0"])
         return terms
 

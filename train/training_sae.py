@@ -38,7 +38,8 @@ class TrainingSAE:
         if cfg.architecture != "relu" and cfg.k > d_sae:
             raise UserError(f"k={cfg.k} exceeds the dictionary's {d_sae} features (d_model {d_in} x expansion "
                             f"{cfg.expansion}); lower k or raise expansion")
-        self.sae = SAE(d_in, d_sae, activation=INFERENCE_ACTIVATION[cfg.architecture], k=cfg.k, device=rt.device)
+        self.sae = SAE(d_in, d_sae, activation=INFERENCE_ACTIVATION[cfg.architecture], k=cfg.k,
+                       high_level=cfg.high_level(d_sae), device=rt.device)
         # the same for every run with this seed (the CSAE and its baseline start from the same weights)
         self.sae.reset_parameters_(torch.Generator().manual_seed(derive_seed(seed, INIT_SAE)))
         with torch.random.fork_rng(devices=[]):
@@ -61,8 +62,8 @@ class TrainingSAE:
 
     @property
     def trains_head(self) -> bool:
-        """Whether the head gets gradients (and optimiser state): only when the contrastive term is on."""
-        return self.cfg.contrastive
+        """Whether the head gets gradients (and optimiser state): only when InfoNCE is on and runs on the head."""
+        return self.cfg.trains_head
 
     @torch.no_grad()
     def init_b_dec_(self, sample_ND: torch.Tensor, iters: int = 30) -> None:
@@ -169,30 +170,39 @@ class TrainingSAE:
         with self.autocast():
             return second(torch.relu(z_BC))
 
-    def training_forward_pass(self, x_BD: torch.Tensor, step: int
+    def split_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loader's rows as (the batch every run reads and reconstructs, the anchors' neighbours or None):
+        with adjacent positives the loader appends one neighbour per anchor pair, the last third (ChunkLoader)."""
+        if self.cfg.positives != "adjacent":
+            return x, None
+        B = len(x) // 3 * 2
+        return x[:B], x[B:]
+
+    def training_forward_pass(self, x: torch.Tensor, step: int
                               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, Features]:
-        """Each loss term (recon_loss, l1, aux_k, info_nce, diversity) and their weighted sum `loss`, the
-        reconstruction x_hat_BD and the features."""
-        cfg = self.cfg
+        """Each loss term (recon_loss, recon_high, l1, aux_k, info_nce, diversity) and their weighted sum `loss`,
+        the reconstruction x_hat_BD and the features of the batch (`split_batch`'s first part)."""
+        cfg, h = self.cfg, self.sae.high_level
+        x_BD, x_adj_PD = self.split_batch(x)
         zero = x_BD.new_zeros(())
         feats = self.features(x_BD)
         x_hat_BD = feats.affine(self.sae.W_dec, self.sae.b_dec, "decoder")
-        terms = {"recon_loss": losses.reconstruction(x_BD, x_hat_BD), "l1": feats.l1(), "info_nce": zero,
-                 "diversity": zero, "aux_k": zero}
+        terms = {"recon_loss": losses.reconstruction(x_BD, x_hat_BD), "recon_high": zero, "l1": feats.l1(),
+                 "info_nce": zero, "diversity": zero, "aux_k": zero}
         # each weighted term added by one op (torch.add's alpha), one graph node
         loss = torch.add(terms["recon_loss"], terms["l1"], alpha=self.l1_at(step))
+        high = feats.prefix(h) if h else None  # the high-level block's codes (a Matryoshka prefix)
+        if high is not None:  # it reconstructs on its own too, with the same b_dec
+            x_hat_high_BD = high.affine(self.sae.W_dec[:h], self.sae.b_dec, "decoder_high")
+            terms["recon_high"] = losses.reconstruction(x_BD, x_hat_high_BD)
+            loss = torch.add(loss, terms["recon_high"], alpha=cfg.high_level_weight)
         if cfg.architecture != "relu" and cfg.aux_k > 0 and (aux := self.aux_k_loss(x_BD, x_hat_BD)) is not None:
             terms["aux_k"] = aux
             loss = torch.add(loss, aux, alpha=cfg.aux_k)
         if cfg.architecture == "batchtopk":
             self.update_threshold_(feats, step)
         if cfg.alpha > 0:
-            if cfg.positives == "context":  # rows [0, P) are anchors, [P, 2P) their positives
-                z_BC = self.head_z(feats)
-            else:  # two views of each anchor, stacked in halves as well
-                z_BC = self.head_z(self.features(torch.cat(self.views(x_BD[: len(x_BD) // 2], step))))
-            # its products in the compute dtype, the rest in float32 (losses.info_nce)
-            terms["info_nce"] = losses.info_nce(z_BC, cfg.temperature, self.rt.compute_dtype)
+            terms["info_nce"] = self.info_nce(feats, high, x_BD, x_adj_PD, step)
             loss = torch.add(loss, terms["info_nce"], alpha=cfg.alpha)
         if cfg.beta > 0:  # its matmuls in the compute dtype, the rest in float32 (losses.diversity)
             idx_S = None
@@ -205,3 +215,29 @@ class TrainingSAE:
             loss = torch.add(loss, terms["diversity"], alpha=cfg.beta)
         terms["loss"] = loss  # the terms that are off add nothing (no ops for them in the graph)
         return terms, x_hat_BD, feats
+
+    def info_nce(self, feats: Features, high: Features | None, x_BD: torch.Tensor, x_adj_PD: torch.Tensor | None,
+                 step: int) -> torch.Tensor:
+        """The contrastive term over the P anchors [0, P) of the batch and their positives: the batch's rows
+        [P, 2P) (context), two views of each anchor (augment) or each anchor's neighbour (adjacent, encoded as a
+        batch of its own, as T-SAE's authors encode t-1, and not reconstructed); on the head's outputs or on the
+        high-level codes (contrast_on; `high` is the batch's, feats.prefix(h)). Its products in the compute
+        dtype, the rest in float32."""
+        cfg, P, dtype = self.cfg, len(x_BD) // 2, self.rt.compute_dtype
+        if cfg.positives == "context":  # rows [0, P) are anchors, [P, 2P) their positives
+            pairs: Features | None = feats
+        elif cfg.positives == "augment":  # two views of each anchor, stacked in halves as well
+            pairs = self.features(torch.cat(self.views(x_BD[:P], step)))
+        else:
+            assert x_adj_PD is not None, "adjacent positives need the loader's neighbour rows"
+            pairs, adjacent = None, self.features(x_adj_PD)
+        if cfg.contrast_on == "head":
+            z_BC = self.head_z(pairs) if pairs is not None else torch.cat([self.head_z(feats)[:P],
+                                                                           self.head_z(adjacent)])
+            return losses.info_nce(z_BC, cfg.temperature, dtype)
+        h = self.sae.high_level
+        if pairs is not None:
+            f_BH = (high if pairs is feats and high is not None else pairs.prefix(h)).dense()
+            return losses.temporal_info_nce(f_BH[:P], f_BH[P:], cfg.temperature, dtype)
+        f_PH = (high if high is not None else feats.prefix(h)).dense()[:P]
+        return losses.temporal_info_nce(f_PH, adjacent.prefix(h).dense(), cfg.temperature, dtype)

@@ -1,6 +1,7 @@
 """What `train fit` does: the CSAE's size, loss weights, optimiser, schedule and data handling.
 
-Two presets: `default` (ours) and `paper` (the reference Gemma-2-2B setup). See PRESETS.
+Three presets: `default` (ours), `paper` (the CSAE paper's Gemma-2-2B setup) and `tsae` (Temporal SAEs,
+Bhalla et al. 2025: a Matryoshka BatchTopK SAE with InfoNCE on adjacent tokens' high-level codes). See PRESETS.
 
 The default preset fits the embedded model on a 2-core CPU: a 4x dictionary, 400 steps, lr 5e-4 with a short
 warmup and an L1 ramp; why each value, and what it costs against longer training: docs/training.md.
@@ -85,9 +86,24 @@ class TrainConfig:
     head_hidden: int = 0
     """Hidden width of the contrastive head (0: a single linear map)."""
 
-    positives: Literal["context", "augment"] = "context"
+    positives: Literal["context", "augment", "adjacent"] = "context"
     """InfoNCE positives: context = another token of the same sequence at a random offset; augment = two
-    stochastic views (dropout + Gaussian noise) of the same activation."""
+    stochastic views (dropout + Gaussian noise) of the same activation; adjacent = the token next to the anchor
+    in its sequence, (t-1, t) (T-SAE): the loader adds each anchor's neighbour to the batch that every run
+    reads, for the contrastive term only."""
+
+    matryoshka_high: float = 0.0
+    """Fraction of the dictionary in the high-level block (T-SAE: 0.2): features [0, h) must also reconstruct x
+    on their own (a Matryoshka prefix), so the reconstruction term is that of the prefix plus that of the whole
+    dictionary. 0: no block, the plain reconstruction term."""
+
+    high_level_weight: float = 0.25
+    """Weight of the high-level prefix's reconstruction term, the whole dictionary's weighing 1 (T-SAE's authors
+    weight the two 0.2 and 0.8). Unused without a high-level block (matryoshka_high 0)."""
+
+    contrast_on: Literal["head", "high_level"] = "head"
+    """What InfoNCE compares: head = the contrastive head's outputs h(f) (the CSAE); high_level = the
+    high-level block's codes f[:, :h] themselves, by cosine, no head (T-SAE; needs matryoshka_high > 0)."""
 
     augment_dropout: float = 0.1
     """augment positives: probability of zeroing each input dimension in a view."""
@@ -148,7 +164,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         nonneg = ("warmup_steps", "l1_warmup_steps", "weight_decay", "grad_clip", "l1", "alpha", "beta", "head_hidden",
-                  "augment_noise", "resample_every", "resample_scale", "in_memory_max_mb", "aux_k")
+                  "augment_noise", "resample_every", "resample_scale", "in_memory_max_mb", "aux_k",
+                  "high_level_weight")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}")
@@ -161,6 +178,10 @@ class TrainConfig:
         for name in ("decay_fraction", "resample_until", "augment_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.matryoshka_high < 1.0:
+            raise ConfigError(f"matryoshka_high must be in [0, 1), got {self.matryoshka_high}")
+        if self.contrast_on == "high_level" and self.matryoshka_high == 0:
+            raise ConfigError("contrast_on=high_level needs a high-level block: set matryoshka_high (T-SAE: 0.2)")
         if not 0.0 <= self.heldout_tail_fraction < 1.0:
             raise ConfigError(f"heldout_tail_fraction must be in [0, 1), got {self.heldout_tail_fraction}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
@@ -175,6 +196,15 @@ class TrainConfig:
     @property
     def contrastive(self) -> bool:
         return self.alpha > 0
+
+    @property
+    def trains_head(self) -> bool:
+        """Whether the contrastive head gets gradients: InfoNCE is on and runs on the head."""
+        return self.contrastive and self.contrast_on == "head"
+
+    def high_level(self, d_sae: int) -> int:
+        """Width of the high-level block of a dictionary of d_sae features (0: none); at least 1 when on."""
+        return max(1, int(self.matryoshka_high * d_sae)) if self.matryoshka_high > 0 else 0
 
     @property
     def sparsity(self) -> tuple[str, float]:
@@ -220,6 +250,9 @@ PAPER_OURS: dict[str, Any] = {
     "beta": 10.0,  # the diversity penalty's weight is not given: our default's, stated, not inherited
     "head_hidden": 0,  # a linear head
     "positives": "context",  # another token of the same sequence
+    "matryoshka_high": 0.0,  # no high-level block (that is T-SAE's)
+    "contrast_on": "head",  # InfoNCE on the contrastive head's outputs
+    "high_level_weight": 0.25,  # (with a high-level block only)
     "augment_dropout": 0.1,  # (augment positives only)
     "augment_noise": 0.1,  # (augment positives only)
     "diversity_features": 256,  # rows per step of the diversity penalty (a 2304^2 Gram matrix every step is slow)
@@ -234,10 +267,61 @@ PAPER_OURS: dict[str, Any] = {
     "checkpoint_every": 500,
 }
 
-#: Presets: overrides of the TrainConfig defaults. `default` is ours; `paper` states every field.
+#: T-SAE (Bhalla et al., arXiv 2511.05541): what the paper gives, and (marked) what its authors' public code
+#: (AI4LIFE-GROUP/temporal-saes, train_temporal.py and trainers/temporal_sequence_top_k.py) sets where the text
+#: we could read gives no number.
+TSAE: dict[str, Any] = {
+    "architecture": "batchtopk",  # a Matryoshka BatchTopK SAE
+    "matryoshka_high": 0.2,  # high-level block: 20% of the features, the low-level one 80%
+    "high_level_weight": 0.25,  # authors' code: group weights 0.2 (prefix) and 0.8 (whole dictionary)
+    "contrast_on": "high_level",  # InfoNCE on the high-level codes, cosine similarity, no projection head
+    "positives": "adjacent",  # tokens t-1 and t of one sequence; in-batch negatives
+    "beta": 0.0,  # no decoder-diversity term
+    "l1": 0.0,  # no L1 (BatchTopK sets the sparsity)
+    "resample_every": 0,  # no resampling: Aux-K revives dead features
+    "alpha": 0.25,  # authors' code: temp_alpha 0.1 beside reconstruction terms weighted 0.4 (0.8 / 2 groups)
+    "k": 20,  # authors' code: --k 20
+    "expansion": 21,  # authors' code: 16,384 features on Pythia-160m's 768 dims (21.3x)
+    "batch_size": 512,  # authors' code
+    "tokens": 102_400_000,  # authors' code: 200,000 steps of 512
+    "lr": 3e-4,  # authors' code: Adam
+    "warmup_steps": 1000,  # authors' code
+    "decay_fraction": 0.0,  # authors' code: no decay
+    "weight_decay": 0.0,  # authors' code: Adam, no decay
+    "grad_clip": 1.0,  # authors' code
+    "aux_k": 0.03125,  # authors' code: auxk_alpha 1/32
+    "dead_steps": 19_531,  # authors' code: dead after 10M tokens without firing (/ 512)
+    "threshold_lr": 0.001,  # authors' code: threshold_beta 0.999
+}
+
+#: Values the tsae preset needs that neither the paper nor its code gives: ours (docs/training.md, T-SAE).
+TSAE_OURS: dict[str, Any] = {
+    "temperature": 0.1,  # not given; the authors' code uses raw dot products (no cosine, no temperature). A
+    # cosine of non-negative codes lies in [0, 1]: at temperature 1 the logits would span 1. The CSAE's 0.1.
+    "l1_warmup_steps": 0,  # (relu only)
+    "head_dim": 128,  # no head is trained (contrast_on=high_level); one is still saved, as for the baseline
+    "head_hidden": 0,
+    "augment_dropout": 0.1,  # (augment positives only)
+    "augment_noise": 0.1,
+    "diversity_features": 256,  # (beta > 0 only)
+    "resample_pool": 65_536,  # (resample_every > 0 only)
+    "resample_scale": 0.2,
+    "resample_until": 0.8,
+    "heldout_tail_fraction": 0.1,
+    "in_memory_max_mb": 2048,
+    "shuffle_rows": 65_536,
+    "sparse": "auto",  # engineering: the same math either way
+    "dtype": "auto",
+    "device": "auto",
+    "seeds": (0, 1),
+    "checkpoint_every": 500,
+}
+
+#: Presets: overrides of the TrainConfig defaults. `default` is ours; `paper` and `tsae` state every field.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": {**PAPER, **PAPER_OURS},
+    "tsae": {**TSAE, **TSAE_OURS},
 }
 
 
