@@ -151,8 +151,8 @@ def matched(results: list[FamilyResult], lay: Layout, summary: Summary, *, n_res
         return iv.value if iv is not None else math.nan
 
     if lay.fixed_l0 or len(lay.points) < 2:
-        diffs = {(a, b, p, layer): summary.diffs[lay.series(a, p), lay.series(b, p), layer] for a, b in lay.comparisons
-                 for p in lay.points for layer in lay.point_layers[p]}
+        diffs = {(a, b, p, layer): d for a, b in lay.comparisons for p in lay.points for layer in lay.point_layers[p]
+                 if (d := summary.diffs.get((lay.series(a, p), lay.series(b, p), layer))) is not None}
         l0 = {(a, b, p, layer): (l0_of(lay.series(a, p), layer), l0_of(lay.series(b, p), layer))
               for a, b, p, layer in diffs}
         return Matched("same point" if lay.fixed_l0 else UNMATCHED, diffs, l0)

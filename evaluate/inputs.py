@@ -4,6 +4,7 @@ matrix writes checkpoints/<run>/k_64/)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from csae.shared.sae.autoencoder import SAE, WEIGHTS_FILE
 from csae.shared.sae.checkpoint import LayerInfo, layer_problem, trained_layers
 from csae.shared.sae.head import HEAD_FILE, ContrastiveHead
 from csae.shared.store.schema import ActivationStore
+
+log = logging.getLogger(__name__)
 
 #: Identity fields that must agree between the checkpoint's store and the evaluated store.
 _IDENTITY_KEYS = ("name", "revision", "version", "sha256", "gguf_sha256")
@@ -207,8 +210,9 @@ def parse_pairs(pairs: tuple[str, ...], runs: list[str]) -> tuple[tuple[str, str
 
 
 def layout(ckpts: list[LayerCheckpoint], pairs: tuple[str, ...] = ()) -> Layout:
-    """Every run must hold the same points and, at each, the same (seed, layer) SAEs, else comparisons would pair
-    unlike things: one-line error naming what is missing where. `pairs`: EvalConfig.pairs."""
+    """Every run must hold every point and, at each layer it holds there, every seed; else comparisons would pair
+    unlike things: one-line error naming what is missing where. A run may hold fewer layers at a point than
+    another (sweep.frontier_only): it is compared at the layers it holds. `pairs`: EvalConfig.pairs."""
     runs = list(dict.fromkeys(c.run for c in ckpts))
     points = list(dict.fromkeys(c.point for c in ckpts))
     have = {(r, p): {(c.seed, c.layer) for c in ckpts if (c.run, c.point) == (r, p)} for r in runs for p in points}
@@ -216,10 +220,11 @@ def layout(ckpts: list[LayerCheckpoint], pairs: tuple[str, ...] = ()) -> Layout:
     missing: dict[str, list[tuple[int, int]]] = {}
     for p in points:
         union = set().union(*[have[r, p] for r in runs])
-        union |= {(s, lay) for s in seeds for _, lay in union}  # every seed at every layer of the point
         for r in runs:
-            if union - have[r, p]:
-                missing[Layout.series(r, p)] = sorted(union - have[r, p])
+            layers = {lay for _, lay in have[r, p]} or {lay for _, lay in union}  # no layer at all: all missing
+            want = {(s, lay) for s in seeds for lay in layers}
+            if want - have[r, p]:
+                missing[Layout.series(r, p)] = sorted(want - have[r, p])
     if missing:
         def lacks(m: list[tuple[int, int]]) -> str:
             by_seed = sorted({s for s, _ in m})
@@ -228,7 +233,11 @@ def layout(ckpts: list[LayerCheckpoint], pairs: tuple[str, ...] = ()) -> Layout:
         where = "; ".join(f"run {r} lacks {lacks(m)}" for r, m in missing.items())
         raise UserError(f"the runs do not hold the same points, seeds and layers ({where}); train the missing ones "
                         f"(`train fit --resume` with the same seeds) or evaluate runs trained alike")
-    point_layers = {p: sorted({lay for _, lay in have[runs[0], p]}) for p in points}
+    point_layers = {p: sorted({lay for r in runs for _, lay in have[r, p]}) for p in points}
+    for r in runs:
+        for p in points:
+            if (held := sorted({lay for _, lay in have[r, p]})) != point_layers[p]:
+                log.info("run %s holds layers %s only at %s: it is compared there only", r, held, p or "its point")
     fixed = all(c.info.config.architecture != "relu" for c in ckpts)
     return Layout(runs, points, seeds, sorted({lay for c in ckpts for lay in [c.layer]}), point_layers, fixed,
                   parse_pairs(pairs, runs))

@@ -327,13 +327,16 @@ def summarize(results: list[FamilyResult], runs: list[str], seeds: list[int], la
         for key, ext in fam.extras.items():
             per_seed.setdefault(key, {}).update(ext)
         for layer in layers:
-            keys = {r: [f"{r}/seed_{s}/layer_{layer}" for s in seeds] for r in runs}
-            if not all(k in fam.figures for ks in keys.values() for k in ks):
+            # the runs this family measured at this layer (a run kept to some layers, a family at some points)
+            keys = {r: ks for r in runs if all((ks := [f"{r}/seed_{s}/layer_{layer}" for s in seeds])[j] in fam.figures
+                                               for j in range(len(seeds)))}
+            if not keys:
                 continue
             figs = {r: [fam.figures[k] for k in ks] for r, ks in keys.items()}
-            comp = bootstrap(figs, fam.units, pairs, n_resamples=n_resamples, confidence=confidence,
-                             seed=seed_of(seed, 8, layer, i), bounds=bounds)
-            for r in runs:
+            comp = bootstrap(figs, fam.units, [(a, b) for a, b in pairs if a in keys and b in keys],
+                             n_resamples=n_resamples, confidence=confidence, seed=seed_of(seed, 8, layer, i),
+                             bounds=bounds)
+            for r in keys:
                 pooled[r, layer].update(comp.runs[r])
                 for name in set.intersection(*[set(f) for f in figs[r]]) - set(comp.runs[r]):
                     pooled[r, layer][name] = Interval(float(np.mean([f[name].value for f in figs[r]])), math.nan,
@@ -342,4 +345,6 @@ def summarize(results: list[FamilyResult], runs: list[str], seeds: list[int], la
                     counts[r, layer][name] = float(np.mean([fam.extras[k][name] for k in keys[r]]))
             for a, b in comp.diffs:
                 diffs[a, b, layer].update(comp.diffs[a, b])
-    return Summary(pooled, diffs, per_seed, counts)
+    held = {k for k, v in pooled.items() if v}  # not a run that lacks the layer (sweep.frontier_only)
+    return Summary({k: pooled[k] for k in held}, {k: v for k, v in diffs.items() if v}, per_seed,
+                   {k: counts[k] for k in held})

@@ -61,8 +61,11 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     dvc(work, "repro")
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     held = [("k_8", 5), ("k_8", 19), ("k_4", 19)]  # (point, layer): the main point at every layer
-    assert set(metrics) == {f"{run}/{p}/layer_{layer}" for run in RUNS for p, layer in held} | {
-        f"{run}_vs_baseline/{p}/layer_{layer}" for run in RUNS[:-1] for p, layer in held}  # with the verdicts
+    assert params["sweep"]["frontier_only"] == ["tsae"]  # ... but the T-SAE's at the sweep's layer only
+    trained = {run: [(p, layer) for p, layer in held if run != "tsae" or layer == 19] for run in RUNS}
+    pairs = [("csae", "baseline"), ("tsae", "baseline"), ("csae", "tsae")]  # each vs the reference, then the others
+    assert set(metrics) == {f"{run}/{p}/layer_{layer}" for run in RUNS for p, layer in trained[run]} | {
+        f"{a}_vs_{b}/{p}/layer_{layer}" for a, b in pairs for p, layer in trained[a] if (p, layer) in trained[b]}
     assert all(f"{n}_lo" in metrics["csae/k_8/layer_5"] for n in ("explained_variance", "ce_score", "heldout_infonce"))
     assert set(metrics["csae_vs_baseline/k_8/layer_5"].values()) <= {"better", "worse", "no detectable difference"}
     baseline = LayerInfo.read(work / "checkpoints" / "baseline" / "k_8" / "seed_0" / "layer_5").config
@@ -76,14 +79,14 @@ def test_dvc_repro_runs_the_pipeline_and_reruns_only_what_changed(tmp_path: Path
     assert evaluated["config"]["dtype"] == dtype
     assert sorted(p.name for p in (work / "eval" / "plots" / "training").iterdir()) == sorted(
         f"{run}_{p}_seed_{seed}_layer_{layer}.csv" for run in RUNS for seed in (0, 1)
-        for p, layer in held)
+        for p, layer in trained[run])
     # a random-weight model knows almost no next token, so unlearning has nothing to score and is skipped (the
     # tiny Gemma 3 of tests/test_eval_*.py covers it); its declared plot directory is still there for DVC
     assert (work / "eval" / "plots" / "unlearning").is_dir()
     assert (work / "eval" / "comparison.json").is_file() and (work / "eval" / "report.md").is_file()
     browser = work / "eval" / "browser"  # the browse stage: both runs' seed-0 SAEs of each layer
     assert (browser / "index.html").is_file() and sorted(p.name for p in (browser / "data").iterdir()) == sorted(
-        ["common.js"] + [f"{run}_{p}_layer_{layer}.js" for run in RUNS for p, layer in held])
+        ["common.js"] + [f"{run}_{p}_layer_{layer}.js" for run in RUNS for p, layer in trained[run]])
     assert (browser / "frontier.png").is_file() and "csae_vs_baseline" in (browser / "data" / "common.js").read_text()
 
     assert "up to date" in dvc(work, "repro")  # a second repro is a no-op

@@ -67,7 +67,7 @@ def fit(store: str, layers: tuple[int, ...], out: Path, preset_name: str | None,
             raise UserError("--point needs --params (the file whose `sweep` section lists the points)")
         sweep = from_dict(SweepConfig, load_params(params, "sweep"))
         from_file.update(sweep.overrides(point))
-        layers = layers or sweep.layers_of(point)
+        layers = layers or sweep.layers_of(point, run_name)
     name = preset_name or str(from_file.pop("preset", "default"))
     overrides = {**from_file, **given(TrainConfig, options)}
     overrides.update(dict(parse_assignment(TrainConfig, a) for a in assignments))

@@ -39,8 +39,8 @@ def curve(summary: Summary, lay: Layout, run: str, layer: int) -> list[dict[str,
 
 def write_frontier(out: Path, summary: Summary, lay: Layout) -> list[Path]:
     """frontier.png and the CSVs; [] when no run has an L0 (no store families)."""
-    curves = {(r, layer): curve(summary, lay, r, layer) for r in lay.runs for layer in lay.layers}
-    if not any(curves.values()):
+    curves = {(r, layer): rows for r in lay.runs for layer in lay.layers if (rows := curve(summary, lay, r, layer))}
+    if not curves:
         return []
     folder = out / "plots" / "frontier"
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,14 +70,14 @@ def _draw(path: Path, curves: dict[tuple[str, int], list[dict[str, float | str]]
     for i, name in enumerate(names):
         for j, layer in enumerate(lay.layers):
             ax = axes[i][j]
-            for run in lay.runs:
-                rows = [r for r in curves[run, layer] if name in r and math.isfinite(float(r[name]))]
+            for k, run in enumerate(lay.runs):  # a run's colour is the same in every panel, missing or not
+                rows = [r for r in curves.get((run, layer), []) if name in r and math.isfinite(float(r[name]))]
                 if not rows:
                     continue
                 x = [float(r["l0"]) for r in rows]
                 y = [float(r[name]) for r in rows]
                 lo, hi = (_ends(rows, y, f"{name}_{end}") for end in ("lo", "hi"))
-                line = ax.plot(x, y, marker="o", markersize=3, linewidth=1.2, label=run)[0]
+                line = ax.plot(x, y, marker="o", markersize=3, linewidth=1.2, label=run, color=f"C{k}")[0]
                 ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
                 if len(x) == 1:
                     ax.errorbar(x, y, yerr=[[y[0] - lo[0]], [hi[0] - y[0]]], color=line.get_color(), capsize=3)
@@ -89,5 +89,6 @@ def _draw(path: Path, curves: dict[tuple[str, int], list[dict[str, float | str]]
             if i == len(names) - 1:
                 ax.set_xlabel("L0 (held-out)")
             ax.tick_params(labelsize=7)
-    axes[0][0].legend(fontsize=7)
+    fig.legend(*max((ax.get_legend_handles_labels() for ax in axes.flat), key=lambda hl: len(hl[1])), fontsize=7,
+               loc="upper right")
     return save_figure(fig, path)

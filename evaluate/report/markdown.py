@@ -69,7 +69,8 @@ def _l0(match: Matched, pair: tuple[str, str], point: str, layer: int) -> str:
 
 
 def figure_table(summary: Summary, lay: Layout, columns: tuple[Column, ...]) -> list[str]:
-    keys = [(lay.series(r, p), layer) for p in lay.points for layer in lay.point_layers[p] for r in lay.runs]
+    keys = [k for p in lay.points for layer in lay.point_layers[p] for r in lay.runs
+            if (k := (lay.series(r, p), layer)) in summary.pooled]  # a run kept to some layers: those
     lines = ["| figure | " + " | ".join(f"{s} L{layer}" for s, layer in keys) + " |", "|---|" + "---|" * len(keys)]
     for col in columns:
         if any(col.name in summary.pooled[k] for k in keys):

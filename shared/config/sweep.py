@@ -23,6 +23,10 @@ class SweepConfig:
     layers: tuple[int, ...] = (8,)
     """Layers of the points other than `main` (empty: every layer of the store)."""
 
+    frontier_only: tuple[str, ...] = ()
+    """Runs trained at `layers` only, at every point (`main` too): a run kept to the middle layer's frontier, as
+    the default pipeline keeps the T-SAE for its time budget."""
+
     def __post_init__(self) -> None:
         if not self.points or len(set(self.points)) != len(self.points) or min(self.points) <= 0:
             raise ConfigError(f"sweep points must be distinct positive values, at least one, got {list(self.points)}")
@@ -37,6 +41,6 @@ class SweepConfig:
             raise ConfigError(f"point {point:g} is not in the sweep's points {[f'{p:g}' for p in self.points]}")
         return {self.knob: int(point) if self.knob == "k" else float(point)}
 
-    def layers_of(self, point: float) -> tuple[int, ...]:
-        """The layers trained at a point (empty: every layer of the store)."""
-        return () if point == self.main else self.layers
+    def layers_of(self, point: float, run: str | None = None) -> tuple[int, ...]:
+        """The layers a run is trained at at a point (empty: every layer of the store)."""
+        return () if point == self.main and run not in self.frontier_only else self.layers
