@@ -26,6 +26,7 @@ documents (probing.py, tpp.py; probing.json: the features the probes chose per t
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import replace
@@ -57,6 +58,8 @@ from csae.shared.files import dump_json, staged_outputs
 from csae.shared.lm.corpora import check_local
 from csae.shared.lm.models import LoadedModel
 from csae.shared.store.schema import ActivationStore
+
+log = logging.getLogger(__name__)
 
 
 def load_checkpoints(store: ActivationStore, store_path: str | Path, dirs: list[Path]) -> list[LayerCheckpoint]:
@@ -125,8 +128,12 @@ def evaluate(cfg: EvalConfig, store_path: str | Path, checkpoint_dirs: list[Path
             timings["downstream_s"] = time.perf_counter() - t0
         if cfg.unlearn_known:
             t0 = time.perf_counter()
-            at = [c for c in ckpts if cfg.unlearn_points == "all" or c.point in lay.main_points]
-            found = unlearning(lm, at, src, cfg, progress, timings)
+            at = [c for c in ckpts if (cfg.unlearn_points == "all" or c.point in lay.main_points)
+                  and (not cfg.unlearn_layers or c.layer in cfg.unlearn_layers)]
+            if not at:
+                log.warning("unlearning skipped: no checkpoint at unlearn_layers %s (the layers evaluated: %s)",
+                            list(cfg.unlearn_layers), lay.layers)
+            found = unlearning(lm, at, src, cfg, progress, timings) if at else None
             if found is not None:
                 results.append(found[0])
                 points = found[1]

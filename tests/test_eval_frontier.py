@@ -210,3 +210,29 @@ def test_pairs_can_be_chosen() -> None:
         mine = match.diffs["baseline", "tsae", f"p{i}", LAYER]["y"]
         theirs = default.diffs["tsae", "baseline", f"p{i}", LAYER]["y"]
         assert mine.value == pytest.approx(-theirs.value, abs=1e-12)
+
+
+def test_every_headline_accuracy_and_cosine_has_its_range() -> None:
+    """The table evaluate passes to the bootstrap names a range for every headline figure that is an accuracy, a
+    share or a correlation/cosine (written out here by name, not read from the table), including those named per
+    setting (probe_acc_k<k> for any k), so no such interval leaves its range; unbounded figures get none."""
+    from csae.evaluate.report.columns import BOUNDS, HEADLINE
+
+    def expected(name: str) -> tuple[float, float] | None:
+        if name.startswith(("probe_acc_k", "probe_block_acc_k", "probe_resid_acc_")) or name in (
+                "dead_fraction", "unlearn_U", "dec_mean_abs_cos"):
+            return (0.0, 1.0)
+        if name in ("dec_max_cos", "smoothness_block"):
+            return (-1.0, 1.0)
+        return None
+
+    for col in HEADLINE:
+        if expected(col.name) is not None:
+            assert BOUNDS.get(col.name) == expected(col.name), col.name
+    for name in ("probe_acc_k7", "probe_block_acc_k300", "probe_resid_acc_full"):
+        assert BOUNDS.get(name) == (0.0, 1.0)
+    for name in ("heldout_infonce", "explained_variance", "ce_score", "tpp_n20", "topic_excess"):
+        assert BOUNDS.get(name) is None
+    # two seeds' accuracies far apart: inside [0, 1] with the table's range, past 1 without it
+    acc = np.array([0.95, 0.30])
+    assert _t_interval(acc, 0.95).hi > 1.0 and _t_interval(acc, 0.95, BOUNDS["probe_acc_k1"]).hi <= 1.0

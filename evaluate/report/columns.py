@@ -3,6 +3,7 @@ table) the direction of "better", declared once here."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from csae.shared.config.evaluate import EvalConfig
@@ -59,11 +60,34 @@ SECONDARY = (
 
 DIRECTION = {c.name: c.higher_is_better for c in HEADLINE}
 
+class Ranges(Mapping[str, tuple[float, float]]):
+    """Figure name -> its range: the names listed, and every name that starts with one of the prefixes (figures
+    named per setting, e.g. probe_acc_k<k>)."""
+
+    def __init__(self, exact: dict[str, tuple[float, float]], prefixes: dict[str, tuple[float, float]]) -> None:
+        self.exact, self.prefixes = exact, prefixes
+
+    def __getitem__(self, name: str) -> tuple[float, float]:
+        if name in self.exact:
+            return self.exact[name]
+        for prefix, bounds in self.prefixes.items():
+            if name.startswith(prefix):
+                return bounds
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.exact)
+
+    def __len__(self) -> int:
+        return len(self.exact)
+
+
 #: Figures with a bounded range, [lower, upper]: their intervals are formed on the logit scale (evaluate/stats.py)
-#: so they stay inside it. Cosines lie in [-1, 1]; fractions, shares and accuracies in [0, 1].
-BOUNDS: dict[str, tuple[float, float]] = {
+#: so they stay inside it. Cosines and correlations lie in [-1, 1]; fractions, shares and accuracies in [0, 1].
+BOUNDS = Ranges({
     "cosine": (-1.0, 1.0), "dec_max_cos": (-1.0, 1.0), "dec_mean_abs_cos": (0.0, 1.0), "dead_fraction": (0.0, 1.0),
     "dense_fraction_0.01": (0.0, 1.0), "dense_fraction_0.1": (0.0, 1.0), "topic_significant_fraction": (0.0, 1.0),
     "unlearn_A_retain": (0.0, 1.0), "unlearn_A_forget": (0.0, 1.0), "unlearn_U": (0.0, 1.0),
-    "unlearn_U_random": (0.0, 1.0), "coactivation_mean_abs_corr": (0.0, 1.0), "smoothness_block": (-1.0, 1.0),
-}
+    "unlearn_U_random": (0.0, 1.0), "coactivation_mean_abs_corr": (0.0, 1.0),
+}, {"smoothness_": (-1.0, 1.0), "probe_acc_k": (0.0, 1.0), "probe_block_acc_k": (0.0, 1.0),
+    "probe_resid_acc_": (0.0, 1.0)})

@@ -114,7 +114,9 @@ def _counts(summary: Summary, lay: Layout, cfg: EvalConfig) -> list[str]:
         f"documents), {get('unlearn_retain_known')} known retain tokens ({get('unlearn_retain_docs')} documents); "
         f"selection split: {cfg.select_tokens} tokens and {cfg.sweep_predictions} sweep predictions per side; "
         f"retain rule A_retain >= {cfg.retain_accuracy}; control: {cfg.random_draws} matched draws; at "
-        + ("every point" if cfg.unlearn_points == "all" else "the main point(s) only (unlearn_points: main)"), ""]
+        + ("every point" if cfg.unlearn_points == "all" else "the main point(s) only (unlearn_points: main)")
+        + (f", layer(s) {', '.join(map(str, cfg.unlearn_layers))} only (unlearn_layers)" if cfg.unlearn_layers else ""),
+        ""]
 
 
 def _unlearning_choices(summary: Summary, lay: Layout) -> list[str]:

@@ -17,7 +17,7 @@ class EvalConfig:
     sae_batch_size: int = 4096
     """Rows per SAE forward when computing store-based metrics."""
 
-    ce_tokens: int = 1024
+    ce_tokens: int = 768
     """Next-token predictions (held-out corpus text) for the downstream CE and KL scores. 0: skip them."""
 
     ce_doc_predictions: int = 32
@@ -105,6 +105,10 @@ class EvalConfig:
     """Unlearning: at the sparsity points trained at every layer (main; the family costs the most per SAE) or
     at every point of a sweep (all). The other families run at every point."""
 
+    unlearn_layers: tuple[int, ...] = ()
+    """Unlearning: the layers it runs at (empty: every layer). The family costs the most per SAE; the default
+    pipeline runs it at the middle layer, for its time budget."""
+
     random_draws: int = 2
     """Unlearning control: draws of n random features matched on forget firing rate, each clamped like the
     chosen setting on the test split (their mean is U_random, their spread U_random_sd). 0: no control."""
@@ -132,7 +136,7 @@ class EvalConfig:
     named), in the order reported. Empty: every run minus the reference (the last run given), then every pair
     of the other runs in the order given (runs csae tsae baseline: csae:baseline, tsae:baseline, csae:tsae)."""
 
-    bootstrap_resamples: int = 2000
+    bootstrap_resamples: int = 1000
     """Bootstrap replicates behind every interval and paired comparison."""
 
     confidence: float = 0.95

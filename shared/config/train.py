@@ -3,7 +3,7 @@
 Three presets: `default` (ours), `paper` (the CSAE paper's Gemma-2-2B setup) and `tsae` (Temporal SAEs,
 Bhalla et al. 2025: a Matryoshka BatchTopK SAE with InfoNCE on adjacent tokens' high-level codes). See PRESETS.
 
-The default preset fits the embedded model on a 2-core CPU: a 4x dictionary, 400 steps, lr 5e-4 with a short
+The default preset fits the embedded model on a 2-core CPU: a 4x dictionary, 300 steps, lr 5e-4 with a short
 warmup and an L1 ramp; why each value, and what it costs against longer training: docs/training.md.
 """
 
@@ -25,7 +25,7 @@ class TrainConfig:
     of one sequence) for every run, contrastive or not, so runs with the same seed read the same rows;
     every row is reconstructed. Even, and divisible by 2 x the number of ranks."""
 
-    tokens: int = 204_800
+    tokens: int = 153_600
     """Training rows per layer; steps = tokens // batch_size. More than the store holds means several epochs."""
 
     lr: float = 5e-4
