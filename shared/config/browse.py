@@ -10,7 +10,7 @@ from csae.shared.config.base import ConfigError, check_finite
 
 @dataclass(frozen=True)
 class BrowseConfig:
-    rows: int = 32_768
+    rows: int = 16_384
     """Store rows each SAE's encoder reads once: the held-out tail first, then training rows from the start
     of the store, in whole sequences. 0: every row. Bounds the build time; RAM does not grow with it beyond
     16 bytes per row (token id, sequence, document of each row read)."""

@@ -17,7 +17,7 @@ class EvalConfig:
     sae_batch_size: int = 4096
     """Rows per SAE forward when computing store-based metrics."""
 
-    ce_tokens: int = 768
+    ce_tokens: int = 512
     """Next-token predictions (held-out corpus text) for the downstream CE and KL scores. 0: skip them."""
 
     ce_doc_predictions: int = 32
@@ -113,7 +113,7 @@ class EvalConfig:
     """Unlearning control: draws of n random features matched on forget firing rate, each clamped like the
     chosen setting on the test split (their mean is U_random, their spread U_random_sd). 0: no control."""
 
-    probe_docs: int = 2000
+    probe_docs: int = 1000
     """Sparse probing and TPP: store documents with a topic (drawn at random when there are more; the same for
     every SAE) whose mean codes over their positions are probed, training and held-out rows alike (as
     SAEBench). 0: skip both families."""
