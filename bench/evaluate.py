@@ -6,7 +6,7 @@ a small evaluation config (--full: the params file's), the language model loaded
 both times, the marginal cost of one more SAE at the layer, (T(8) - T(1)) / 7, and the profile of the 8-SAE
 run (eval_config.json timings). Last line: `ratio X`, X = 8 x T(1) / T(8) (~1 when nothing is shared).
 
-    python bench/evaluate.py [--store data/acts.zarr] [--checkpoint checkpoints/csae/seed_0/layer_8]
+    python bench/evaluate.py [--store data/acts.zarr] [--checkpoint checkpoints/csae/k_64/seed_0/layer_8]
                              [--dtype float32] [--full]
 
 With --fit N1 N2 ...: instead, evaluate copies of the default runs (--runs, 12 SAEs: 2 runs x 2 seeds x 3
@@ -77,7 +77,7 @@ def fit(cfg: EvalConfig, store: Path, run_dirs: list[Path], sizes: list[int], lm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", type=Path, default=Path("data/acts.zarr"))
-    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/csae/seed_0/layer_8"),
+    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/csae/k_64/seed_0/layer_8"),
                         help="a trained layer directory (seed_<s>/layer_<L> of a `train fit --out`)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--dtype", default="float32", help="language model dtype (the targets: float32)")
