@@ -126,10 +126,17 @@ _EDGE = 1e-9
 
 
 def to_open(v: np.ndarray, bounds: Bounds | None) -> np.ndarray:
-    """A bounded figure mapped onto the real line: logit((v - a) / (b - a)) (identity without bounds)."""
+    """A bounded figure mapped onto the real line: logit((v - a) / (b - a)); bounded on one side only (the other
+    end infinite), -log(b - v) or log(v - a); identity without bounds."""
     if bounds is None:
         return v
     a, b = bounds
+    if math.isinf(a) or math.isinf(b):
+        if math.isinf(a) and math.isinf(b):
+            return v
+        d = b - np.asarray(v, dtype=np.float64) if math.isinf(a) else np.asarray(v, dtype=np.float64) - a
+        t = np.log(np.maximum(d, _EDGE))
+        return -t if math.isinf(a) else t
     u = np.clip((np.asarray(v, dtype=np.float64) - a) / (b - a), _EDGE, 1 - _EDGE)
     return np.log(u) - np.log1p(-u)
 
@@ -138,7 +145,14 @@ def from_open(t: np.ndarray, bounds: Bounds | None) -> np.ndarray:
     if bounds is None:
         return t
     a, b = bounds
-    return a + (b - a) / (1 + np.exp(-np.asarray(t, dtype=np.float64)))
+    t = np.asarray(t, dtype=np.float64)
+    if math.isinf(a) and math.isinf(b):
+        return t
+    if math.isinf(a):
+        return b - np.exp(-t)
+    if math.isinf(b):
+        return a + np.exp(t)
+    return a + (b - a) / (1 + np.exp(-t))
 
 
 def seed_widening(n_seeds: int, confidence: float) -> float:

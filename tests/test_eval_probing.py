@@ -15,11 +15,13 @@ from sklearn.linear_model import LogisticRegression
 
 from csae.evaluate.families.probing import (
     ProbeSets,
+    balanced_sample,
     probe_sets,
     probe_task,
     probing_family,
     sparse_probing,
     split_documents,
+    topic_quotas,
 )
 from csae.evaluate.families.tpp import tpp_figures
 from csae.evaluate.inputs import LayerCheckpoint
@@ -162,7 +164,7 @@ def test_figures_equal_the_protocol_written_out(tmp_path: Path) -> None:
     task = probe_task(store, cfg)
     sets, topic_D, test_D, n_topics = task.sets, task.topic_D, task.test_D, 3
 
-    assert len(task.docs) == 90 and list(task.docs) == list(range(90))  # all documents (probe_docs 2000 > 90)
+    assert len(task.docs) == 90 and list(task.docs) == list(range(90))  # all documents (probe_docs 1000 > 90)
     for t in range(n_topics):  # the split and the one-vs-rest sets, as the protocol says
         assert (test_D & (topic_D == t)).sum() == round(0.2 * (topic_D == t).sum())
         for side, (pos, neg) in ((~test_D, sets.train[t]), (test_D, sets.test[t])):
@@ -208,3 +210,23 @@ def test_figures_equal_the_protocol_written_out(tmp_path: Path) -> None:
                      for j in range(n_topics)]
             scores.append(drops[t] - np.mean([drops[j] for j in range(n_topics) if j != t]))
         assert figs[f"tpp_n{n}"].resample(w_D[test_D][None])[0] == pytest.approx(np.mean(scores), abs=1e-9)
+
+
+@pytest.mark.parametrize("n", [1, 7, 60, 100, 129, 130])
+def test_probed_documents_are_drawn_as_evenly_over_topics_as_they_allow(n: int) -> None:
+    """Topics of 3, 10, 40 and 77 documents (130): a sample of n takes min(size, L) of each topic, L the largest
+    level whose total fits (found by brute force over every level), plus the remainder one each from the largest
+    topics; the documents are distinct, sorted, and within a topic drawn at random (two seeds differ)."""
+    sizes = np.array([40, 3, 77, 10])
+    topic_P = np.repeat(np.arange(4), sizes)
+    level = max(lv for lv in range(0, 78) if np.minimum(sizes, lv).sum() <= n)
+    want = np.minimum(sizes, level)
+    for t in np.argsort(-sizes, kind="stable")[: n - want.sum()]:
+        assert want[t] < sizes[t]  # the remainder goes to topics that still have documents
+        want[t] += 1
+    assert (topic_quotas(sizes, n) == want).all() and want.sum() == n
+    picked = balanced_sample(topic_P, n, np.random.default_rng(0))
+    assert len(set(picked)) == n and (np.diff(picked) > 0).all()
+    assert (np.bincount(topic_P[picked], minlength=4) == want).all()
+    if 0 < want[2] < sizes[2]:
+        assert set(picked) != set(balanced_sample(topic_P, n, np.random.default_rng(1)))

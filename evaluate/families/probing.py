@@ -2,7 +2,8 @@
 the data, tell a topic's documents from others as well as the residual stream does? Documents are the unit.
 
 Protocol (SAEBench evals/sparse_probing, with the store's documents and their topics for its data sets):
-- documents: `probe_docs` of the store's documents with a topic (all when there are fewer; no
+- documents: `probe_docs` of the store's documents with a topic (all when there are fewer, else drawn as evenly
+  over topics as they allow: `balanced_sample`; no
   language-model pass: the codes come from the stored rows, training and held-out rows alike, as SAEBench
   does not hold the SAE's training text out either); a split stratified by topic, `probe_test_fraction` of
   each topic's documents on the test side, fixed by evaluate's seed;
@@ -207,6 +208,32 @@ def doc_means(store: ActivationStore, layer: int, local_N: np.ndarray, n_docs: i
                       {k: (v / div.float()).numpy() for k, v in codes.items()})
 
 
+def topic_quotas(sizes_T: np.ndarray, n: int) -> np.ndarray:
+    """How many documents of each topic a sample of n takes, as evenly as the topics allow: all of a topic's
+    when it has fewer than the level L, else L (the largest L whose total fits), the rest one more each from
+    the largest topics that still have some."""
+    take = np.zeros_like(sizes_T)
+    left, order = n, np.argsort(sizes_T, kind="stable")
+    for i, t in enumerate(order):  # smallest first: each takes its fair share of what is left, or all it has
+        take[t] = min(sizes_T[t], left // (len(order) - i))
+        left -= take[t]
+    for t in order[::-1]:  # the remainder of the division, one each, largest topics first
+        if left and take[t] < sizes_T[t]:
+            take[t] += 1
+            left -= 1
+    return take
+
+
+def balanced_sample(topic_P: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of n documents drawn per topic by `topic_quotas` (uniformly within a topic), sorted: a small
+    topic keeps all its documents, so it keeps enough on the test side to be probed."""
+    topics = np.unique(topic_P)
+    quotas = topic_quotas(np.array([(topic_P == t).sum() for t in topics]), n)
+    picked = [rng.choice(np.flatnonzero(topic_P == t), size=q, replace=False) for t, q in zip(topics, quotas,
+                                                                                                strict=True)]
+    return np.sort(np.concatenate(picked))
+
+
 def chosen_documents(store: ActivationStore, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
     """(store document of each probed document, local index of each store row: -1 when not probed)."""
     doc_N = store.tokens("doc").astype(np.int64)
@@ -215,7 +242,7 @@ def chosen_documents(store: ActivationStore, cfg: EvalConfig) -> tuple[np.ndarra
     present = present[topic_all[present] >= 0]
     if len(present) > cfg.probe_docs:
         rng = np.random.default_rng(seed_of(cfg.seed, _PURPOSE_DOCS))
-        present = np.sort(rng.choice(present, size=cfg.probe_docs, replace=False))
+        present = np.sort(present[balanced_sample(topic_all[present], cfg.probe_docs, rng)])
     local = np.full(int(doc_N.max(initial=-1)) + 2, -1, dtype=np.int64)
     local[present] = np.arange(len(present))
     return present, local[doc_N]

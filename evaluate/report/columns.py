@@ -3,6 +3,7 @@ table) the direction of "better", declared once here."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -83,11 +84,13 @@ class Ranges(Mapping[str, tuple[float, float]]):
 
 
 #: Figures with a bounded range, [lower, upper]: their intervals are formed on the logit scale (evaluate/stats.py)
-#: so they stay inside it. Cosines and correlations lie in [-1, 1]; fractions, shares and accuracies in [0, 1].
+#: so they stay inside it (on a log scale when bounded on one side). Cosines and correlations lie in [-1, 1];
+#: fractions, shares and accuracies in [0, 1]; explained variance below 1.
 BOUNDS = Ranges({
     "cosine": (-1.0, 1.0), "dec_max_cos": (-1.0, 1.0), "dec_mean_abs_cos": (0.0, 1.0), "dead_fraction": (0.0, 1.0),
     "dense_fraction_0.01": (0.0, 1.0), "dense_fraction_0.1": (0.0, 1.0), "topic_significant_fraction": (0.0, 1.0),
     "unlearn_A_retain": (0.0, 1.0), "unlearn_A_forget": (0.0, 1.0), "unlearn_U": (0.0, 1.0),
     "unlearn_U_random": (0.0, 1.0), "coactivation_mean_abs_corr": (0.0, 1.0),
+    "explained_variance": (-math.inf, 1.0),  # 1 - FVU: at most 1, unbounded below
 }, {"smoothness_": (-1.0, 1.0), "probe_acc_k": (0.0, 1.0), "probe_block_acc_k": (0.0, 1.0),
     "probe_resid_acc_": (0.0, 1.0)})

@@ -114,9 +114,9 @@ class EvalConfig:
     chosen setting on the test split (their mean is U_random, their spread U_random_sd). 0: no control."""
 
     probe_docs: int = 1000
-    """Sparse probing and TPP: store documents with a topic (drawn at random when there are more; the same for
-    every SAE) whose mean codes over their positions are probed, training and held-out rows alike (as
-    SAEBench). 0: skip both families."""
+    """Sparse probing and TPP: store documents with a topic (when there are more, drawn as evenly over topics as
+    they allow, a small topic keeping all of its; the same for every SAE) whose mean codes over their positions
+    are probed, training and held-out rows alike (as SAEBench). 0: skip both families."""
 
     probe_test_fraction: float = 0.2
     """Sparse probing: share of each topic's probed documents on the test side (SAEBench: 80/20)."""
