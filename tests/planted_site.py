@@ -27,6 +27,8 @@ PLANTED_WORD, RAISED_WORD, LAYER = "gene", "brain", 1
 #: The tsae run's high-level block: its features [0, HIGH_LEVEL).
 HIGH_LEVEL = 6
 RUNS = ("csae", "tsae", "baseline")
+#: The features sparse probing chose per topic for the csae run (probing.json beside the browser's --results).
+PROBES = {"History": [0, 7, 3], "Arts": [12]}
 #: Arrays of the data files, by the typed array the page decodes them into.
 TYPES = {"fires": "<i4", "max": "<f4", "topics": "<i4", "hist": "<i4", "top_rows": "<i4", "top_val": "<f4",
          "top_win": "u1", "sample_rows": "<i4", "sample_val": "<f4", "sample_win": "u1", "up_ids": "<i4",
@@ -108,9 +110,13 @@ def build_planted_site(tmp: Path, tiny_gemma3: Path, topic_corpus: Path, dtype: 
     tsae.load_state_dict({**random_sae(D_MODEL, 32, seed=3, bias=-0.5).state_dict(), "threshold": torch.zeros(32)})
     write_checkpoint(tmp / "tsae", LAYER, tsae)
     write_checkpoint(tmp / "baseline", LAYER, random_sae(D_MODEL, 32, seed=2, bias=-0.5))
-    out = tmp / "site"
+    out, results = tmp / "site", tmp / "eval"
+    results.mkdir()  # what `evaluate run` leaves for the browser: the features sparse probing chose per topic
+    (results / "probing.json").write_text(json.dumps({f"csae/seed_0/layer_{LAYER}": PROBES}))
+    (results / "comparison.json").write_text(json.dumps({"reference": "baseline", "method": {}}))  # no verdicts
     result = CliRunner().invoke(main, ["browse", "--no-progress", "--store", str(store), "--checkpoints",
-                                       *(str(tmp / r) for r in RUNS), "--out", str(out), "--dtype", dtype])
+                                       *(str(tmp / r) for r in RUNS), "--out", str(out), "--dtype", dtype,
+                                       "--results", str(results)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return {"out": out, "checkpoints": tmp, "planted_token": planted, "planted_word": PLANTED_WORD,
             "raised_token": raised, "model_ranking": model_ranking(tiny_gemma3, d, dtype), "dtype": dtype}

@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from planted_site import HIGH_LEVEL, LAYER, RUNS, read_data
+from planted_site import HIGH_LEVEL, LAYER, PROBES, RUNS, read_data
 from tiny_eval import D_MODEL, make_store, random_sae, write_checkpoint
 
 from csae.evaluate.browse.collect import choose_rows, collect
@@ -118,6 +118,15 @@ def test_planted_feature_end_to_end(planted_site: dict[str, Any]) -> None:
     assert common["vocab"][str(site["planted_token"])].strip() == site["planted_word"]
     other = data["matches"]["baseline"]
     assert len(other["ids"]) == data["n_features"] and np.all(np.abs(other["cos"]) <= 1 + 1e-6)
+
+
+def test_each_dictionary_lists_the_features_probing_chose(planted_site: dict[str, Any]) -> None:
+    """probing.json of `evaluate run --out` reaches the page of the dictionary it names, topic by topic in the order
+    probing ranked them; the runs it does not name list none."""
+    _, data = read_data(planted_site["out"], "csae/layer_1")
+    assert data["probes"] == PROBES
+    for run in ("tsae", "baseline"):
+        assert read_data(planted_site["out"], f"{run}/layer_1")[1]["probes"] is None
 
 
 def test_every_feature_links_its_best_match_in_each_other_run(planted_site: dict[str, Any]) -> None:
