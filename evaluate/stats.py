@@ -342,8 +342,8 @@ def summarize(results: list[FamilyResult], runs: list[str], seeds: list[int], la
             per_seed.setdefault(key, {}).update(ext)
         for layer in layers:
             # the runs this family measured at this layer (a run kept to some layers, a family at some points)
-            keys = {r: ks for r in runs if all((ks := [f"{r}/seed_{s}/layer_{layer}" for s in seeds])[j] in fam.figures
-                                               for j in range(len(seeds)))}
+            keys = {r: [f"{r}/seed_{s}/layer_{layer}" for s in seeds] for r in runs}
+            keys = {r: ks for r, ks in keys.items() if all(k in fam.figures for k in ks)}
             if not keys:
                 continue
             figs = {r: [fam.figures[k] for k in ks] for r, ks in keys.items()}
