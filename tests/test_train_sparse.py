@@ -164,3 +164,26 @@ def test_sampled_dots_are_the_products_at_the_entries(width: int) -> None:
     got = sparse._sampled_dots(sparse.Pattern.of_torch(mask), g, W)
     want = (g.double() @ W.double().T)[mask]
     assert got.dtype == torch.float32 and float((got.double() - want).abs().max()) < 1e-5 * width**0.5
+
+
+def _stable_top(s: torch.Tensor, K: int) -> set[int]:
+    """The K largest by a stable sort of -s: ties at the cut go to the earliest positions."""
+    return set(torch.from_numpy((-s.double()).numpy().argsort(kind="stable")[:K]).tolist())
+
+
+@pytest.mark.parametrize("case", ["continuous", "ties", "off_stride", "on_stride", "bfloat16"])
+@pytest.mark.parametrize("K", [1, 640, 5000, 19999, 20000, 25000])
+def test_batch_top_is_the_k_largest_with_ties_to_the_earliest(case: str, K: int) -> None:
+    g = torch.Generator().manual_seed(K)
+    s = torch.randn(20000, generator=g)
+    if case == "ties":  # few distinct values: many ties at every cut
+        s = torch.randint(0, 7, (20000,), generator=g).float()
+    elif case in ("off_stride", "on_stride"):  # the sample sees only the small values (a cut far too low), or
+        s = -torch.rand(20000, generator=g)  # only the large ones (too high: fewer than K pass, all are candidates)
+        on = torch.arange(20000) % sparse.SAMPLE_STRIDE == 0
+        s[~on if case == "off_stride" else on] += 2.0
+    elif case == "bfloat16":
+        s = s.bfloat16()
+    got = sparse.batch_top(s, K)
+    assert len(got) == min(K, len(s)) and len(set(got.tolist())) == len(got)
+    assert set(got.tolist()) == _stable_top(s.float(), K)

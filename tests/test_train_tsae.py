@@ -117,8 +117,10 @@ def test_step_equals_the_dense_formula_written_out(mode: str, dtype: str) -> Non
     for rows, got_mask in ((x[: 2 * P], got_keep), (x[2 * P:], got_keep_adj)):
         p = (rows - b_dec) @ W_enc + b_enc
         keep = _batch_top_k(p, K)
-        if dtype == "bfloat16":  # rounded products may reorder near-ties at the cut: a few entries at most
-            assert int((got_mask != keep).sum()) <= 4
+        if dtype == "bfloat16":  # rounding ties or reorders entries near the cut: those, and only those, may differ
+            off = got_mask != keep
+            cut = p[keep].min()
+            assert bool(((p[off] - cut).abs() <= 2**-7 * cut.abs()).all()) and int(got_mask.sum()) == int(keep.sum())
             keep = got_mask
         else:
             assert torch.equal(got_mask, keep)

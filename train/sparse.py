@@ -126,10 +126,35 @@ def top_k_rows(p_BF: torch.Tensor, b_F: torch.Tensor, k: int) -> tuple[Pattern, 
     return _kept(s_BF, (rows_B1 + idx_BK).view(-1))
 
 
+#: batch_top's sample: every SAMPLE_STRIDE-th entry (a prime, so it walks through every column of any width).
+SAMPLE_STRIDE = 61
+
+
+def batch_top(s_N: torch.Tensor, K: int) -> torch.Tensor:
+    """Flat positions of the K largest entries of s_N (ties at the cut go to the earliest positions), in no
+    particular order: BatchTopK's selection. torch.topk over the whole batch (1.3M entries at 512 x 2,560) took
+    9-15 ms of a ~48 ms step; here a strided sample's order statistic gives a cut t below the K-th largest value
+    with near certainty, the entries >= t (about 1.2 K) are the candidates, and the exact K-th largest among them
+    decides. When fewer than K entries pass the cut, every entry is a candidate: the result is the same."""
+    n = s_N.numel()
+    if K >= n:
+        return torch.arange(n, device=s_N.device)
+    sample = s_N[::SAMPLE_STRIDE]
+    expect = K * len(sample) / n  # sample entries expected above the K-th largest value
+    r = min(len(sample), int(1.2 * expect + 4 * expect**0.5) + 8)
+    idx_C = (s_N >= torch.topk(sample, r, sorted=False).values.min()).nonzero().squeeze(1)
+    if len(idx_C) < K:
+        idx_C = torch.arange(n, device=s_N.device)
+    vals_C = s_N[idx_C]
+    cut = torch.kthvalue(vals_C, len(vals_C) - K + 1).values
+    above = idx_C[vals_C > cut]
+    return torch.cat([above, idx_C[vals_C == cut][: K - len(above)]])  # idx_C ascending: earliest ties first
+
+
 def top_k_batch(p_BF: torch.Tensor, b_F: torch.Tensor, k: int) -> tuple[Pattern, torch.Tensor]:
-    """BatchTopK's pattern: the k x B largest positive p + b of the whole batch."""
+    """BatchTopK's pattern: the k x B largest positive p + b of the whole batch (`batch_top`)."""
     s_BF = p_BF.float().add_(b_F)
-    return _kept(s_BF, torch.topk(s_BF.view(-1), k * len(s_BF), sorted=False).indices)
+    return _kept(s_BF, batch_top(s_BF.view(-1), k * len(s_BF)))
 
 
 def pattern_of_entries(rows_K: torch.Tensor, cols_K: torch.Tensor, n_rows: int, n_cols: int, use_kernels: bool

@@ -120,7 +120,7 @@ class TrainingSAE:
             if self.cfg.architecture == "topk":
                 f_BF = topk_relu(p_BF, self.cfg.k)
             elif self.cfg.architecture == "batchtopk":  # the k x B largest of the batch, then ReLU
-                idx = torch.topk(p_BF.reshape(-1), self.cfg.k * len(p_BF), sorted=False).indices
+                idx = sparse.batch_top(p_BF.reshape(-1), self.cfg.k * len(p_BF))
                 keep = torch.zeros(p_BF.numel(), dtype=torch.bool, device=p_BF.device).index_fill_(0, idx, True)
                 f_BF = torch.relu(p_BF) * keep.view_as(p_BF)
             else:
