@@ -9,9 +9,10 @@ run (eval_config.json timings). Last line: `ratio X`, X = 8 x T(1) / T(8) (~1 wh
     python bench/evaluate.py [--store data/acts.zarr] [--checkpoint checkpoints/csae/k_64/seed_0/layer_8]
                              [--dtype float32] [--full]
 
-With --fit N1 N2 ...: instead, evaluate copies of the default runs (--runs, 12 SAEs: 2 runs x 2 seeds x 3
-layers) under more run names until N SAEs, with the params file's config, and fit time = fixed + per-SAE x N
-by least squares (the frontier's shape: several SAEs per layer). Last line: `ratio <per-SAE / fixed>`.
+With --fit N1 N2 ...: instead, evaluate copies of the runs' main point (--runs, --point: csae and baseline at
+k_64, 12 SAEs: 2 runs x 2 seeds x 3 layers) under more run names until N SAEs, with the params file's config,
+and fit time = fixed + per-SAE x N by least squares (the frontier's shape: several SAEs per layer). Last line:
+`ratio <per-SAE / fixed>`.
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ def runs(checkpoint: Path, root: Path, n: int) -> list[Path]:
     return out
 
 
-def fit(cfg: EvalConfig, store: Path, run_dirs: list[Path], sizes: list[int], lm: LoadedModel) -> None:
-    """Time evaluate on N SAEs (copies of the runs) for each N in `sizes`; print the fit fixed + per-SAE x N."""
-    per_copy = len(load_checkpoints(ActivationStore.open(store), store, run_dirs))
+def fit(cfg: EvalConfig, store: Path, run_dirs: list[Path], point: str, sizes: list[int], lm: LoadedModel) -> None:
+    """Time evaluate on N SAEs (copies of the runs' `point`) for each N in `sizes`; print the fit fixed +
+    per-SAE x N."""
+    per_copy = len(load_checkpoints(ActivationStore.open(store), store, [r / point for r in run_dirs]))
     points = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
@@ -61,7 +63,7 @@ def fit(cfg: EvalConfig, store: Path, run_dirs: list[Path], sizes: list[int], lm
             dirs = []
             for k, run in ((k, r) for k in range(copies) for r in run_dirs):
                 dirs.append(Path(tmp) / f"n{n}" / f"{run.name}_{k}")
-                shutil.copytree(run, dirs[-1])
+                shutil.copytree(run / point, dirs[-1] / point)
             t0 = time.perf_counter()
             evaluate(cfg, store, dirs, Path(tmp) / f"eval{n}", cache_dir=cache_dir(), progress=False, lm=lm)
             points.append((copies * per_copy, time.perf_counter() - t0))
@@ -85,13 +87,14 @@ def main() -> None:
     parser.add_argument("--fit", type=int, nargs="+", default=None, help="SAE counts to fit (e.g. 12 24 48)")
     parser.add_argument("--runs", type=Path, nargs="+",
                         default=[Path("checkpoints/csae"), Path("checkpoints/baseline")])
+    parser.add_argument("--point", default="k_64", help="--fit: the runs' point directory copied (the main point)")
     args = parser.parse_args()
     cfg = from_dict(EvalConfig, {**load_params(str(args.params), "evaluate"),
                                  **({} if args.full or args.fit else SMALL), "dtype": args.dtype})
     cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, cfg.device))
     lm = load_lm(ActivationStore.open(args.store), cache_dir(), model=cfg.model, dtype=cfg.dtype, device=cfg.device)
     if args.fit:
-        fit(cfg, args.store, args.runs, args.fit, lm)
+        fit(cfg, args.store, args.runs, args.point, args.fit, lm)
         return
     times = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+import scipy.sparse
 import torch
 
 from csae.evaluate.families.heldout import HeldoutRows
@@ -92,9 +93,11 @@ def _heldout(head: torch.nn.Module, features: Callable[[np.ndarray], torch.Tenso
 
 
 def contrastive_figures(sae: torch.nn.Module, trained_head: torch.nn.Module | None, info: LayerInfo,
-                        rows: HeldoutRows, train_x: torch.Tensor, train_seq: np.ndarray, cfg: EvalConfig,
+                        rows: HeldoutRows, codes_NF: scipy.sparse.csr_matrix, train_x: torch.Tensor,
+                        train_seq: np.ndarray, cfg: EvalConfig,
                         seed: int) -> tuple[dict[str, Figure], dict[str, float]]:
-    """Held-out InfoNCE of a fresh head (fitted on `train_x`, rows of the training part) and of the trained head.
+    """Held-out InfoNCE of a fresh head (fitted on `train_x`, rows of the training part) and of the trained head,
+    on the held-out rows' codes (codes_NF, the SAE's features of rows.x_NM).
     The fresh head takes features in training units (raw-unit features times the training input scale, what
     the trained head saw in training); the saved trained head takes raw-unit features (the scale is folded in)."""
     temperature = cfg.temperature or info.config.temperature
@@ -108,7 +111,7 @@ def contrastive_figures(sae: torch.nn.Module, trained_head: torch.nn.Module | No
         return {}, {"contrastive_pairs": 0}
 
     def raw(idx: np.ndarray) -> torch.Tensor:
-        return sae.encode(rows.x_NM[torch.from_numpy(idx)])
+        return torch.from_numpy(codes_NF[idx].toarray())
 
     figs = _heldout(head, lambda i: raw(i) * info.scale, rows.doc_N, anchors, positives, temperature, "heldout_")
     if trained_head is not None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import scipy.sparse
 import torch
 
 from csae.evaluate.stats import Figure
@@ -29,18 +31,15 @@ def mean_abs_correlation(sum_S: torch.Tensor, prod_SS: torch.Tensor, n: int) -> 
     return float(corr_SS[off].abs().mean())
 
 
-@torch.inference_mode()
-def coactivation(sae: torch.nn.Module, x_ND: torch.Tensor, sample_S: torch.Tensor, batch: int) -> float:
-    """Mean |Pearson correlation| between the activations of the sampled features over the rows x_ND."""
+def coactivation(codes_NF: scipy.sparse.csr_matrix, sample_S: torch.Tensor) -> float:
+    """Mean |Pearson correlation| between the activations of the sampled features over the rows of codes_NF
+    (sums in float64, on the non-zero entries only)."""
     if len(sample_S) < 2:
         return math.nan
-    sum_S = torch.zeros(len(sample_S), dtype=torch.float64)
-    prod_SS = torch.zeros(len(sample_S), len(sample_S), dtype=torch.float64)
-    for s in range(0, len(x_ND), batch):
-        f_NS = sae.encode(x_ND[s:s + batch])[:, sample_S].double()
-        sum_S += f_NS.sum(dim=0)
-        prod_SS += f_NS.T @ f_NS
-    return mean_abs_correlation(sum_S, prod_SS, len(x_ND))
+    f_NS = codes_NF[:, sample_S.numpy()].astype(np.float64)
+    sum_S = torch.from_numpy(np.asarray(f_NS.sum(axis=0)).ravel())
+    prod_SS = torch.from_numpy((f_NS.T @ f_NS).toarray())
+    return mean_abs_correlation(sum_S, prod_SS, codes_NF.shape[0])
 
 
 @torch.no_grad()
@@ -64,11 +63,11 @@ def decoder_geometry(W_dec_FD: torch.Tensor, block: int = 2048) -> dict[str, flo
             "dec_frac_cos_above_0.5": above / pairs if pairs else math.nan}
 
 
-def disentanglement_figures(sae: torch.nn.Module, x_ND: torch.Tensor, live_F: torch.Tensor, sample: int,
-                            generator: torch.Generator, batch: int) -> dict[str, Figure]:
+def disentanglement_figures(sae: torch.nn.Module, codes_NF: scipy.sparse.csr_matrix, live_F: torch.Tensor, sample: int,
+                            generator: torch.Generator) -> dict[str, Figure]:
     """Decoder geometry (no document dependence) and co-activation of a random sample of live features
     (reported without an interval: its per-document sums would be S x S per document)."""
     figs = {k: Figure(v) for k, v in decoder_geometry(sae.W_dec.detach()).items()}
     pick = live_F[torch.randperm(len(live_F), generator=generator)[:sample]].sort().values
-    figs["coactivation_mean_abs_corr"] = Figure(coactivation(sae, x_ND, pick, batch), interval=False)
+    figs["coactivation_mean_abs_corr"] = Figure(coactivation(codes_NF, pick), interval=False)
     return figs

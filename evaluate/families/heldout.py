@@ -1,5 +1,6 @@
 """The store's held-out rows, the input of the store families (reconstruction/sparsity, contrastive, topic),
-and one pass of an SAE over them that keeps its sums per document (the bootstrap's unit).
+and one pass of an SAE over them that keeps its sums per document (the bootstrap's unit) and its codes (sparse),
+so the other families of the pass (co-activation, held-out InfoNCE) read them instead of encoding the rows again.
 
 Shape suffixes: N rows, D documents, M model width, F features.
 """
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse
 import torch
 
 from csae.shared.errors import UserError
@@ -87,6 +89,8 @@ class SaePass:
     l1_D: np.ndarray
     fires_DF: np.ndarray
     """Tokens of each document on which each feature fires (int32)."""
+    codes_NF: scipy.sparse.csr_matrix
+    """The features of every row (float32, the non-zero ones)."""
 
 
 @torch.inference_mode()
@@ -99,9 +103,11 @@ def sae_pass(sae: torch.nn.Module, rows: HeldoutRows, batch: int,
     x_DM = torch.zeros(d, rows.x_NM.shape[1], dtype=torch.float64)
     fires_DF = torch.zeros(d, f, dtype=torch.int32)
     doc_N = torch.from_numpy(rows.doc_N)
+    codes = []
     for s in range(0, len(rows.x_NM), batch):
         x, doc = rows.x_NM[s:s + batch], doc_N[s:s + batch]
         x_hat, f_NF = sae(x)
+        codes.append(scipy.sparse.csr_matrix(f_NF.float().numpy()))
         if on_batch is not None:
             on_batch(s, f_NF)
         x64, h64 = x.double(), x_hat.double()
@@ -118,7 +124,8 @@ def sae_pass(sae: torch.nn.Module, rows: HeldoutRows, batch: int,
         fires_DF.index_add_(0, doc, (f_NF > 0).int())
     n = {k: v.numpy() for k, v in sums.items()}
     return SaePass(n["n"], n["err"], n["xx"], x_DM.numpy(), n["hh"], n["xh"], n["cos"], n["l2r"], n["nz"], n["l0"],
-                   n["l1"], fires_DF.numpy())
+                   n["l1"], fires_DF.numpy(), scipy.sparse.vstack(codes, format="csr") if codes
+                   else scipy.sparse.csr_matrix((0, f), dtype=np.float32))
 
 
 def training_sample(store: ActivationStore, layer: int, stop: int, rows: int,

@@ -53,8 +53,7 @@ def store_families(store: ActivationStore, ckpts: list[LayerCheckpoint], cfg: Ev
             figs.update(smooth)
             live = torch.from_numpy(np.flatnonzero(p.fires_DF.sum(axis=0) > 0))
             gen = torch.Generator().manual_seed(seed_of(cfg.seed, 7, layer, ckpt.seed))
-            figs.update(disentanglement_figures(ckpt.sae, rows.x_NM, live, cfg.coact_features, gen,
-                                                cfg.sae_batch_size))
+            figs.update(disentanglement_figures(ckpt.sae, p.codes_NF, live, cfg.coact_features, gen))
             ext: dict[str, float] = {"eval_rows": len(rows.x_NM), "eval_docs": rows.n_docs,
                                      "dead_features": int((p.fires_DF.sum(axis=0) == 0).sum()), **smooth_ext}
             if rows.topic_D is not None:
@@ -64,7 +63,8 @@ def store_families(store: ActivationStore, ckpts: list[LayerCheckpoint], cfg: Ev
                 figs.update(topic)
                 ext.update(topic_ext)
             seed = seed_of(cfg.seed, 6, layer, ckpt.seed)
-            con, con_ext = contrastive_figures(ckpt.sae, ckpt.head, ckpt.info, rows, train_x, train_seq, cfg, seed)
+            con, con_ext = contrastive_figures(ckpt.sae, ckpt.head, ckpt.info, rows, p.codes_NF, train_x, train_seq,
+                                               cfg, seed)
             figs.update(con)
             ext.update(con_ext)
             figures[ckpt.key], extras[ckpt.key] = figs, ext
