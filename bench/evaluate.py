@@ -55,7 +55,7 @@ def runs(checkpoint: Path, root: Path, n: int) -> list[Path]:
 def fit(cfg: EvalConfig, store: Path, run_dirs: list[Path], point: str, sizes: list[int], lm: LoadedModel) -> None:
     """Time evaluate on N SAEs (copies of the runs' `point`) for each N in `sizes`; print the fit fixed +
     per-SAE x N."""
-    per_copy = len(load_checkpoints(ActivationStore.open(store), store, [r / point for r in run_dirs]))
+    per_copy = sum(len(load_checkpoints(ActivationStore.open(store), store, [r / point])) for r in run_dirs)
     points = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
