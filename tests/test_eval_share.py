@@ -40,10 +40,14 @@ def _model(path: Path, dtype: str) -> Any:
     return model
 
 
-def _text(vocab: int) -> list[Any]:
+def _pieces(vocab: int) -> list[Piece]:
     gen = torch.Generator().manual_seed(0)
     seqs = [[2, *torch.randint(4, vocab, (n,), generator=gen).tolist()] for n in (17, 9, 12, 5, 17, 3, 14)]
-    return batches([Piece(s, i // 2) for i, s in enumerate(seqs)], 4, pad_id=0, has_bos=True)
+    return [Piece(s, i // 2) for i, s in enumerate(seqs)]
+
+
+def _text(vocab: int) -> list[Any]:
+    return batches(_pieces(vocab), 4, pad_id=0, has_bos=True)
 
 
 def test_stacked_restarts_equal_one_at_a_time(tiny_gemma3: Path, dtype: str) -> None:
@@ -70,6 +74,95 @@ def test_stacked_restarts_equal_one_at_a_time(tiny_gemma3: Path, dtype: str) -> 
             assert relative_error(got_cut[text], want[text]) <= tol, key
         # not vacuous: the interventions' final states differ by far more than the tolerance
         assert relative_error(alone[SIZES[0]][text], alone[SIZES[1]][text]) > 10 * tol
+
+
+class _CountingRestart(Restart):
+    """A restart that counts the tokens of each forward it runs."""
+
+    def __init__(self, model: Any, tuple_out: bool) -> None:
+        super().__init__(model, tuple_out)
+        self.tokens: list[int] = []
+
+    def __call__(self, ids_BT: torch.Tensor, layer: int, resid_BTD: torch.Tensor) -> torch.Tensor:
+        self.tokens.append(ids_BT.numel())
+        return super().__call__(ids_BT, layer, resid_BTD)
+
+
+def test_restarts_cut_at_each_rows_stop_equal_whole_restarts(tiny_gemma3: Path, dtype: str) -> None:
+    """`Restart.many` with stops: every row's final states before its stop equal the whole restart of that row
+    alone; positions from the stop on are 0, a row with stop 0 runs no forward, and the forwards hold fewer
+    tokens than whole rows would."""
+    model = _model(tiny_gemma3, dtype)
+    d = model.config.hidden_size
+    tol = BATCHED_RESTART_TOLERANCE[dtype]
+    gen = torch.Generator().manual_seed(1)
+    for batch in _text(model.config.vocab_size):
+        clean = clean_pass(model, batch, [LAYER])
+        restart = Restart(model, clean.tuple_out)
+        jobs = [(batch.ids_BT, ds.sae_splice(random_sae(d, f, seed=i, bias=-0.05))(clean.resid[LAYER], batch.text_BT))
+                for i, f in enumerate(SIZES)]
+        n, t = batch.ids_BT.shape
+        stops = [torch.randint(0, t + 1, (n,), generator=gen) for _ in jobs]
+        stops[0][0] = 0
+        counting = _CountingRestart(model, clean.tuple_out)
+        cut = counting.many(jobs, LAYER, tokens=2 * t, stops=stops)
+        assert sum(int(s.sum()) for s in stops) <= sum(counting.tokens) < n * t * len(jobs)
+        for (ids, resid), got, stop in zip(jobs, cut, stops, strict=True):
+            want = restart(ids, LAYER, resid)
+            for r in range(n):
+                s = int(stop[r])
+                assert relative_error(got[r, :s], want[r, :s]) <= tol if s else True
+                assert not got[r, s:].any()
+
+
+def test_scores_with_cut_restarts_equal_whole_restarts(tiny_gemma3: Path, dtype: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unlearning scores when each restart ends after its last recomputed position equal those of whole-row
+    restarts (stop = T for every row): the same known tokens kept, CE sums within the restart tolerance."""
+    model = _model(tiny_gemma3, dtype)
+    text = iv.EvalText(model, [LAYER], chunk=16)
+    for batch in _text(model.config.vocab_size):
+        text.add(batch)
+    restart = Restart(model, text.tuple_out)
+    saes = [random_sae(model.config.hidden_size, f, seed=i, bias=-0.05) for i, f in enumerate(SIZES)]
+    clamps = [lambda x, sae=sae: iv.clamp_intervention(x, sae, torch.arange(0, sae.d_sae, 3),
+                                                        torch.ones(len(range(0, sae.d_sae, 3))), 5.0) for sae in saes]
+    for ce in (False, True):
+        cut = text.score_many(restart, LAYER, clamps, ce=ce)
+        with monkeypatch.context() as m:
+            m.setattr(iv._Job, "stop_R", property(lambda j: torch.full((len(j.rows),), j.redo_RT.shape[1])))
+            whole = text.score_many(restart, LAYER, clamps, ce=ce)
+        for got, want in zip(cut, whole, strict=True):
+            assert np.abs(got.kept_D - want.kept_D).sum() <= (0 if dtype == "float32" else 1)
+            if ce:
+                assert got.nll_D == pytest.approx(want.nll_D, rel=BATCHED_RESTART_TOLERANCE[dtype])
+        assert min(s.accuracy for s in cut) < 0.9  # not vacuous: the clamps change predictions
+
+
+def test_text_cut_to_its_first_documents_scores_as_that_text(tiny_gemma3: Path) -> None:
+    """`EvalText.up_to_doc`: the cached text without its later documents scores (kept, known, CE sums per
+    document) as the same documents cleaned on their own."""
+    model = _model(tiny_gemma3, "float32")
+    pieces = [Piece(p.ids, p.doc) for p in _pieces(model.config.vocab_size)]
+    last = 1
+
+    def text_of(part: list[Piece]) -> iv.EvalText:
+        text = iv.EvalText(model, [LAYER], chunk=16)
+        for batch in batches(part, 4, pad_id=0, has_bos=True):
+            text.add(batch)
+        return text
+
+    cut = text_of(pieces).up_to_doc(last)
+    alone = text_of([p for p in pieces if p.doc <= last])
+    assert cut.n_known == alone.n_known > 0 and cut.n_docs == alone.n_docs == last + 1
+    restart = Restart(model, alone.tuple_out)
+    sae = random_sae(model.config.hidden_size, 64, seed=0, bias=-0.05)
+    clamp = lambda x: iv.clamp_intervention(x, sae, torch.arange(0, 64, 2), torch.ones(32), 5.0)  # noqa: E731
+    for ce in (False, True):
+        got, want = cut.score(restart, LAYER, clamp, ce=ce), alone.score(restart, LAYER, clamp, ce=ce)
+        assert (got.kept_D == want.kept_D).all() and (got.known_D == want.known_D).all()
+        if ce:
+            assert got.nll_D == pytest.approx(want.nll_D, rel=BATCHED_RESTART_TOLERANCE["float32"])
 
 
 def test_stacked_unlearning_scores_equal_one_at_a_time(tiny_gemma3: Path, dtype: str) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from joblib import Parallel, delayed
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
@@ -174,6 +175,15 @@ def full_probes(resid_DM: np.ndarray, sets: ProbeSets) -> tuple[list[LogisticReg
     return probes, accuracy_figure(correct, member)
 
 
+def probe_sae(codes_DF: np.ndarray, w_dec_FM: np.ndarray, resid_DM: np.ndarray, sets: ProbeSets,
+              probes: list[LogisticRegression], block: np.ndarray | None, ks: tuple[int, ...],
+              tpp_ns: tuple[int, ...]) -> tuple[dict[str, Figure], dict[str, Figure], dict[int, list[np.ndarray]]]:
+    """One SAE's sparse probing and TPP figures, its block probing figures and the columns its probes chose."""
+    figs, picked = sparse_probing(codes_DF, sets, ks, "probe_acc_k")
+    figs.update(tpp_figures(codes_DF, w_dec_FM, resid_DM, sets, probes, tpp_ns))
+    return figs, block_probing(codes_DF, block, sets, ks), picked
+
+
 @dataclass
 class LayerMeans:
     """Per probed document: its rows, the mean residual and each SAE's mean codes (by checkpoint key)."""
@@ -304,13 +314,15 @@ def probing_family(store: ActivationStore, ckpts: list[LayerCheckpoint], cfg: Ev
         means = doc_means(store, layer, task.local_N, len(task.docs), group, cfg.sae_batch_size, bar)
         ref, _ = sparse_probing(means.resid_DM, sets, cfg.probe_ks, "probe_resid_acc_k")
         probes, ref["probe_resid_acc_full"] = full_probes(means.resid_DM, sets)
+        # the SAEs' probes are thousands of small sklearn fits, bound by Python's interpreter rather than by
+        # arithmetic: one worker process per thread torch was given fits them side by side (same results)
+        workers = max(1, min(len(group), torch.get_num_threads()))
+        done = Parallel(n_jobs=workers)(
+            delayed(probe_sae)(means.codes[c.key], c.sae.W_dec.detach().float().numpy(), means.resid_DM, sets,
+                               probes, (blocks or {}).get(c.key), cfg.probe_ks, cfg.tpp_ns) for c in group)
         figures = {}
-        for c in group:
-            figs, picked = sparse_probing(means.codes[c.key], sets, cfg.probe_ks, "probe_acc_k")
-            w_dec = c.sae.W_dec.detach().float().numpy()
-            figs.update(tpp_figures(means.codes[c.key], w_dec, means.resid_DM, sets, probes, cfg.tpp_ns))
-            figures[c.key] = {**figs, **ref, **block_probing(means.codes[c.key], (blocks or {}).get(c.key), sets,
-                                                             cfg.probe_ks)}
+        for c, (figs, block_figs, picked) in zip(group, done, strict=True):
+            figures[c.key] = {**figs, **ref, **block_figs}
             chosen[c.key] = {topics[t]: picked[max(cfg.probe_ks)][j].tolist() for j, t in enumerate(usable)}
         results.append(FamilyResult(Units((len(sets.test_docs),)), figures, {c.key: extras for c in group}))
     bar.close()

@@ -152,18 +152,34 @@ class Restart:
         return out.last_hidden_state.float().cpu()
 
     @torch.inference_mode()
-    def many(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], layer: int,
-             tokens: int = RESTART_TOKENS) -> list[torch.Tensor]:
+    def many(self, jobs: list[tuple[torch.Tensor, torch.Tensor]], layer: int, tokens: int = RESTART_TOKENS,
+             stops: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Final hidden states of several restarts at one layer, [(ids (R_i, T), residual (R_i, T, D))] with
         one T, stacked into forwards of about `tokens` tokens: the restarts of every SAE of a layer (and their
         references) share forwards. Each row depends only on itself (causal attention within a sequence), so
-        the result is the one-at-a-time result up to the kernels' blocking (float32: ~1e-7 relative; tested)."""
+        the result is the one-at-a-time result up to the kernels' blocking (float32: ~1e-7 relative; tested).
+
+        `stops` (per job, (R_i,)): each row is needed at positions [0, stop) only. Causal attention lets a
+        forward end at its rows' last stop, so rows go into forwards in order of stop; positions at or past a
+        row's stop are left 0, and a row with stop 0 runs no forward."""
         if not jobs:
             return []
         ids = torch.cat([i for i, _ in jobs])
         resid = torch.cat([r for _, r in jobs])
-        rows = max(1, tokens // max(1, ids.shape[1]))
-        out = torch.cat([self(ids[s:s + rows], layer, resid[s:s + rows]) for s in range(0, len(ids), rows)])
+        n, t = ids.shape
+        stop = torch.cat(stops).long() if stops is not None else torch.full((n,), t)
+        order = torch.argsort(stop, stable=True).tolist()
+        stop_list = stop.tolist()
+        out = torch.zeros(n, t, resid.shape[2])
+        s = next((i for i, r in enumerate(order) if stop_list[r] > 0), n)
+        while s < n:
+            e = s + 1  # widest run of rows (in order of stop) whose forward stays within `tokens`
+            while e < n and (e + 1 - s) * stop_list[order[e]] <= tokens:
+                e += 1
+            rows, end = torch.tensor(order[s:e]), stop_list[order[e - 1]]
+            out[rows, :end] = self(ids[rows, :end], layer, resid[rows, :end])
+            s = e
+        out[torch.arange(t) >= stop.unsqueeze(1)] = 0.0  # a shared forward ran some rows past their stops
         return list(out.split([len(i) for i, _ in jobs]))
 
     @torch.inference_mode()

@@ -153,6 +153,13 @@ class _Job:
     resid_RTD: torch.Tensor
     """Their residual at the layer with the intervention applied (float32)."""
 
+    @property
+    def stop_R(self) -> torch.Tensor:
+        """One past each row's last recomputed position (0: none): the restart ends there (`Restart.many`)."""
+        t = self.redo_RT.shape[1]
+        last = t - 1 - self.redo_RT.flip(1).int().argmax(dim=1)
+        return torch.where(self.redo_RT.any(dim=1), last + 1, 0)
+
 
 class EvalText:
     """Evaluation text with its clean pass cached: residuals at the layers, clean log p, known tokens and
@@ -197,6 +204,28 @@ class EvalText:
         self.items.extend(other.items)
         self.tuple_out = self.tuple_out or other.tuple_out
 
+    def up_to_doc(self, last: int) -> EvalText:
+        """The same text without the sequences of documents after `last`, their clean passes kept (each row's
+        clean pass depends only on itself; padding past the longest kept row is cut)."""
+        out = EvalText(self.model, self.layers, self.chunk)
+        out.tuple_out = self.tuple_out
+        for it in self.items:
+            rows = torch.nonzero(it.batch.doc_B <= last).squeeze(1)
+            if not len(rows):
+                continue
+            b = it.batch
+            t = int(b.lengths_B[rows].max())
+            batch = TextBatch(b.ids_BT[rows, :t], b.lengths_B[rows], b.first, b.doc_B[rows])
+            old_BT = it.known_index_BT[rows, :t]
+            keep = old_BT >= 0
+            old = old_BT[keep]  # row-major, so the kept known positions stay in the reference's order
+            index = torch.full_like(old_BT, -1)
+            index[keep] = torch.arange(len(old))
+            ref = Top1Reference(it.ref.h_ND[old], it.ref.cand_NK[old], it.ref.out_N[old])
+            out.items.append(_Clean(batch, {k: v[rows, :t] for k, v in it.resid.items()}, it.logp_BT[rows, :t],
+                                    it.correct_BT[rows, :t], index, ref))
+        return out
+
     @property
     def n_known(self) -> int:
         return int(sum(int(it.correct_BT.sum()) for it in self.items))
@@ -232,7 +261,8 @@ class EvalText:
                     out, changed = intervention(it.resid[layer][text])
                     if changed.any():
                         jobs.append((i, self._job(it, layer, out, changed, ce)))
-            finals = restart.many([(b.ids_BT[j.rows], j.resid_RTD) for _, j in jobs], layer) if restart else []
+            finals = restart.many([(b.ids_BT[j.rows], j.resid_RTD) for _, j in jobs], layer,
+                                  stops=[j.stop_R for _, j in jobs]) if restart else []
             scored = {i: self._finish(it, j, final, ce) for (i, j), final in zip(jobs, finals, strict=True)}
             doc_BT = b.doc_B.unsqueeze(1).expand_as(b.ids_BT)
             known_BT = it.correct_BT & pred

@@ -225,8 +225,8 @@ def _known_text(lm: LoadedModel, docs: Iterable[Document], src: TextSource, cfg:
                 layers: list[int]) -> EvalText:
     """Test text: whole documents in order until `unlearn_known` known tokens, a window of sequences at a time
     (sorted by length within the window, so padding stays small). The window that crosses `unlearn_known`
-    keeps only the documents up to the one that reaches it (its clean pass is redone on them): the test's
-    restarts and CE cost in proportion to its predictions."""
+    keeps only the documents up to the one that reaches it (`EvalText.up_to_doc`): the test's restarts and CE
+    cost in proportion to its predictions."""
     tok = lm.tokenizer
     pieces = build_sequences(docs, tok, src.context, 2**62)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -246,8 +246,7 @@ def _known_text(lm: LoadedModel, docs: Iterable[Document], src: TextSource, cfg:
         if cleaned.n_known >= missing:
             known_D = cleaned.clean().known_D  # known tokens per document (index: document number)
             reached = int(np.searchsorted(np.cumsum(known_D), missing))  # the first document that reaches it
-            kept = [p for p in part if p.doc <= reached]
-            text.extend(clean(kept) if len(kept) < len(part) else cleaned)
+            text.extend(cleaned.up_to_doc(reached))
             break
         text.extend(cleaned)
     return text
