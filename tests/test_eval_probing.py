@@ -230,3 +230,31 @@ def test_probed_documents_are_drawn_as_evenly_over_topics_as_they_allow(n: int) 
     assert (np.bincount(topic_P[picked], minlength=4) == want).all()
     if 0 < want[2] < sizes[2]:
         assert set(picked) != set(balanced_sample(topic_P, n, np.random.default_rng(1)))
+
+
+def test_saes_probed_side_by_side_equal_each_probed_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three SAEs of one layer, their probes fitted in two worker processes, get exactly the figures and chosen
+    features each gets probed alone in this process (the test above checks those against the protocol)."""
+    store, _ = make_test_store(tmp_path / "s.zarr", layers=(0,), d_model=16, n_docs=90, seq_len=8, chunk_rows=128,
+                               topics=("a", "b", "c"))
+    ckpts = []
+    for seed in range(3):
+        sae = SAE(16, 12)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() == 1 else 1.0))
+        ckpts.append(LayerCheckpoint("r", seed, 0, tmp_path, sae.eval(), None, None))  # type: ignore[arg-type]
+    cfg = EvalConfig(probe_ks=(1, 3), tpp_ns=(1, 2), probe_min_test_docs=3, sae_batch_size=100)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    together, chosen = probing_family(store, ckpts, cfg, progress=False)
+    w = np.random.default_rng(0).random((4, together[0].units.n_docs))
+    for ckpt in ckpts:
+        alone, chosen_alone = probing_family(store, [ckpt], cfg, progress=False)
+        got, want = together[0].figures[ckpt.key], alone[0].figures[ckpt.key]
+        assert got.keys() == want.keys() and chosen[ckpt.key] == chosen_alone[ckpt.key]
+        for name, fig in want.items():
+            assert got[name].value == fig.value, name
+            assert (got[name].resample(w) == fig.resample(w)).all(), name
+    values = [together[0].figures[c.key]["probe_acc_k3"].value for c in ckpts]
+    assert len(set(values)) > 1 or len({str(chosen[c.key]) for c in ckpts}) > 1  # not vacuous: the SAEs differ
