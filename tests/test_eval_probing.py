@@ -145,6 +145,16 @@ def _fit(x: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> LogisticRegression:
                                                         np.r_[np.ones(len(pos)), np.zeros(len(neg))])
 
 
+def _checkpoint(path: Path, seed: int, gen_seed: int) -> LayerCheckpoint:
+    """A ReLU SAE of width 12 on d 16 with random weights (biases 0.3 x N(0, 1)), as run "r", layer 0."""
+    sae = SAE(16, 12)
+    gen = torch.Generator().manual_seed(gen_seed)
+    with torch.no_grad():
+        for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() == 1 else 1.0))
+    return LayerCheckpoint("r", seed, 0, path, sae.eval(), None, None)  # type: ignore[arg-type]
+
+
 def test_figures_equal_the_protocol_written_out(tmp_path: Path) -> None:
     """From a store, end to end: each row encoded here (numpy), per-document means, the family's split
     (checked against the protocol), top-k by training mean difference, logistic probes, test accuracy averaged
@@ -152,12 +162,8 @@ def test_figures_equal_the_protocol_written_out(tmp_path: Path) -> None:
     with loops and sklearn, compared at the point and on reweighted test documents."""
     store, _ = make_test_store(tmp_path / "s.zarr", layers=(0,), d_model=16, n_docs=90, seq_len=8, chunk_rows=128,
                                topics=("a", "b", "c"))
-    sae = SAE(16, 12)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() == 1 else 1.0))
-    ckpt = LayerCheckpoint("r", 0, 0, tmp_path, sae.eval(), None, None)  # type: ignore[arg-type]
+    ckpt = _checkpoint(tmp_path, 0, gen_seed=1)
+    sae = ckpt.sae
     cfg = EvalConfig(probe_ks=(1, 3), tpp_ns=(1, 2), probe_min_test_docs=3, sae_batch_size=100)
     results, _ = probing_family(store, [ckpt], cfg, progress=False)
     figs = results[0].figures[ckpt.key]
@@ -237,14 +243,7 @@ def test_saes_probed_side_by_side_equal_each_probed_alone(tmp_path: Path, monkey
     features each gets probed alone in this process (the test above checks those against the protocol)."""
     store, _ = make_test_store(tmp_path / "s.zarr", layers=(0,), d_model=16, n_docs=90, seq_len=8, chunk_rows=128,
                                topics=("a", "b", "c"))
-    ckpts = []
-    for seed in range(3):
-        sae = SAE(16, 12)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() == 1 else 1.0))
-        ckpts.append(LayerCheckpoint("r", seed, 0, tmp_path, sae.eval(), None, None))  # type: ignore[arg-type]
+    ckpts = [_checkpoint(tmp_path, seed, gen_seed=seed) for seed in range(3)]
     cfg = EvalConfig(probe_ks=(1, 3), tpp_ns=(1, 2), probe_min_test_docs=3, sae_batch_size=100)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     together, chosen = probing_family(store, ckpts, cfg, progress=False)
